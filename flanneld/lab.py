@@ -1,0 +1,431 @@
+"""A cluster in network namespaces on one machine: for the demo and the integration tests.
+
+Topology (every name starts with the lab's prefix, e.g. ``fl3a9c``)::
+
+    <p>-ctl   the controlling process and etcd (198.51.100.2) ──┐
+    <p>-n1 … <p>-nN  nodes, <p>-eth0 = 198.51.100.1x/24 ────────┤ bridge br0 in <p>-ul,
+                                                                 │ 198.51.100.1: router
+    <p>-out   an "outside world" host 203.0.113.10 ── <p>-ul (203.0.113.1)
+
+The root namespace is never modified: links are created directly inside namespaces, and the
+controlling process itself moves into ``<p>-ctl`` (enter_namespace) before talking to etcd,
+because from the root namespace these test addresses would route to the real LAN.
+
+Everything a lab creates is found again by its prefix: ``cleanup(prefix)`` kills processes
+inside the namespaces and deletes them; ``cleanup_stale()`` does that for labs whose owning
+process has died (a crashed test run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+STATE_DIR = "/run/flanneld-lab"
+UNDERLAY = "198.51.100"
+UNDERLAY6 = "2001:db8:51"
+OUTSIDE = "203.0.113"
+CTL_IP = f"{UNDERLAY}.2"
+ROUTER_IP = f"{UNDERLAY}.1"
+OUTSIDE_HOST_IP = f"{OUTSIDE}.10"
+CLONE_NEWNET = 0x40000000
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def sh(args: Sequence[str], *, ns: str | None = None, check: bool = True, input: str | None = None,
+       timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command (inside namespace `ns` if given); raise LabError with stderr on failure."""
+    argv = ["ip", "netns", "exec", ns, *args] if ns else list(args)
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh(["ip", *args], ns=ns, check=check)
+
+
+def ipbatch(commands: Sequence[str], ns: str | None = None) -> None:
+    """Many `ip` commands in one process (ip -batch), for speed."""
+    if commands:
+        sh(["ip", "-force", "-batch", "-"], ns=ns, input="\n".join(commands) + "\n")
+
+
+def new_prefix() -> str:
+    return "fl" + secrets.token_hex(2)
+
+
+def enter_namespace(name: str) -> None:
+    """Move the calling thread (call it before starting any thread) into namespace `name`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise LabError(f"setns({name}) failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def list_namespaces() -> list[str]:
+    out = ip("netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def cleanup(prefix: str) -> list[str]:
+    """Kill processes in, and delete, every namespace whose name starts with `prefix`."""
+    names = [n for n in list_namespaces() if n.startswith(prefix)]
+    for name in names:
+        pids = ip("netns", "pids", name, check=False).stdout.split()
+        for pid in pids:
+            if pid == str(os.getpid()):
+                continue  # the controlling process lives in its control namespace
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+    for name in names:
+        for _ in range(50):
+            if ip("netns", "del", name, check=False).returncode == 0 or name not in list_namespaces():
+                break
+            time.sleep(0.05)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(STATE_DIR, prefix))
+    return names
+
+
+def cleanup_stale() -> list[str]:
+    """cleanup() every lab whose owning process is gone."""
+    removed: list[str] = []
+    if not os.path.isdir(STATE_DIR):
+        return removed
+    for prefix in os.listdir(STATE_DIR):
+        try:
+            with open(os.path.join(STATE_DIR, prefix)) as fh:
+                owner = int(fh.read().strip() or 0)
+        except (OSError, ValueError):
+            owner = 0
+        if owner and os.path.exists(f"/proc/{owner}"):
+            continue
+        removed += cleanup(prefix)
+    return removed
+
+
+def make_certs(directory: str, ips: Sequence[str] = ("127.0.0.1", CTL_IP)) -> EtcdTLS:
+    """A CA, a server certificate for `ips` and a client certificate (openssl), for TLS tests and demos."""
+    def ossl(*args: str) -> None:
+        sh(["openssl", *args])
+
+    path = lambda name: os.path.join(directory, name)  # noqa: E731
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+         "-subj", "/CN=flanneld-lab-ca", "-keyout", path("ca.key"), "-out", path("ca.crt"))
+    sans = ",".join([*(f"IP:{i}" for i in ips), "DNS:localhost"])
+    for name, usage in (("server", "serverAuth,clientAuth"), ("client", "clientAuth")):
+        with open(path(f"{name}.ext"), "w") as fh:
+            fh.write(f"subjectAltName={sans}\nextendedKeyUsage={usage}\n")
+        ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj",
+             f"/CN=flanneld-lab-{name}", "-keyout", path(f"{name}.key"), "-out", path(f"{name}.csr"))
+        ossl("x509", "-req", "-in", path(f"{name}.csr"), "-CA", path("ca.crt"), "-CAkey", path("ca.key"),
+             "-CAcreateserial", "-days", "2", "-extfile", path(f"{name}.ext"), "-out", path(f"{name}.crt"))
+    return EtcdTLS(cert=path("server.crt"), key=path("server.key"), ca=path("ca.crt"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# etcd
+
+
+@dataclass
+class EtcdTLS:
+    cert: str
+    key: str
+    ca: str
+    client_cert_auth: bool = False
+
+
+class EtcdServer:
+    """A throwaway single-member etcd 3.4 (own data dir on tmpfs, fast election, stopped at the end)."""
+
+    def __init__(self, name: str, *, listen_ip: str = "0.0.0.0", tls: EtcdTLS | None = None,
+                 ns: str | None = None, extra_args: Sequence[str] = ()) -> None:
+        self.extra_args = list(extra_args)
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.dir = tempfile.mkdtemp(prefix=f"etcd-{name}-", dir=base)
+        self.name = name
+        self.tls = tls
+        self.ns = ns
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.listen_ip = listen_ip
+        scheme = "https" if tls else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.client_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = os.path.join(self.dir, "etcd.log")
+
+    def endpoint_for(self, host: str) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host}:{self.client_port}"
+
+    def start(self, timeout: float = 20) -> None:
+        scheme = "https" if self.tls else "http"
+        argv = [
+            "etcd", "--name", self.name, "--data-dir", os.path.join(self.dir, "data"),
+            "--listen-client-urls", f"{scheme}://{self.listen_ip}:{self.client_port}",
+            "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
+            "--initial-cluster", f"{self.name}=http://127.0.0.1:{self.peer_port}",
+            "--heartbeat-interval", "10", "--election-timeout", "100",
+            "--snapshot-count", "100000", "--log-level", "warn", "--logger", "zap",
+        ]
+        if self.tls:
+            argv += ["--cert-file", self.tls.cert, "--key-file", self.tls.key]
+            if self.tls.client_cert_auth:  # etcd demands client certificates once it has a client CA
+                argv += ["--client-cert-auth", "--trusted-ca-file", self.tls.ca]
+        argv += self.extra_args
+        if self.ns:
+            argv = ["ip", "netns", "exec", self.ns, *argv]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        env = {**os.environ, "ETCD_UNSUPPORTED_ARCH": "", "ETCDCTL_API": "3"}
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, start_new_session=True)
+        log.close()
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"etcd exited ({self.proc.returncode}); log: {self.log_tail()}")
+            if self.etcdctl("endpoint", "health", check=False).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise LabError(f"etcd did not become healthy in {timeout}s; log: {self.log_tail()}")
+
+    def etcdctl(self, *args: str, check: bool = True, input: str | None = None,
+                user: str | None = None) -> subprocess.CompletedProcess[str]:
+        argv = ["etcdctl", f"--endpoints={self.endpoint}", "--command-timeout=3s"]
+        if self.tls:
+            argv += [f"--cacert={self.tls.ca}"]
+            if self.tls.client_cert_auth:
+                argv += [f"--cert={self.tls.cert}", f"--key={self.tls.key}"]
+        if user:
+            argv.append(f"--user={user}")
+        return sh([*argv, *args], ns=self.ns, check=check, input=input)
+
+    def lease_ids(self) -> set[int]:
+        """Every etcd lease in the cluster (etcdctl lease list)."""
+        out = self.etcdctl("lease", "list").stdout.splitlines()
+        return {int(line.strip(), 16) for line in out[1:] if line.strip()}
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return "".join(fh.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cluster
+
+
+@dataclass
+class Pod:
+    name: str  # namespace
+    ifname: str
+    ip: str  # with prefix length
+    ip6: str | None = None
+
+    @property
+    def addr(self) -> str:
+        return self.ip.split("/")[0]
+
+
+@dataclass
+class Node:
+    lab: Lab
+    index: int
+    ns: str
+    ip: str
+    ip6: str
+    ifname: str
+    pods: list[Pod] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def sh(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return sh(list(args), ns=self.ns, check=check, timeout=timeout)
+
+    def popen(self, argv: Sequence[str], log_name: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+        path = os.path.join(self.lab.dir, f"{self.ns}-{log_name}.log")
+        log = open(path, "ab")  # noqa: SIM115 - owned by the child process
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        log.close()
+        proc.log_path = path  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def add_pod(self, gateway_cidr: str, index: int, bridge: str | None = None, gateway6_cidr: str | None = None,
+                mtu: int | None = None) -> Pod:
+        """A pod namespace wired like the CNI bridge plugin would: veth into a bridge holding the gateway."""
+        p = self.lab.prefix
+        bridge = bridge or f"{p}-cni0"
+        pod_ns = f"{self.ns}-p{index}"
+        self.lab.add_namespace(pod_ns)
+        gw_ip, plen = gateway_cidr.split("/")
+        base = gw_ip.rsplit(".", 1)[0]
+        pod_ip = f"{base}.{10 + index}/{plen}"
+        cmds = []
+        if ip("link", "show", bridge, ns=self.ns, check=False).returncode != 0:
+            cmds += [f"link add {bridge} type bridge", f"addr add {gateway_cidr} dev {bridge}",
+                     f"link set {bridge} up"]
+            if gateway6_cidr:
+                cmds.append(f"addr add {gateway6_cidr} dev {bridge} nodad")
+        host_if = f"{p}-v{index}"
+        pod_if = f"{p}-eth0"
+        cmds += [f"link add {host_if} type veth peer name {pod_if} netns {pod_ns}",
+                 f"link set {host_if} master {bridge} up"]
+        if mtu:
+            cmds.append(f"link set {host_if} mtu {mtu}")
+        ipbatch(cmds, ns=self.ns)
+        pod_cmds = [f"addr add {pod_ip} dev {pod_if}", f"link set {pod_if} up",
+                    f"route add default via {gw_ip}"]
+        if mtu:
+            pod_cmds.append(f"link set {pod_if} mtu {mtu}")
+        pod6 = None
+        if gateway6_cidr:
+            gw6, plen6 = gateway6_cidr.split("/")
+            pod6 = f"{gw6.rstrip('1')}{10 + index:x}/{plen6}"
+            pod_cmds += [f"addr add {pod6} dev {pod_if} nodad", f"-6 route add default via {gw6}"]
+        ipbatch(pod_cmds, ns=pod_ns)
+        pod = Pod(pod_ns, pod_if, pod_ip, pod6)
+        self.pods.append(pod)
+        return pod
+
+    def stop_processes(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+class Lab:
+    """Namespaces of one cluster, all named `<prefix>…`; close() removes everything.
+
+    A lab either owns a control namespace (``<prefix>-ctl``) or, given `ctl`, attaches its
+    underlay to an existing one (the test session's, where etcd runs).
+    """
+
+    def __init__(self, prefix: str | None = None, ctl: str | None = None) -> None:
+        self.prefix = prefix or new_prefix()
+        self.owns_ctl = ctl is None
+        if self.owns_ctl:
+            os.makedirs(STATE_DIR, exist_ok=True)
+            with open(os.path.join(STATE_DIR, self.prefix), "w") as fh:
+                fh.write(str(os.getpid()))
+        self.dir = tempfile.mkdtemp(prefix=f"{self.prefix}-")
+        self.namespaces: list[str] = []
+        self.nodes: list[Node] = []
+        self.ctl = ctl or f"{self.prefix}-ctl"
+        self.ul = f"{self.prefix}-ul"
+        self.out = f"{self.prefix}-out"
+
+    def add_namespace(self, name: str, forwarding: bool = False) -> str:
+        ip("netns", "add", name)
+        self.namespaces.append(name)
+        sysctls = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
+        if forwarding:
+            sysctls += ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]
+        sh(["sysctl", "-q", "-w", *sysctls], ns=name)
+        ip("link", "set", "lo", "up", ns=name)
+        return name
+
+    def create_control(self) -> str:
+        """The namespace for the controlling process and etcd (enter it with enter_namespace)."""
+        return self.add_namespace(self.ctl)
+
+    def build_underlay(self, nodes: int, connect_ctl: bool = True) -> list[Node]:
+        p = self.prefix
+        self.add_namespace(self.ul, forwarding=True)
+        ipbatch([
+            "link add br0 type bridge", f"addr add {ROUTER_IP}/24 dev br0",
+            f"addr add {UNDERLAY6}::1/64 dev br0 nodad", "link set br0 up",
+        ], ns=self.ul)
+        self.add_namespace(self.out)
+        ipbatch([f"link add {p}-o netns {self.out} type veth peer name {p}-r",
+                 f"addr add {OUTSIDE}.1/24 dev {p}-r", f"link set {p}-r up"], ns=self.ul)
+        ipbatch([f"addr add {OUTSIDE_HOST_IP}/24 dev {p}-o", f"link set {p}-o up",
+                 f"route add {UNDERLAY}.0/24 via {OUTSIDE}.1"], ns=self.out)
+        if connect_ctl:
+            ipbatch([f"link add {p}-c netns {self.ctl} type veth peer name {p}-cu",
+                     f"link set {p}-cu master br0 up"], ns=self.ul)
+            ipbatch([f"addr add {CTL_IP}/24 dev {p}-c", f"addr add {UNDERLAY6}::2/64 dev {p}-c nodad",
+                     f"link set {p}-c up"], ns=self.ctl)
+        for i in range(1, nodes + 1):
+            self.add_node(i)
+        return self.nodes
+
+    def add_node(self, i: int) -> Node:
+        p = self.prefix
+        ns = self.add_namespace(f"{p}-n{i}", forwarding=True)
+        ifname = f"{p}-eth0"
+        node_ip, node_ip6 = f"{UNDERLAY}.{10 + i}", f"{UNDERLAY6}::{10 + i:x}"
+        ipbatch([f"link add {ifname} netns {ns} type veth peer name {p}-n{i}",
+                 f"link set {p}-n{i} master br0 up"], ns=self.ul)
+        ipbatch([f"addr add {node_ip}/24 dev {ifname}", f"addr add {node_ip6}/64 dev {ifname} nodad",
+                 f"link set {ifname} up",
+                 f"route add default via {ROUTER_IP}", f"-6 route add default via {UNDERLAY6}::1"], ns=ns)
+        node = Node(self, i, ns, node_ip, node_ip6, ifname)
+        self.nodes.append(node)
+        return node
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop_processes()
+        if not self.owns_ctl:
+            # our link into the shared control namespace goes away with the underlay namespace
+            ip("link", "del", f"{self.prefix}-c", ns=self.ctl, check=False)
+        cleanup(self.prefix)
+        shutil.rmtree(self.dir, ignore_errors=True)

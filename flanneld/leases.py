@@ -1,0 +1,466 @@
+"""Lease manager: acquire, renew and watch subnet leases in etcd (uses the registry).
+
+Differences from upstream, each one of its documented weak points:
+
+* losing the allocation race retries with a fresh listing instead of exiting;
+* a reservation (key without an etcd lease) is never stolen, and stays a reservation when its
+  owner uses it;
+* each family's subnet is unique: the create transaction guards the IPv4 key *and* every
+  dual-stack key sharing that IPv4 subnet, and, when IPv6 is enabled, that no lease appeared since
+  our listing;
+* one etcd lease per node: renewal is a keepalive of the same etcd lease, a restart re-attaches
+  to the etcd lease already holding our key, and a lease we stop using is revoked;
+* the watcher never drops the peers it knows on a bad value or a transient error, and re-lists
+  and diffs after a compaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .allocator import OutOfSubnets, pick_subnet
+from .config import IPNetwork, NetworkConfig
+from .lease import (
+    Lease,
+    LeaseAttrs,
+    LeaseDecodeError,
+    decode_lease,
+    encode_value,
+    leases_prefix,
+    parse_subnet_key,
+)
+from .registry import Compacted, Compare, KeyValue, Registry, RegistryError, WatchBatch
+from .subnetenv import SubnetEnv
+
+log = logging.getLogger(__name__)
+
+SUBNET_TTL = 24 * 3600
+MAX_ATTEMPTS = 50
+
+
+class LeaseError(Exception):
+    """A lease could not be acquired or kept; the message is for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A decoded lease with the etcd metadata of its key."""
+
+    lease: Lease
+    kv: KeyValue
+
+    @property
+    def reserved(self) -> bool:
+        return self.kv.lease_id == 0
+
+
+@dataclass(frozen=True)
+class Listing:
+    revision: int
+    leases: dict[str, Listed]  # by key below <prefix>/subnets/
+    junk: list[tuple[str, str]]  # (full key, reason)
+    junk_subnets: list[IPNetwork]  # subnets named by junk keys: still not free
+
+    def taken(self) -> list[IPNetwork]:
+        """Every subnet some key claims, reservations and unreadable values included."""
+        return [n for x in self.leases.values() for n in (x.lease.subnet, x.lease.subnet6) if n is not None] + \
+            self.junk_subnets
+
+
+def decode_listing(prefix: str, revision: int, kvs: Iterable[KeyValue]) -> Listing:
+    """Decode a listing of <prefix>/subnets/; malformed entries go to `junk`, never raise."""
+    head = leases_prefix(prefix)
+    leases: dict[str, Listed] = {}
+    junk: list[tuple[str, str]] = []
+    junk_subnets: list[IPNetwork] = []
+    for kv in kvs:
+        short = kv.key[len(head):] if kv.key.startswith(head) else kv.key
+        try:
+            if not kv.key.startswith(head):
+                raise LeaseDecodeError(f"{kv.key!r} is not under {head}")
+            lease = decode_lease(short, kv.value)
+        except LeaseDecodeError as exc:
+            junk.append((kv.key, str(exc)))
+            with contextlib.suppress(LeaseDecodeError):
+                junk_subnets += [n for n in parse_subnet_key(short) if n is not None]
+            continue
+        leases[lease.key] = Listed(lease, kv)
+    return Listing(revision, leases, junk, junk_subnets)
+
+
+def list_leases(registry: Registry, prefix: str) -> Listing:
+    revision, kvs = registry.list_prefix(leases_prefix(prefix))
+    return decode_listing(prefix, revision, kvs)
+
+
+@dataclass
+class OwnLease:
+    lease: Lease
+    etcd_lease: int  # 0: a reservation, never expires
+    mod_revision: int
+    expires_at: float | None  # time.monotonic() deadline; None for reservations
+
+    @property
+    def reserved(self) -> bool:
+        return self.etcd_lease == 0
+
+
+def _is_ours(lease: Lease, attrs: LeaseAttrs, config: NetworkConfig) -> bool:
+    if config.enable_ipv4:
+        return int(attrs.public_ip) != 0 and lease.public_ip == attrs.public_ip
+    return attrs.public_ipv6 is not None and lease.public_ipv6 == attrs.public_ipv6
+
+
+def fits_config(lease_subnet: IPNetwork | None, lease_subnet6: IPNetwork | None, config: NetworkConfig) -> bool:
+    """Both halves of a lease match the families the config enables (upstream compat check)."""
+    v4_ok = config.ipv4.fits(lease_subnet) if config.ipv4 else lease_subnet is None
+    v6_ok = config.ipv6.fits(lease_subnet6) if config.ipv6 else lease_subnet6 is None
+    return v4_ok and v6_ok
+
+
+def _subnet_free(subnet: IPNetwork | None, taken: list[IPNetwork]) -> bool:
+    return subnet is None or not any(subnet.overlaps(t) for t in taken if t.version == subnet.version)
+
+
+class LeaseManager:
+    """Acquires and keeps this node's lease."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        config: NetworkConfig,
+        prefix: str,
+        *,
+        ttl: int = SUBNET_TTL,
+        renew_margin: float = 3600,
+        previous: SubnetEnv | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if renew_margin >= ttl:
+            raise LeaseError(f"renew margin ({renew_margin:.0f}s) must be shorter than the lease TTL ({ttl}s)")
+        self.registry = registry
+        self.config = config
+        self.prefix = prefix
+        self.ttl = ttl
+        self.renew_margin = renew_margin
+        self.rng = rng or random.SystemRandom()
+        self.previous = (
+            (previous.lease_subnet, previous.lease_subnet6) if previous is not None else (None, None)
+        )
+        self.own: OwnLease | None = None
+        self._spare_etcd_lease = 0  # granted for a create that lost its race; reused, never leaked
+
+    def full_key(self, key: str) -> str:
+        return leases_prefix(self.prefix) + key
+
+    # -- acquisition -------------------------------------------------------------------------
+
+    def find_own(self, attrs: LeaseAttrs) -> Lease | None:
+        """Our existing lease (by public IP) if it fits the config: lets a restart reuse its MAC."""
+        listing = list_leases(self.registry, self.prefix)
+        mine = self._own_candidate(listing, attrs)
+        return mine.lease if mine is not None else None
+
+    def _own_candidate(self, listing: Listing, attrs: LeaseAttrs) -> Listed | None:
+        mine = [x for x in listing.leases.values() if _is_ours(x.lease, attrs, self.config)]
+        fitting = [x for x in mine if fits_config(x.lease.subnet, x.lease.subnet6, self.config)]
+        # an operator's reservation wins over a leftover lease; then the newest write
+        fitting.sort(key=lambda x: (x.reserved, x.kv.mod_revision), reverse=True)
+        return fitting[0] if fitting else None
+
+    def acquire(self, attrs: LeaseAttrs) -> OwnLease:
+        """Get a lease for this node: reuse ours, else the previous subnet, else a random one."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            outcome = self._try_acquire(attrs)
+            if outcome is not None:
+                self._settle(outcome)
+                return outcome
+            # lost a race: another node took the subnet between our listing and our create
+            time.sleep(self.rng.uniform(0, 0.02 * min(attempt, 10)))
+        raise LeaseError(f"could not acquire a subnet lease after {MAX_ATTEMPTS} attempts (heavy contention)")
+
+    def _try_acquire(self, attrs: LeaseAttrs) -> OwnLease | None:
+        listing = list_leases(self.registry, self.prefix)
+        mine = self._own_candidate(listing, attrs)
+        if mine is not None:
+            return self._reuse(mine, attrs)
+        for x in listing.leases.values():
+            if _is_ours(x.lease, attrs, self.config) and not x.reserved:
+                # ours by IP, but from an older config (e.g. another SubnetLen): give it back
+                log.info("deleting our lease %s: it does not fit the current network config", x.lease.describe())
+                self.registry.txn([Compare(x.kv.key, "mod", "==", x.kv.mod_revision)], deletes=[x.kv.key])
+            elif _is_ours(x.lease, attrs, self.config):
+                log.warning("reservation %s for our public IP does not fit the network config; ignoring it",
+                            x.lease.describe())
+
+        taken = listing.taken()
+        subnet, subnet6 = self.previous
+        if (subnet or subnet6) and fits_config(subnet, subnet6, self.config) and all(
+            _subnet_free(n, taken) for n in (subnet, subnet6)
+        ):
+            shown = "+".join(str(n) for n in (subnet, subnet6) if n)
+            log.info("trying the previous subnet %s from the subnet file", shown)
+        else:
+            try:
+                subnet = pick_subnet(self.config.ipv4, taken, self.rng) if self.config.ipv4 else None
+                subnet6 = pick_subnet(self.config.ipv6, taken, self.rng) if self.config.ipv6 else None
+            except OutOfSubnets as exc:
+                raise LeaseError(str(exc)) from None
+        lease = attrs.lease(subnet, subnet6)  # type: ignore[arg-type]
+        return self._create(lease, listing.revision)
+
+    def _etcd_lease_for_new_key(self) -> int:
+        if self.own is not None and not self.own.reserved and self.registry.keepalive(self.own.etcd_lease) > 0:
+            return self.own.etcd_lease
+        if self._spare_etcd_lease and self.registry.keepalive(self._spare_etcd_lease) > 0:
+            return self._spare_etcd_lease
+        self._spare_etcd_lease = self.registry.grant(self.ttl)
+        return self._spare_etcd_lease
+
+    def _create(self, lease: Lease, listed_at: int) -> OwnLease | None:
+        key = self.full_key(lease.key)
+        compares = [Compare(key, "version", "==", 0)]
+        if lease.subnet is not None:
+            v4_key = self.full_key(f"{lease.subnet.network_address}-{lease.subnet.prefixlen}")
+            compares.append(Compare(v4_key, "version", "==", 0))
+            compares.append(Compare(v4_key + "&", "version", "==", 0, range_end=v4_key + "'"))
+        if lease.subnet6 is not None:
+            head = leases_prefix(self.prefix)
+            compares.append(Compare(head, "mod", "<", listed_at + 1, range_end=head[:-1] + "0"))
+        etcd_lease = self._etcd_lease_for_new_key()
+        if not self.registry.txn(compares, puts=[(key, encode_value(lease), etcd_lease)]):
+            log.info("lost the race for %s, retrying", lease.describe())
+            return None
+        log.info("allocated subnet lease %s", lease.describe())
+        created = self.registry.get(key)
+        return OwnLease(lease, etcd_lease, created.mod_revision if created else 0,
+                        time.monotonic() + self.ttl)
+
+    def _reuse(self, mine: Listed, attrs: LeaseAttrs) -> OwnLease | None:
+        lease = attrs.lease(mine.lease.subnet, mine.lease.subnet6, mine.lease.extra)
+        etcd_lease = mine.kv.lease_id
+        expires: float | None = None
+        if etcd_lease:
+            left = self.registry.keepalive(etcd_lease)
+            if left <= 0:
+                return None  # expired under us: the key is gone, list again
+            expires = time.monotonic() + left
+        unchanged = encode_value(lease) == mine.kv.value
+        if not unchanged and not self.registry.txn(
+            [Compare(mine.kv.key, "mod", "==", mine.kv.mod_revision)],
+            puts=[(mine.kv.key, encode_value(lease), etcd_lease)],
+        ):
+            return None
+        kind = "reservation" if not etcd_lease else "lease"
+        log.info("reusing our %s %s", kind, lease.describe())
+        current = self.registry.get(mine.kv.key)
+        return OwnLease(lease, etcd_lease, current.mod_revision if current else mine.kv.mod_revision, expires)
+
+    def _settle(self, new: OwnLease) -> None:
+        """Adopt `new`; revoke any etcd lease we no longer use so at most one exists."""
+        unused = {self._spare_etcd_lease, self.own.etcd_lease if self.own else 0} - {0, new.etcd_lease}
+        for lease_id in unused:
+            try:
+                self.registry.revoke(lease_id)
+            except RegistryError as exc:
+                log.warning("could not revoke unused etcd lease %x: %s", lease_id, exc)
+        self._spare_etcd_lease = 0
+        self.own = new
+        self.previous = (new.lease.subnet, new.lease.subnet6)
+
+    # -- keeping it --------------------------------------------------------------------------
+
+    def seconds_until_renewal(self) -> float | None:
+        """None for reservations (nothing to renew)."""
+        if self.own is None or self.own.expires_at is None:
+            return None
+        return max(0.0, self.own.expires_at - self.renew_margin - time.monotonic())
+
+    def renew(self) -> bool:
+        """Keep our etcd lease alive; False when it is gone (the key went with it)."""
+        if self.own is None or self.own.reserved:
+            return True
+        left = self.registry.keepalive(self.own.etcd_lease)
+        if left <= 0:
+            log.warning("our etcd lease %x has expired; the subnet must be re-acquired", self.own.etcd_lease)
+            return False
+        self.own.expires_at = time.monotonic() + left
+        log.info("renewed lease %s for %ds", self.own.lease.describe(), left)
+        return True
+
+    def republish(self, attrs: LeaseAttrs) -> bool:
+        """Write new attributes (e.g. a new VTEP MAC) into our existing key; False if it is gone."""
+        assert self.own is not None
+        lease = attrs.lease(self.own.lease.subnet, self.own.lease.subnet6, self.own.lease.extra)
+        key = self.full_key(lease.key)
+        if not self.registry.txn([Compare(key, "version", ">", 0)],
+                                 puts=[(key, encode_value(lease), self.own.etcd_lease)]):
+            return False
+        current = self.registry.get(key)
+        self.own.lease = lease
+        self.own.mod_revision = current.mod_revision if current else self.own.mod_revision
+        log.info("republished lease %s", lease.describe())
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# watching
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEvent:
+    kind: str  # "added" | "changed" | "removed"
+    lease: Lease  # for "removed": the last known value
+    etcd_lease: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.lease.describe()} ({self.lease.public_ip})"
+
+
+class LeaseWatcher:
+    """Keeps a view of all leases in sync with etcd and reports changes as LeaseEvents.
+
+    Snapshot at revision R, watch from R+1; after a broken stream resume from the last revision
+    seen; after a compaction re-list and diff against what is known, synthesising adds, changes
+    and removals. A malformed key or value is reported once and otherwise ignored: a lease we
+    knew keeps its last good value.
+    """
+
+    def __init__(self, registry: Registry, prefix: str) -> None:
+        self.registry = registry
+        self.prefix = prefix
+        self.head = leases_prefix(prefix)
+        self.known: dict[str, Listed] = {}
+        self.revision = 0
+        self.connected = False
+        self.last_error = ""
+        self._warned: set[tuple[str, int]] = set()
+        self._stop = threading.Event()
+        self._watch = None
+        self._lock = threading.Lock()
+
+    # -- pure-ish state transitions ----------------------------------------------------------
+
+    def _warn_junk(self, key: str, mod_revision: int, reason: str) -> None:
+        if (key, mod_revision) not in self._warned:
+            self._warned.add((key, mod_revision))
+            log.warning("ignoring malformed lease entry %s: %s", key, reason)
+
+    def resync(self) -> list[LeaseEvent]:
+        """List everything, diff against what we know, adopt the listing."""
+        revision, kvs = self.registry.list_prefix(self.head)
+        listing = decode_listing(self.prefix, revision, kvs)
+        bad_keys = set()
+        for key, reason in listing.junk:
+            kv_rev = next((kv.mod_revision for kv in kvs if kv.key == key), 0)
+            self._warn_junk(key, kv_rev, reason)
+            bad_keys.add(key[len(self.head):])
+        events: list[LeaseEvent] = []
+        for key, item in listing.leases.items():
+            old = self.known.get(key)
+            if old is None:
+                events.append(LeaseEvent("added", item.lease, item.kv.lease_id))
+            elif old.kv.value != item.kv.value:
+                events.append(LeaseEvent("changed", item.lease, item.kv.lease_id))
+        fresh = dict(listing.leases)
+        for key, old in self.known.items():
+            if key in fresh:
+                continue
+            if key in bad_keys:
+                fresh[key] = old  # still there but unreadable now: keep the last good value
+            else:
+                events.append(LeaseEvent("removed", old.lease, old.kv.lease_id))
+        self.known = fresh
+        self.revision = revision
+        return events
+
+    def apply(self, batch: WatchBatch) -> list[LeaseEvent]:
+        """Fold one watch batch into the view."""
+        events: list[LeaseEvent] = []
+        for ev in batch.events:
+            kv = ev.kv
+            self.revision = max(self.revision, kv.mod_revision)
+            if not kv.key.startswith(self.head):
+                continue
+            short = kv.key[len(self.head):]
+            if ev.deleted:
+                old = self.known.pop(short, None)
+                if old is not None:
+                    events.append(LeaseEvent("removed", old.lease, old.kv.lease_id))
+                continue
+            try:
+                lease = decode_lease(short, kv.value)
+            except LeaseDecodeError as exc:
+                self._warn_junk(kv.key, kv.mod_revision, str(exc))
+                continue
+            old = self.known.get(short)
+            self.known[short] = Listed(lease, kv)
+            if old is None:
+                events.append(LeaseEvent("added", lease, kv.lease_id))
+            elif old.kv.value != kv.value:
+                events.append(LeaseEvent("changed", lease, kv.lease_id))
+        if not batch.events and not batch.created:
+            # progress notification: everything up to the header revision has been delivered
+            self.revision = max(self.revision, batch.revision)
+        return events
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, emit: Callable[[list[LeaseEvent]], None]) -> None:
+        """Watch until stop(); emit every non-empty batch of events. Never raises RegistryError.
+
+        Starts with a listing unless resync() already ran, in which case it resumes from there.
+        """
+        backoff = 0.1
+        need_list = self.revision == 0
+        while not self._stop.is_set():
+            try:
+                if need_list:
+                    events = self.resync()
+                    need_list = False
+                    if events:
+                        emit(events)
+                watch = self.registry.watch_prefix(self.head, self.revision + 1)
+                with self._lock:
+                    if self._stop.is_set():
+                        watch.cancel()
+                        break
+                    self._watch = watch
+                for batch in watch:
+                    if not self.connected:
+                        self.connected = True
+                        self.last_error = ""
+                        log.info("watching leases from revision %d", self.revision + 1)
+                    backoff = 0.1
+                    events = self.apply(batch)
+                    if events:
+                        emit(events)
+                if not self._stop.is_set():
+                    raise RegistryError("etcd closed the watch stream")
+            except Compacted as exc:
+                log.warning("lease watch fell behind compaction (%s); re-listing", exc)
+                need_list = True
+            except RegistryError as exc:
+                if self._stop.is_set():
+                    break
+                if self.connected or self.last_error != str(exc):
+                    log.warning("lease watch interrupted: %s; resuming from revision %d", exc, self.revision + 1)
+                self.connected = False
+                self.last_error = str(exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with self._lock:
+                    self._watch = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self._watch is not None:
+                self._watch.cancel()

@@ -1,0 +1,396 @@
+"""The only module that speaks etcd (v3 gRPC), so the client library can be swapped.
+
+Built on etcd-sdk-python (``pyetcd``) for channels, TLS, authentication and endpoint failover,
+with the watch stream driven directly through the generated stub so that resumption from a
+revision and compaction are under our control. Endpoints get a short ``time_retry`` so that one
+failed call does not blacklist an endpoint for minutes.
+
+Every failure surfaces as :class:`RegistryError` with a one-line reason; the password is never
+part of a message, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pyetcd
+from pyetcd import etcdrpc
+from pyetcd import exceptions as etcd_exc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
+DEFAULT_PREFIX = "/coreos.com/network"
+ENDPOINT_RETRY_SECONDS = 0.5
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class RegistryError(Exception):
+    """An etcd operation failed; the message says which and why (never with secrets)."""
+
+
+class Compacted(RegistryError):
+    """The watch start revision is older than etcd's compaction horizon."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"watch revision compacted (etcd keeps history from revision {compact_revision})")
+        self.compact_revision = compact_revision
+
+
+@dataclass(frozen=True)
+class EtcdOptions:
+    """How to reach etcd: flanneld's and flannelctl's shared connection flags."""
+
+    endpoints: tuple[str, ...] = DEFAULT_ENDPOINTS
+    prefix: str = DEFAULT_PREFIX
+    keyfile: str = ""
+    certfile: str = ""
+    cafile: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    timeout: float = 5.0
+
+    def describe(self) -> str:
+        """For logs: endpoints and security mode, never credentials."""
+        tls = "mutual TLS" if self.certfile else ("TLS" if self.cafile else "plaintext")
+        auth = f", user {self.username!r}" if self.username else ""
+        return f"{','.join(self.endpoints)} ({tls}{auth}), prefix {self.prefix}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    version: int
+    lease_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    deleted: bool
+    kv: KeyValue
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    """One watch response: its header revision and events.
+
+    ``created`` marks the stream's first response, whose header revision is etcd's current one,
+    *not* a promise that events up to it were delivered (catch-up events follow it).
+    """
+
+    revision: int
+    events: list[WatchEvent]
+    created: bool = False
+
+
+@dataclass(frozen=True)
+class Compare:
+    """One transaction guard on a key or key range [key, range_end)."""
+
+    key: str
+    target: str  # "version" | "mod" | "create"
+    op: str  # "==" | "<" | ">" | "!="
+    value: int
+    range_end: str | None = None
+
+    def build(self) -> Any:
+        cls = {"version": pyetcd.transactions.Version, "mod": pyetcd.transactions.Mod,
+               "create": pyetcd.transactions.Create}[self.target]
+        cmp = cls(self.key, self.range_end)
+        if self.op == "==":
+            return cmp == self.value
+        if self.op == "<":
+            return cmp < self.value
+        if self.op == ">":
+            return cmp > self.value
+        return cmp != self.value
+
+
+def prefix_range_end(prefix: str) -> str:
+    """The range_end that selects every key starting with `prefix`."""
+    raw = bytearray(prefix.encode())
+    while raw:
+        if raw[-1] < 0xFF:
+            raw[-1] += 1
+            return raw.decode("latin-1")
+        raw.pop()
+    return "\0"
+
+
+def _kv(kv: Any) -> KeyValue:
+    return KeyValue(kv.key.decode("utf-8", "replace"), bytes(kv.value), kv.mod_revision,
+                    kv.create_revision, kv.version, kv.lease)
+
+
+def _parse_endpoint(url: str) -> tuple[str, int, bool]:
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RegistryError(f"invalid etcd endpoint {url!r}: expected http(s)://host:port")
+    try:
+        port = parts.port or 2379
+    except ValueError:
+        raise RegistryError(f"invalid etcd endpoint {url!r}: bad port") from None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return host, port, parts.scheme == "https"
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise RegistryError(f"cannot read etcd {what} {path}: {exc.strerror}") from None
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        name = code.name if code is not None else "ERROR"
+        return f"{name}: {details}"
+    if isinstance(exc, etcd_exc.NoServerAvailableError):
+        return "no etcd endpoint available"
+    if isinstance(exc, etcd_exc.Etcd3Exception):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_auth_expired(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, grpc.RpcError)
+        and hasattr(exc, "code")
+        and exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        and "auth token" in (exc.details() or "")
+    )
+
+
+class Registry:
+    """A connection to etcd with the handful of operations flannel needs."""
+
+    def __init__(self, options: EtcdOptions) -> None:
+        self.options = options
+        if not options.endpoints:
+            raise RegistryError("no etcd endpoints given")
+        self._endpoints = [_parse_endpoint(e) for e in options.endpoints]
+        if bool(options.certfile) != bool(options.keyfile):
+            raise RegistryError("--etcd-certfile and --etcd-keyfile must be given together")
+        wants_tls = bool(options.cafile or options.certfile)
+        secure = {s for _, _, s in self._endpoints}
+        if wants_tls and False in secure:
+            raise RegistryError(
+                "etcd TLS files were given but an endpoint uses http://; use https:// endpoints"
+            )
+        self._creds = None
+        if True in secure:
+            self._creds = grpc.ssl_channel_credentials(
+                root_certificates=_read_file(options.cafile, "CA file") if options.cafile else None,
+                private_key=_read_file(options.keyfile, "key file") if options.keyfile else None,
+                certificate_chain=_read_file(options.certfile, "certificate file") if options.certfile else None,
+            )
+        if bool(options.username) != bool(options.password):
+            raise RegistryError("--etcd-username and --etcd-password must be given together")
+        self._lock = threading.Lock()
+        self._client: pyetcd.MultiEndpointEtcd3Client | None = None
+
+    # -- connection --------------------------------------------------------------------------
+
+    def _connect(self) -> pyetcd.MultiEndpointEtcd3Client:
+        endpoints = [
+            pyetcd.Endpoint(host, port, secure=secure, creds=self._creds if secure else None,
+                            time_retry=ENDPOINT_RETRY_SECONDS, opts=_CHANNEL_OPTIONS)
+            for host, port, secure in self._endpoints
+        ]
+        try:
+            return pyetcd.MultiEndpointEtcd3Client(
+                endpoints=endpoints,
+                timeout=self.options.timeout,
+                user=self.options.username or None,
+                password=self.options.password or None,
+                failover=True,
+            )
+        except Exception as exc:
+            for ep in endpoints:
+                ep.close()
+            raise RegistryError(f"cannot connect to etcd at {','.join(self.options.endpoints)}: "
+                                f"{_describe_error(exc)}") from None
+
+    def _get_client(self) -> pyetcd.MultiEndpointEtcd3Client:
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def _reset_client(self, stale: pyetcd.MultiEndpointEtcd3Client) -> None:
+        with self._lock:
+            if self._client is stale:
+                self._client = None
+                stale.close()
+
+    def _call(self, what: str, fn: Any) -> Any:
+        """Run fn(client); re-authenticate once on an expired token; wrap every error."""
+        for attempt in (1, 2):
+            client = self._get_client()
+            try:
+                return fn(client)
+            except RegistryError:
+                raise
+            except Exception as exc:
+                if attempt == 1 and _is_auth_expired(exc):
+                    log.info("etcd auth token expired, re-authenticating")
+                    self._reset_client(client)
+                    continue
+                raise RegistryError(f"etcd {what} failed: {_describe_error(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _auth(self, client: pyetcd.MultiEndpointEtcd3Client) -> dict[str, Any]:
+        return {"credentials": client.call_credentials, "metadata": client.metadata}
+
+    # -- key/value ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> KeyValue | None:
+        resp = self._call(f"get {key}", lambda c: c.get_response(key))
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    def list_prefix(self, prefix: str, revision: int | None = None) -> tuple[int, list[KeyValue]]:
+        """All keys under `prefix` (at `revision` if given) and the revision they were read at."""
+        resp = self._call(f"list {prefix}", lambda c: c.get_prefix_response(prefix, revision=revision))
+        return resp.header.revision, [_kv(kv) for kv in resp.kvs]
+
+    def put(self, key: str, value: bytes, lease_id: int = 0) -> int:
+        resp = self._call(f"put {key}", lambda c: c.put(key, value, lease=lease_id or None))
+        return resp.header.revision
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call(f"delete {key}", lambda c: c.delete(key)))
+
+    def txn(self, compares: Sequence[Compare], puts: Sequence[tuple[str, bytes, int]] = (),
+            deletes: Sequence[str] = ()) -> bool:
+        """Apply puts (key, value, lease id) and deletes iff every compare holds."""
+        def run(client: pyetcd.MultiEndpointEtcd3Client) -> bool:
+            ops: list[Any] = [client.transactions.put(k, v, lease=lid or None) for k, v, lid in puts]
+            ops += [client.transactions.delete(k) for k in deletes]
+            ok, _ = client.transaction(compare=[c.build() for c in compares], success=ops, failure=[])
+            return bool(ok)
+        return self._call("transaction", run)
+
+    def compact(self, revision: int) -> None:
+        self._call("compact", lambda c: c.compact(revision, physical=True))
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> int:
+        return self._call("lease grant", lambda c: c.lease(ttl)).id
+
+    def keepalive(self, lease_id: int) -> int:
+        """Refresh an etcd lease; its new TTL, or 0 when it no longer exists."""
+        responses = self._call("lease keepalive", lambda c: list(c.refresh_lease(lease_id)))
+        return responses[0].TTL if responses else 0
+
+    def time_to_live(self, lease_id: int) -> int:
+        """Seconds left on an etcd lease; -1 when it does not exist."""
+        return self._call("lease ttl", lambda c: c.get_lease_info(lease_id)).TTL
+
+    def time_to_live_many(self, lease_ids: Sequence[int]) -> dict[int, int]:
+        """TTLs of many etcd leases in one concurrent burst (flannelctl, not the daemon)."""
+        def run(client: pyetcd.MultiEndpointEtcd3Client) -> dict[int, int]:
+            stub = client.leasestub
+            futures = {
+                lid: stub.LeaseTimeToLive.future(etcdrpc.LeaseTimeToLiveRequest(ID=lid),
+                                                 client.timeout, **self._auth(client))
+                for lid in set(lease_ids)
+            }
+            return {lid: fut.result().TTL for lid, fut in futures.items()}
+        return self._call("lease ttl", run)
+
+    def revoke(self, lease_id: int) -> None:
+        self._call("lease revoke", lambda c: c.revoke_lease(lease_id))
+
+    def healthy(self) -> bool:
+        try:
+            self._call("status", lambda c: c.status())
+        except RegistryError:
+            return False
+        return True
+
+    # -- watch -------------------------------------------------------------------------------
+
+    def watch_prefix(self, prefix: str, start_revision: int) -> Watch:
+        return self._call("watch", lambda c: Watch(self, c, prefix, start_revision))
+
+
+class Watch:
+    """A watch stream on a key prefix from a revision; iterate for batches, cancel() to stop.
+
+    Iteration raises Compacted when the start revision is gone and RegistryError when the
+    stream breaks; the caller decides how to resume.
+    """
+
+    def __init__(self, registry: Registry, client: pyetcd.MultiEndpointEtcd3Client, prefix: str,
+                 start_revision: int) -> None:
+        self._registry = registry
+        self._client = client
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._cancelled = False
+        create = etcdrpc.WatchCreateRequest(
+            key=prefix.encode(), range_end=prefix_range_end(prefix).encode("latin-1"),
+            start_revision=start_revision, progress_notify=True,
+        )
+        self._requests.put(etcdrpc.WatchRequest(create_request=create))
+        stub = etcdrpc.WatchStub(client.channel)
+        metadata = (*(client.metadata or ()), ("hasleader", "true"))
+        self._call = stub.Watch(iter(self._requests.get, None), credentials=client.call_credentials,
+                                metadata=metadata)
+
+    def __iter__(self) -> Iterator[WatchBatch]:
+        try:
+            for resp in self._call:
+                if resp.compact_revision:
+                    raise Compacted(resp.compact_revision)
+                if resp.canceled:
+                    raise RegistryError(f"etcd canceled the watch: {resp.cancel_reason or 'no reason given'}")
+                events = [WatchEvent(ev.type == ev.DELETE, _kv(ev.kv)) for ev in resp.events]
+                yield WatchBatch(resp.header.revision, events, resp.created)
+        except grpc.RpcError as exc:
+            if self._cancelled:
+                return
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                endpoint = self._client.endpoint_in_use
+                if endpoint is not None:
+                    endpoint.fail()
+            if _is_auth_expired(exc):
+                self._registry._reset_client(self._client)
+            raise RegistryError(f"etcd watch broke: {_describe_error(exc)}") from None
+        finally:
+            self._requests.put(None)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._requests.put(None)
+        self._call.cancel()

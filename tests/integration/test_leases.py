@@ -1,0 +1,316 @@
+"""Lease manager and watcher against a real etcd 3.4."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import threading
+import time
+
+import pytest
+
+from flanneld import lab
+from flanneld.config import parse_config
+from flanneld.lease import LeaseAttrs, backend_json, decode_lease, encode_value, leases_prefix
+from flanneld.leases import LeaseError, LeaseManager, LeaseWatcher, list_leases
+from flanneld.registry import EtcdOptions, Registry
+from flanneld.subnetenv import SubnetEnv
+
+NET = {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}
+
+
+def config(**extra):
+    return parse_config(json.dumps({**NET, **extra}))
+
+
+def attrs(n: int, v6: bool = False) -> LeaseAttrs:
+    return LeaseAttrs(ipaddress.IPv4Address(f"198.51.{100 + n // 250}.{n % 250 + 1}"),
+                      ipaddress.IPv6Address(f"2001:db8:51::{n + 1:x}") if v6 else None, "vxlan",
+                      backend_json({"VNI": 1, "VtepMAC": f"0e:00:00:00:{n // 256:02x}:{n % 256:02x}"}))
+
+
+def put_lease(registry, prefix, subnet, public_ip, lease_id=0, mac="0e:aa:00:00:00:01"):
+    a = LeaseAttrs(ipaddress.IPv4Address(public_ip), None, "vxlan", backend_json({"VNI": 1, "VtepMAC": mac}))
+    lease = a.lease(ipaddress.ip_network(subnet), None)
+    registry.put(leases_prefix(prefix) + lease.key, encode_value(lease), lease_id)
+    return lease
+
+
+def manager(registry, cfg=None, **kw):
+    return LeaseManager(registry, cfg or config(), registry.options.prefix, rng=random.Random(kw.pop("seed", None)),
+                        **kw)
+
+
+def test_100_concurrent_acquirers_get_distinct_subnets(etcd, registry, etcd_prefix):
+    cfg = config()
+    barrier = threading.Barrier(100)
+    results: dict[int, object] = {}
+
+    def node(n: int) -> None:
+        reg = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=etcd_prefix))
+        try:
+            mgr = LeaseManager(reg, cfg, etcd_prefix, rng=random.Random(n))
+            barrier.wait()
+            results[n] = mgr.acquire(attrs(n)).lease.subnet
+        except Exception as exc:  # recorded and asserted below
+            results[n] = exc
+        finally:
+            reg.close()
+
+    threads = [threading.Thread(target=node, args=(n,)) for n in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    errors = [r for r in results.values() if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    subnets = list(results.values())
+    assert len(subnets) == 100 and len(set(subnets)) == 100
+    listing = list_leases(registry, etcd_prefix)
+    assert len(listing.leases) == 100
+    assert {x.lease.subnet for x in listing.leases.values()} == set(subnets)
+    assert all(cfg.ipv4.fits(s) for s in subnets)
+
+
+def test_dual_stack_concurrent_acquirers_unique_per_family(etcd, registry, etcd_prefix):
+    cfg = config(EnableIPv6=True, IPv6Network="2001:db8:1800::/56")
+    barrier = threading.Barrier(30)
+    results: dict[int, object] = {}
+
+    def node(n: int) -> None:
+        reg = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=etcd_prefix))
+        try:
+            mgr = LeaseManager(reg, cfg, etcd_prefix, rng=random.Random(1))  # same seed: maximal collisions
+            barrier.wait()
+            results[n] = mgr.acquire(attrs(n, v6=True)).lease
+        except Exception as exc:
+            results[n] = exc
+        finally:
+            reg.close()
+
+    threads = [threading.Thread(target=node, args=(n,)) for n in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    leases = list(results.values())
+    assert not [r for r in leases if isinstance(r, Exception)]
+    assert len({x.subnet for x in leases}) == 30
+    assert len({x.subnet6 for x in leases}) == 30
+    assert all("&" in x.key for x in leases)
+
+
+def test_preexisting_dual_stack_key_blocks_its_ipv4_subnet(registry, etcd_prefix):
+    cfg = config(SubnetMin="198.18.1.0", SubnetMax="198.18.2.0")
+    # an upstream dual-stack node holds 198.18.1.0/24; a v4-only acquirer must not take it too
+    registry.put(leases_prefix(etcd_prefix) + "198.18.1.0-24&2001:db8:1800:1::-64",
+                 b'{"PublicIP":"198.51.100.40","PublicIPv6":"2001:db8:51::40","BackendType":"vxlan"}')
+    for seed in range(5):
+        mgr = manager(registry, cfg, seed=seed)
+        got = mgr.acquire(attrs(seed))
+        assert got.lease.subnet == ipaddress.ip_network("198.18.2.0/24")
+        registry.delete(leases_prefix(etcd_prefix) + got.lease.key)
+
+
+def test_exhaustion_is_a_clear_error(registry):
+    cfg = config(SubnetMin="198.18.1.0", SubnetMax="198.18.3.0")
+    for n in range(3):
+        manager(registry, cfg).acquire(attrs(n))
+    with pytest.raises(LeaseError, match=r"out of subnets: every /24 in 198.18.1.0 .. 198.18.3.0"):
+        manager(registry, cfg).acquire(attrs(3))
+
+
+def test_reuses_own_lease_by_public_ip_and_keeps_one_etcd_lease(etcd, registry, etcd_prefix):
+    before = etcd.lease_ids()
+    first = manager(registry).acquire(attrs(7))
+    for _ in range(3):  # restarts: a new manager each time
+        again = manager(registry).acquire(attrs(7))
+        assert again.lease.subnet == first.lease.subnet
+        assert again.etcd_lease == first.etcd_lease
+    mgr = manager(registry, ttl=30, renew_margin=10)
+    own = mgr.acquire(attrs(7))
+    for _ in range(10):
+        assert mgr.renew()
+    assert own.etcd_lease == first.etcd_lease
+    assert etcd.lease_ids() - before == {first.etcd_lease}
+    kv = registry.get(leases_prefix(etcd_prefix) + first.lease.key)
+    assert kv.lease_id == first.etcd_lease
+    assert registry.time_to_live(first.etcd_lease) > 86000
+
+
+def test_renewal_keeps_a_short_lease_alive(registry, etcd_prefix):
+    mgr = manager(registry, ttl=2, renew_margin=1)
+    own = mgr.acquire(attrs(3))
+    key = leases_prefix(etcd_prefix) + own.lease.key
+    for _ in range(4):  # 4 s > 2x the TTL: only renewals keep the key
+        time.sleep(mgr.seconds_until_renewal())
+        assert mgr.renew()
+    assert registry.get(key) is not None
+    time.sleep(3.5)  # no renewal: etcd expires the lease and the key
+    assert registry.get(key) is None
+    assert mgr.renew() is False
+
+
+def test_previous_subnet_from_subnet_env_is_preferred(registry):
+    prev = SubnetEnv(subnet=ipaddress.IPv4Interface("198.18.77.1/24"))
+    got = manager(registry, previous=prev).acquire(attrs(1))
+    assert got.lease.subnet == ipaddress.ip_network("198.18.77.0/24")
+
+
+def test_previous_subnet_taken_by_someone_else_is_not_stolen(registry, etcd_prefix):
+    put_lease(registry, etcd_prefix, "198.18.77.0/24", "198.51.100.99")
+    prev = SubnetEnv(subnet=ipaddress.IPv4Interface("198.18.77.1/24"))
+    got = manager(registry, previous=prev).acquire(attrs(1))
+    assert got.lease.subnet != ipaddress.ip_network("198.18.77.0/24")
+
+
+def test_reservations_are_never_stolen_and_stay_reservations(registry, etcd_prefix):
+    cfg = config(SubnetMin="198.18.5.0", SubnetMax="198.18.6.0")
+    mine = put_lease(registry, etcd_prefix, "198.18.5.0/24", str(attrs(1).public_ip))
+    put_lease(registry, etcd_prefix, "198.18.6.0/24", "198.51.100.200")  # someone else's reservation
+    for _restart in range(3):
+        own = manager(registry, cfg).acquire(attrs(1))
+        assert own.lease.subnet == mine.subnet and own.reserved and own.etcd_lease == 0
+        kv = registry.get(leases_prefix(etcd_prefix) + mine.key)
+        assert kv.lease_id == 0  # still a reservation (upstream turns it into a 24 h lease)
+        assert decode_lease(mine.key, kv.value).backend["VtepMAC"] == "0e:00:00:00:00:01"
+    with pytest.raises(LeaseError, match="out of subnets"):
+        manager(registry, cfg).acquire(attrs(2))
+    assert registry.get(leases_prefix(etcd_prefix) + "198.18.6.0-24").lease_id == 0
+
+
+def test_stale_own_lease_from_an_older_config_is_replaced(registry, etcd_prefix):
+    old = put_lease(registry, etcd_prefix, "198.18.0.0/25", str(attrs(4).public_ip), registry.grant(600))
+    own = manager(registry).acquire(attrs(4))
+    assert own.lease.subnet.prefixlen == 24
+    assert registry.get(leases_prefix(etcd_prefix) + old.key) is None
+
+
+def test_own_key_deleted_reacquires_same_subnet(registry, etcd_prefix):
+    mgr = manager(registry)
+    own = mgr.acquire(attrs(5))
+    registry.delete(leases_prefix(etcd_prefix) + own.lease.key)
+    again = mgr.acquire(attrs(5))
+    assert again.lease.subnet == own.lease.subnet
+    assert again.etcd_lease == own.etcd_lease
+
+
+def test_junk_entries_are_ignored_and_not_allocated(registry, etcd_prefix):
+    head = leases_prefix(etcd_prefix)
+    cfg = config(SubnetMin="198.18.1.0", SubnetMax="198.18.3.0")
+    registry.put(head + "garbage", b"hello")
+    registry.put(head + "198.18.1.0-24", b"{not json")
+    put_lease(registry, etcd_prefix, "198.18.2.0/24", "198.51.100.50")
+    listing = list_leases(registry, etcd_prefix)
+    assert list(listing.leases) == ["198.18.2.0-24"]
+    assert {k for k, _ in listing.junk} == {head + "garbage", head + "198.18.1.0-24"}
+    own = manager(registry, cfg).acquire(attrs(9))
+    assert own.lease.subnet == ipaddress.ip_network("198.18.3.0/24")
+    watcher = LeaseWatcher(registry, etcd_prefix)
+    events = watcher.resync()
+    assert sorted(e.lease.key for e in events) == ["198.18.2.0-24", "198.18.3.0-24"]
+
+
+class Collector:
+    def __init__(self):
+        self.events = []
+        self.cond = threading.Condition()
+
+    def __call__(self, batch):
+        with self.cond:
+            self.events.extend(batch)
+            self.cond.notify_all()
+
+    def wait_for(self, pred, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not pred(self.events):
+                left = deadline - time.monotonic()
+                assert left > 0, f"timed out; events so far: {[str(e) for e in self.events]}"
+                self.cond.wait(left)
+
+
+def start_watcher(watcher, sink):
+    thread = threading.Thread(target=watcher.run, args=(sink,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_watch_delivers_add_change_remove_and_skips_junk(registry, etcd_prefix):
+    head = leases_prefix(etcd_prefix)
+    put_lease(registry, etcd_prefix, "198.18.1.0/24", "198.51.100.11")
+    watcher, sink = LeaseWatcher(registry, etcd_prefix), Collector()
+    thread = start_watcher(watcher, sink)
+    try:
+        sink.wait_for(lambda ev: len(ev) == 1)
+        put_lease(registry, etcd_prefix, "198.18.2.0/24", "198.51.100.12")
+        registry.put(head + "198.18.2.0-24", b"broken")  # junk update: last good value is kept
+        registry.put(head + "junk", b"x")
+        put_lease(registry, etcd_prefix, "198.18.1.0/24", "198.51.100.11", mac="0e:aa:00:00:00:02")
+        registry.delete(head + "198.18.1.0-24")
+        sink.wait_for(lambda ev: len(ev) >= 4)
+        time.sleep(0.2)
+        kinds = [(e.kind, e.lease.key) for e in sink.events]
+        assert kinds == [("added", "198.18.1.0-24"), ("added", "198.18.2.0-24"),
+                         ("changed", "198.18.1.0-24"), ("removed", "198.18.1.0-24")]
+        assert sink.events[-1].lease.backend["VtepMAC"] == "0e:aa:00:00:00:02"  # last known value
+        assert str(watcher.known["198.18.2.0-24"].lease.public_ip) == "198.51.100.12"
+    finally:
+        watcher.stop()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_compaction_forces_relist_and_diff(registry, etcd_prefix):
+    head = leases_prefix(etcd_prefix)
+    put_lease(registry, etcd_prefix, "198.18.1.0/24", "198.51.100.11")
+    put_lease(registry, etcd_prefix, "198.18.2.0/24", "198.51.100.12")
+    watcher = LeaseWatcher(registry, etcd_prefix)
+    assert len(watcher.resync()) == 2  # "disconnected" from here on
+    registry.delete(head + "198.18.1.0-24")
+    put_lease(registry, etcd_prefix, "198.18.2.0/24", "198.51.100.12", mac="0e:aa:00:00:00:09")
+    put_lease(registry, etcd_prefix, "198.18.3.0/24", "198.51.100.13")
+    for i in range(5):  # churn, then compact away all of it
+        registry.put(f"{etcd_prefix}/other/{i}", b"x")
+    registry.compact(registry.list_prefix(head)[0])
+    sink = Collector()
+    thread = start_watcher(watcher, sink)
+    try:
+        sink.wait_for(lambda ev: len(ev) >= 3)
+        got = sorted((e.kind, e.lease.key) for e in sink.events)
+        assert got == [("added", "198.18.3.0-24"), ("changed", "198.18.2.0-24"), ("removed", "198.18.1.0-24")]
+        put_lease(registry, etcd_prefix, "198.18.4.0/24", "198.51.100.14")  # and the watch continues
+        sink.wait_for(lambda ev: len(ev) >= 4)
+    finally:
+        watcher.stop()
+        thread.join(5)
+
+
+def test_watch_resumes_after_etcd_restart(session_lab, etcd_prefix):
+    server = lab.EtcdServer("restart")
+    server.start()
+    reg = Registry(EtcdOptions(endpoints=(server.endpoint,), prefix=etcd_prefix))
+    try:
+        put_lease(reg, etcd_prefix, "198.18.1.0/24", "198.51.100.11")
+        watcher, sink = LeaseWatcher(reg, etcd_prefix), Collector()
+        thread = start_watcher(watcher, sink)
+        sink.wait_for(lambda ev: len(ev) == 1)
+        server.restart()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                put_lease(reg, etcd_prefix, "198.18.2.0/24", "198.51.100.12")
+                break
+            except Exception:
+                time.sleep(0.2)
+        sink.wait_for(lambda ev: len(ev) >= 2, timeout=15)
+        time.sleep(0.3)
+        assert [(e.kind, e.lease.key) for e in sink.events] == [("added", "198.18.1.0-24"),
+                                                                   ("added", "198.18.2.0-24")]
+        assert watcher.connected
+        watcher.stop()
+        thread.join(5)
+    finally:
+        reg.close()
+        server.destroy()

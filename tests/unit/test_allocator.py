@@ -1,0 +1,63 @@
+"""Subnet choice: range, overlap with any taken subnet, exhaustion, determinism."""
+
+import ipaddress
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flanneld.allocator import MAX_CANDIDATES, OutOfSubnets, free_subnets, pick_subnet
+from flanneld.config import parse_config
+
+N = ipaddress.ip_network
+
+
+def family(**extra):
+    import json
+    return parse_config(json.dumps({"Network": "10.5.0.0/16", **extra})).ipv4
+
+
+def test_candidates_start_at_subnet_min_and_skip_taken():
+    fam = family()
+    got = free_subnets(fam, [N("10.5.1.0/24"), N("10.5.3.0/24")], limit=3)
+    assert got == [N("10.5.2.0/24"), N("10.5.4.0/24"), N("10.5.5.0/24")]
+    assert len(free_subnets(fam, [])) == MAX_CANDIDATES
+
+
+def test_larger_and_smaller_taken_subnets_block_overlaps():
+    fam = family(SubnetMax="10.5.8.0")
+    got = free_subnets(fam, [N("10.5.2.0/23"), N("10.5.5.128/25"), N("10.5.0.0/30")])
+    assert got == [N("10.5.1.0/24"), N("10.5.4.0/24"), N("10.5.6.0/24"), N("10.5.7.0/24"), N("10.5.8.0/24")]
+
+
+def test_other_family_ignored():
+    assert free_subnets(family(SubnetMax="10.5.1.0"), [N("fd00::/64")]) == [N("10.5.1.0/24")]
+
+
+def test_exhaustion_is_a_clear_error():
+    fam = family(SubnetMin="10.5.1.0", SubnetMax="10.5.2.0")
+    with pytest.raises(OutOfSubnets, match=r"out of subnets: every /24 in 10.5.1.0 .. 10.5.2.0 of 10.5.0.0/16"):
+        pick_subnet(fam, [N("10.5.1.0/24"), N("10.5.2.0/24")], random.Random(1))
+
+
+def test_pick_is_random_among_free_but_seedable():
+    fam = family()
+    picks = {pick_subnet(fam, [], random.Random(seed)) for seed in range(20)}
+    assert len(picks) > 5
+    assert pick_subnet(fam, [], random.Random(7)) == pick_subnet(fam, [], random.Random(7))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.integers(20, 28)), max_size=60), st.integers(0, 2**32))
+def test_picked_subnet_overlaps_nothing(taken_spec, seed):
+    fam = family()
+    taken = [N((f"10.5.{octet}.0", plen), strict=False) for octet, plen in taken_spec]
+    try:
+        got = pick_subnet(fam, taken, random.Random(seed))
+    except OutOfSubnets:
+        assert not any(not any(c.overlaps(t) for t in taken) for c in N("10.5.0.0/16").subnets(new_prefix=24)
+                       if fam.subnet_min <= c.network_address <= fam.subnet_max)
+        return
+    assert fam.fits(got)
+    assert not any(got.overlaps(t) for t in taken)

@@ -1,0 +1,178 @@
+"""Network config parsing: upstream defaults, every validation rule, and fuzzing."""
+
+import contextlib
+import ipaddress
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flanneld.config import ConfigError, parse_config
+
+
+def cfg(**doc):
+    return parse_config(json.dumps(doc))
+
+
+def test_upstream_example_defaults():
+    c = cfg(Network="10.3.0.0/16")
+    assert c.ipv4.subnet_len == 24
+    assert str(c.ipv4.subnet_min) == "10.3.1.0"
+    assert str(c.ipv4.subnet_max) == "10.3.255.0"
+    assert c.ipv6 is None and not c.enable_nftables
+
+
+@pytest.mark.parametrize(
+    ("network", "subnet_len"),
+    [("10.0.0.0/8", 24), ("10.3.0.0/22", 24), ("10.3.0.0/23", 25), ("10.3.0.0/26", 28), ("10.3.0.0/28", 30)],
+)
+def test_default_subnet_len(network, subnet_len):
+    assert cfg(Network=network).ipv4.subnet_len == subnet_len
+
+
+def test_network_too_small():
+    with pytest.raises(ConfigError, match=r"network is too small. Minimum useful network prefix is /28"):
+        cfg(Network="10.3.0.0/29")
+
+
+def test_subnet_len_limits():
+    with pytest.raises(ConfigError, match="SubnetLen must be less than /31"):
+        cfg(Network="10.3.0.0/16", SubnetLen=31)
+    with pytest.raises(ConfigError, match="at least four subnets"):
+        cfg(Network="10.3.0.0/16", SubnetLen=17)
+    assert cfg(Network="10.3.0.0/16", SubnetLen=18).ipv4.subnet_len == 18
+
+
+def test_subnet_min_max_rules():
+    c = cfg(Network="10.3.0.0/16", SubnetMin="10.3.10.0", SubnetMax="10.3.20.0")
+    assert (str(c.ipv4.subnet_min), str(c.ipv4.subnet_max)) == ("10.3.10.0", "10.3.20.0")
+    assert c.ipv4.subnet_count() == 11
+    with pytest.raises(ConfigError, match="SubnetMin is not in the range of the Network"):
+        cfg(Network="10.3.0.0/16", SubnetMin="10.4.0.0")
+    with pytest.raises(ConfigError, match="SubnetMax is not in the range of the Network"):
+        cfg(Network="10.3.0.0/16", SubnetMax="10.4.0.0")
+    with pytest.raises(ConfigError, match=r"SubnetMin is not on a SubnetLen boundary: 10.3.1.5"):
+        cfg(Network="10.3.0.0/16", SubnetMin="10.3.1.5")
+    with pytest.raises(ConfigError, match="SubnetMax is not on a SubnetLen boundary"):
+        cfg(Network="10.3.0.0/16", SubnetMax="10.3.1.128")
+    with pytest.raises(ConfigError, match=r"SubnetMin \(10.3.9.0\) is greater than SubnetMax"):
+        cfg(Network="10.3.0.0/16", SubnetMin="10.3.9.0", SubnetMax="10.3.8.0")
+    with pytest.raises(ConfigError, match="SubnetMin is not a valid IP address"):
+        cfg(Network="10.3.0.0/16", SubnetMin="ten")
+
+
+def test_network_required_and_valid():
+    with pytest.raises(ConfigError, match="please define a correct Network parameter"):
+        cfg(Backend={"Type": "vxlan"})
+    with pytest.raises(ConfigError, match="Network is not a valid CIDR"):
+        cfg(Network="10.3.0.0/40")
+    with pytest.raises(ConfigError, match="missing prefix length"):
+        cfg(Network="10.3.0.0")
+    with pytest.raises(ConfigError, match="must be an IPv4 network"):
+        cfg(Network="2001:db8::/56")
+    with pytest.raises(ConfigError, match="Network must be a CIDR string, got 42"):
+        cfg(Network=42)
+    # host bits are masked, as upstream's net.ParseCIDR does
+    assert cfg(Network="10.3.7.9/16").ipv4.network == ipaddress.ip_network("10.3.0.0/16")
+
+
+def test_keys_are_case_insensitive_and_unknown_keys_ignored():
+    c = parse_config('{"network": "10.5.0.0/16", "SUBNETLEN": 26, "backend": {"type": "VXLAN", "vni": 7},'
+                     ' "SomethingNew": [1, 2]}')
+    assert c.ipv4.subnet_len == 26
+    assert c.backend.type == "vxlan"
+    assert c.backend.get("VNI") == 7
+    assert c.backend.get("Port", 0) == 0
+
+
+def test_null_means_unset():
+    c = cfg(Network="10.5.0.0/16", SubnetLen=None, SubnetMin=None, EnableIPv6=None, Backend=None)
+    assert c.ipv4.subnet_len == 24 and not c.enable_ipv6 and c.backend.type == "vxlan"
+
+
+def test_backend_defaults_to_vxlan():
+    assert cfg(Network="10.5.0.0/16").backend.type == "vxlan"
+    assert cfg(Network="10.5.0.0/16", Backend={"VNI": 2}).backend.type == "vxlan"
+    assert cfg(Network="10.5.0.0/16", Backend={"Type": "host-gw"}).backend.type == "host-gw"
+    with pytest.raises(ConfigError, match="Backend must be a JSON object"):
+        cfg(Network="10.5.0.0/16", Backend="vxlan")
+    with pytest.raises(ConfigError, match=r"Backend.Type must be a string"):
+        cfg(Network="10.5.0.0/16", Backend={"Type": 1})
+
+
+def test_flags_types():
+    with pytest.raises(ConfigError, match='EnableIPv6 must be true or false, got "yes"'):
+        cfg(Network="10.5.0.0/16", EnableIPv6="yes")
+    with pytest.raises(ConfigError, match="SubnetLen must be a non-negative integer"):
+        cfg(Network="10.5.0.0/16", SubnetLen=24.5)
+    with pytest.raises(ConfigError, match="SubnetLen must be a non-negative integer"):
+        cfg(Network="10.5.0.0/16", SubnetLen=True)
+    with pytest.raises(ConfigError, match="both false"):
+        cfg(EnableIPv4=False)
+
+
+def test_ipv6_rules():
+    c = cfg(EnableIPv6=True, Network="10.5.0.0/16", IPv6Network="2001:db8:1800::/56")
+    assert c.ipv6.subnet_len == 64
+    assert str(c.ipv6.subnet_min) == "2001:db8:1800:1::"
+    assert str(c.ipv6.subnet_max) == "2001:db8:1800:ff::"
+    assert cfg(EnableIPv6=True, EnableIPv4=False, IPv6Network="fd00::/120").ipv6.subnet_len == 122
+    with pytest.raises(ConfigError, match=r"IPv6Network is too small. Minimum useful network prefix is /124"):
+        cfg(EnableIPv6=True, EnableIPv4=False, IPv6Network="fd00::/125")
+    with pytest.raises(ConfigError, match="please define a correct IPv6Network"):
+        cfg(EnableIPv6=True, Network="10.5.0.0/16")
+    with pytest.raises(ConfigError, match="IPv6SubnetMin is not on a SubnetLen boundary"):
+        cfg(EnableIPv6=True, EnableIPv4=False, IPv6Network="fd00::/56", IPv6SubnetMin="fd00:0:0:1::1")
+    with pytest.raises(ConfigError, match="SubnetLen must be less than /127"):
+        cfg(EnableIPv6=True, EnableIPv4=False, IPv6Network="fd00::/56", IPv6SubnetLen=127)
+
+
+def test_fits():
+    fam = cfg(Network="10.5.0.0/16", SubnetMin="10.5.10.0", SubnetMax="10.5.20.0").ipv4
+    assert fam.fits(ipaddress.ip_network("10.5.10.0/24"))
+    assert not fam.fits(ipaddress.ip_network("10.5.9.0/24"))
+    assert not fam.fits(ipaddress.ip_network("10.5.10.0/25"))
+    assert not fam.fits(None)
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", "null", '"x"', '{"Network": "10.0.0.0/8",}', b"\xff\xfe"])
+def test_malformed_documents(text):
+    with pytest.raises(ConfigError):
+        parse_config(text)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+interesting = st.sampled_from(
+    ["Network", "network", "SubnetLen", "SubnetMin", "SubnetMax", "EnableIPv4", "EnableIPv6", "IPv6Network",
+     "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "Backend", "EnableNFTables"]
+)
+plausible = st.one_of(
+    json_values,
+    st.sampled_from(["10.0.0.0/8", "10.5.0.0/16", "10.5.0.0/29", "10.5.1.0", "fd00::/56", "fd00::1", "::/0",
+                     "0.0.0.0/0", "255.255.255.255/32", 0, 16, 24, 30, 31, 64, 124, 128]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(interesting, plausible, max_size=8))
+def test_fuzz_structured_documents_only_raise_config_error(doc):
+    try:
+        result = parse_config(json.dumps(doc))
+    except ConfigError as exc:
+        assert str(exc)
+    else:
+        for fam in result.families():
+            assert fam.subnet_min <= fam.subnet_max
+            assert fam.network.prefixlen + 2 <= fam.subnet_len
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_fuzz_arbitrary_input_only_raises_config_error(data):
+    with contextlib.suppress(ConfigError):
+        parse_config(data)
