@@ -142,6 +142,14 @@ def make_certs(directory: str, ips: Sequence[str] = ("127.0.0.1", CTL_IP)) -> Et
     return EtcdTLS(cert=path("server.crt"), key=path("server.key"), ca=path("ca.crt"))
 
 
+def _tool(name: str) -> str:
+    """A console script of this installation (next to the running interpreter), else from PATH."""
+    import sys
+
+    candidate = os.path.join(os.path.dirname(sys.executable), name)
+    return candidate if os.path.exists(candidate) else name
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -286,6 +294,7 @@ class Node:
     ifname: str
     pods: list[Pod] = field(default_factory=list)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    healthz_port: int = 8471
 
     def sh(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return sh(list(args), ns=self.ns, check=check, timeout=timeout)
@@ -332,11 +341,56 @@ class Node:
         if gateway6_cidr:
             gw6, plen6 = gateway6_cidr.split("/")
             pod6 = f"{gw6.rstrip('1')}{10 + index:x}/{plen6}"
-            pod_cmds += [f"addr add {pod6} dev {pod_if} nodad", f"-6 route add default via {gw6}"]
+            pod_cmds += [f"addr add {pod6} dev {pod_if} nodad", f"route add ::/0 via {gw6}"]
         ipbatch(pod_cmds, ns=pod_ns)
         pod = Pod(pod_ns, pod_if, pod_ip, pod6)
         self.pods.append(pod)
         return pod
+
+    @property
+    def subnet_file(self) -> str:
+        return os.path.join(self.lab.dir, self.ns, "subnet.env")
+
+    def start_flanneld(self, endpoint: str, prefix: str, *flags: str, healthz_port: int = 8471,
+                       env: dict[str, str] | None = None, executable: str = "flanneld") -> subprocess.Popen[bytes]:
+        """Run flanneld in this node's namespace (its subnet file and log live in the lab dir)."""
+        os.makedirs(os.path.dirname(self.subnet_file), exist_ok=True)
+        argv = [_tool(executable), f"--etcd-endpoints={endpoint}", f"--etcd-prefix={prefix}",
+                f"--subnet-file={self.subnet_file}", f"--healthz-port={healthz_port}", *flags]
+        self.healthz_port = healthz_port
+        return self.popen(argv, "flanneld", env=env)
+
+    def http(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        """GET one of this node's flanneld endpoints (from the control namespace)."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.ip}:{self.healthz_port}{path}", timeout=timeout) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.procs[-1] if self.procs else None
+            if proc is not None and proc.poll() is not None:
+                raise LabError(f"flanneld on {self.ns} exited with {proc.returncode}: {self.log()[-2000:]}")
+            try:
+                if self.http("/readyz", timeout=0.5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise LabError(f"flanneld on {self.ns} not ready after {timeout}s: {self.log()[-2000:]}")
+
+    def log(self, name: str = "flanneld") -> str:
+        try:
+            with open(os.path.join(self.lab.dir, f"{self.ns}-{name}.log"), errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
 
     def stop_processes(self) -> None:
         for proc in self.procs:
@@ -416,7 +470,7 @@ class Lab:
                  f"link set {p}-n{i} master br0 up"], ns=self.ul)
         ipbatch([f"addr add {node_ip}/24 dev {ifname}", f"addr add {node_ip6}/64 dev {ifname} nodad",
                  f"link set {ifname} up",
-                 f"route add default via {ROUTER_IP}", f"-6 route add default via {UNDERLAY6}::1"], ns=ns)
+                 f"route add default via {ROUTER_IP}", f"route add ::/0 via {UNDERLAY6}::1"], ns=ns)
         node = Node(self, i, ns, node_ip, node_ip6, ifname)
         self.nodes.append(node)
         return node

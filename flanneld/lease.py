@@ -18,7 +18,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 IPv4Network = ipaddress.IPv4Network
@@ -30,6 +30,7 @@ _KEY_RE = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})(?:&([0-9a-f:]+)-(\d{1
 _KNOWN_FIELDS = ("PublicIP", "PublicIPv6", "BackendType", "BackendData", "BackendV6Data")
 _KNOWN_LOWER = {name.lower(): name for name in _KNOWN_FIELDS}
 _DECODER = json.JSONDecoder()
+_NEEDS_COMPACTING = re.compile("[ \t\r\n<>&\u2028\u2029]")
 UNSET_V4 = ipaddress.IPv4Address(0)  # Go's zero ip.IP4: "PublicIP":"0.0.0.0"
 
 
@@ -51,8 +52,12 @@ def subnet_key(subnet: IPv4Network | None, subnet6: IPv6Network | None) -> str:
     return f"{v4}&{subnet6.network_address.compressed}-{subnet6.prefixlen}"
 
 
+@lru_cache(maxsize=1024)
 def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
-    """Parse a subnet key; raise LeaseDecodeError for anything that is not one."""
+    """Parse a subnet key; raise LeaseDecodeError for anything that is not one.
+
+    Cached (bounded, to keep the daemon small): contending acquirers re-list the same keys.
+    """
     match = _KEY_RE.fullmatch(key)
     if match is None:
         raise LeaseDecodeError(f"{key!r} is not a subnet key")
@@ -117,6 +122,8 @@ def _go_string(text: str) -> str:
 
 def compact_json(raw: str) -> str:
     """Strip insignificant whitespace and HTML-escape, like Go's json.Compact for RawMessage."""
+    if _NEEDS_COMPACTING.search(raw) is None:
+        return raw  # what Go writes is already compact: the common case
     out: list[str] = []
     in_string = escaped = False
     for ch in raw:
@@ -331,10 +338,17 @@ def _parse_ip(key: str, name: str, raw: str, version: int) -> ipaddress.IPv4Addr
     text = json.loads(raw)
     if not isinstance(text, str):
         raise LeaseDecodeError(f"value of {key!r}: {name} is not a string")
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        raise LeaseDecodeError(f"value of {key!r}: {name} {text!r} is not an IP address") from None
+    addr = _ip(text)
+    if addr is None:
+        raise LeaseDecodeError(f"value of {key!r}: {name} {text!r} is not an IP address")
     if addr.version != version:
         raise LeaseDecodeError(f"value of {key!r}: {name} {text!r} is not IPv{version}")
     return addr
+
+
+@lru_cache(maxsize=1024)
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None

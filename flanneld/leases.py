@@ -65,12 +65,6 @@ class Listing:
     revision: int
     leases: dict[str, Listed]  # by key below <prefix>/subnets/
     junk: list[tuple[str, str]]  # (full key, reason)
-    junk_subnets: list[IPNetwork]  # subnets named by junk keys: still not free
-
-    def taken(self) -> list[IPNetwork]:
-        """Every subnet some key claims, reservations and unreadable values included."""
-        return [n for x in self.leases.values() for n in (x.lease.subnet, x.lease.subnet6) if n is not None] + \
-            self.junk_subnets
 
 
 def decode_listing(prefix: str, revision: int, kvs: Iterable[KeyValue]) -> Listing:
@@ -78,20 +72,16 @@ def decode_listing(prefix: str, revision: int, kvs: Iterable[KeyValue]) -> Listi
     head = leases_prefix(prefix)
     leases: dict[str, Listed] = {}
     junk: list[tuple[str, str]] = []
-    junk_subnets: list[IPNetwork] = []
     for kv in kvs:
-        short = kv.key[len(head):] if kv.key.startswith(head) else kv.key
         try:
             if not kv.key.startswith(head):
                 raise LeaseDecodeError(f"{kv.key!r} is not under {head}")
-            lease = decode_lease(short, kv.value)
+            lease = decode_lease(kv.key[len(head):], kv.value)
         except LeaseDecodeError as exc:
             junk.append((kv.key, str(exc)))
-            with contextlib.suppress(LeaseDecodeError):
-                junk_subnets += [n for n in parse_subnet_key(short) if n is not None]
             continue
         leases[lease.key] = Listed(lease, kv)
-    return Listing(revision, leases, junk, junk_subnets)
+    return Listing(revision, leases, junk)
 
 
 def list_leases(registry: Registry, prefix: str) -> Listing:
@@ -163,12 +153,36 @@ class LeaseManager:
 
     def find_own(self, attrs: LeaseAttrs) -> Lease | None:
         """Our existing lease (by public IP) if it fits the config: lets a restart reuse its MAC."""
-        listing = list_leases(self.registry, self.prefix)
-        mine = self._own_candidate(listing, attrs)
+        mine = self._own_candidate(self._scan(attrs)[2])
         return mine.lease if mine is not None else None
 
-    def _own_candidate(self, listing: Listing, attrs: LeaseAttrs) -> Listed | None:
-        mine = [x for x in listing.leases.values() if _is_ours(x.lease, attrs, self.config)]
+    def _scan(self, attrs: LeaseAttrs) -> tuple[int, list[IPNetwork], list[Listed]]:
+        """List the leases: (revision, every subnet some key claims, our own entries).
+
+        Only values that mention our public IP are decoded: a node joining a cluster of
+        thousands should not parse thousands of peer values just to pick a subnet.
+        """
+        head = leases_prefix(self.prefix)
+        revision, kvs = self.registry.list_prefix(head)
+        marker = str(attrs.public_ip) if self.config.enable_ipv4 else str(attrs.public_ipv6)
+        needle = f'"{marker}"'.encode()
+        taken: list[IPNetwork] = []
+        mine: list[Listed] = []
+        for kv in kvs:
+            short = kv.key[len(head):]
+            try:
+                subnets = parse_subnet_key(short)
+            except LeaseDecodeError:
+                continue
+            taken += [n for n in subnets if n is not None]
+            if needle in kv.value:
+                with contextlib.suppress(LeaseDecodeError):
+                    lease = decode_lease(short, kv.value)
+                    if _is_ours(lease, attrs, self.config):
+                        mine.append(Listed(lease, kv))
+        return revision, taken, mine
+
+    def _own_candidate(self, mine: list[Listed]) -> Listed | None:
         fitting = [x for x in mine if fits_config(x.lease.subnet, x.lease.subnet6, self.config)]
         # an operator's reservation wins over a leftover lease; then the newest write
         fitting.sort(key=lambda x: (x.reserved, x.kv.mod_revision), reverse=True)
@@ -186,20 +200,19 @@ class LeaseManager:
         raise LeaseError(f"could not acquire a subnet lease after {MAX_ATTEMPTS} attempts (heavy contention)")
 
     def _try_acquire(self, attrs: LeaseAttrs) -> OwnLease | None:
-        listing = list_leases(self.registry, self.prefix)
-        mine = self._own_candidate(listing, attrs)
+        revision, taken, mine_all = self._scan(attrs)
+        mine = self._own_candidate(mine_all)
         if mine is not None:
             return self._reuse(mine, attrs)
-        for x in listing.leases.values():
-            if _is_ours(x.lease, attrs, self.config) and not x.reserved:
+        for x in mine_all:
+            if not x.reserved:
                 # ours by IP, but from an older config (e.g. another SubnetLen): give it back
                 log.info("deleting our lease %s: it does not fit the current network config", x.lease.describe())
                 self.registry.txn([Compare(x.kv.key, "mod", "==", x.kv.mod_revision)], deletes=[x.kv.key])
-            elif _is_ours(x.lease, attrs, self.config):
+            else:
                 log.warning("reservation %s for our public IP does not fit the network config; ignoring it",
                             x.lease.describe())
 
-        taken = listing.taken()
         subnet, subnet6 = self.previous
         if (subnet or subnet6) and fits_config(subnet, subnet6, self.config) and all(
             _subnet_free(n, taken) for n in (subnet, subnet6)
@@ -213,7 +226,7 @@ class LeaseManager:
             except OutOfSubnets as exc:
                 raise LeaseError(str(exc)) from None
         lease = attrs.lease(subnet, subnet6)  # type: ignore[arg-type]
-        return self._create(lease, listing.revision)
+        return self._create(lease, revision)
 
     def _etcd_lease_for_new_key(self) -> int:
         if self.own is not None and not self.own.reserved and self.registry.keepalive(self.own.etcd_lease) > 0:
@@ -315,12 +328,20 @@ class LeaseManager:
 
 @dataclass(frozen=True, slots=True)
 class LeaseEvent:
+    """A lease came, changed or went. Carries the raw value (for "removed": the last known one).
+
+    The value was validated when the event was made; `lease` decodes it on each access, so a
+    burst of thousands of events never holds thousands of decoded leases at once.
+    """
+
     kind: str  # "added" | "changed" | "removed"
-    lease: Lease  # for "removed": the last known value
+    key: str  # below <prefix>/subnets/
+    value: bytes
     etcd_lease: int = 0
 
-    def __str__(self) -> str:
-        return f"{self.kind} {self.lease.describe()} ({self.lease.public_ip})"
+    @property
+    def lease(self) -> Lease:
+        return decode_lease(self.key, self.value)
 
 
 class LeaseWatcher:
@@ -336,7 +357,8 @@ class LeaseWatcher:
         self.registry = registry
         self.prefix = prefix
         self.head = leases_prefix(prefix)
-        self.known: dict[str, Listed] = {}
+        # per key: (raw value, etcd lease); a decoded Lease per peer would cost ~1 KB of RSS each
+        self.known: dict[str, tuple[bytes, int]] = {}
         self.revision = 0
         self.connected = False
         self.last_error = ""
@@ -355,27 +377,30 @@ class LeaseWatcher:
     def resync(self) -> list[LeaseEvent]:
         """List everything, diff against what we know, adopt the listing."""
         revision, kvs = self.registry.list_prefix(self.head)
-        listing = decode_listing(self.prefix, revision, kvs)
         bad_keys = set()
-        for key, reason in listing.junk:
-            kv_rev = next((kv.mod_revision for kv in kvs if kv.key == key), 0)
-            self._warn_junk(key, kv_rev, reason)
-            bad_keys.add(key[len(self.head):])
         events: list[LeaseEvent] = []
-        for key, item in listing.leases.items():
+        fresh: dict[str, tuple[bytes, int]] = {}
+        for kv in kvs:
+            key = kv.key[len(self.head):]
+            try:
+                decode_lease(key, kv.value)
+            except LeaseDecodeError as exc:
+                self._warn_junk(kv.key, kv.mod_revision, str(exc))
+                bad_keys.add(key)
+                continue
             old = self.known.get(key)
             if old is None:
-                events.append(LeaseEvent("added", item.lease, item.kv.lease_id))
-            elif old.kv.value != item.kv.value:
-                events.append(LeaseEvent("changed", item.lease, item.kv.lease_id))
-        fresh = dict(listing.leases)
+                events.append(LeaseEvent("added", key, kv.value, kv.lease_id))
+            elif old[0] != kv.value:
+                events.append(LeaseEvent("changed", key, kv.value, kv.lease_id))
+            fresh[key] = (kv.value, kv.lease_id)
         for key, old in self.known.items():
             if key in fresh:
                 continue
             if key in bad_keys:
                 fresh[key] = old  # still there but unreadable now: keep the last good value
             else:
-                events.append(LeaseEvent("removed", old.lease, old.kv.lease_id))
+                events.append(self._removed(key, old))
         self.known = fresh
         self.revision = revision
         return events
@@ -392,23 +417,28 @@ class LeaseWatcher:
             if ev.deleted:
                 old = self.known.pop(short, None)
                 if old is not None:
-                    events.append(LeaseEvent("removed", old.lease, old.kv.lease_id))
+                    events.append(self._removed(short, old))
                 continue
             try:
-                lease = decode_lease(short, kv.value)
+                decode_lease(short, kv.value)
             except LeaseDecodeError as exc:
                 self._warn_junk(kv.key, kv.mod_revision, str(exc))
                 continue
             old = self.known.get(short)
-            self.known[short] = Listed(lease, kv)
+            self.known[short] = (kv.value, kv.lease_id)
             if old is None:
-                events.append(LeaseEvent("added", lease, kv.lease_id))
-            elif old.kv.value != kv.value:
-                events.append(LeaseEvent("changed", lease, kv.lease_id))
+                events.append(LeaseEvent("added", short, kv.value, kv.lease_id))
+            elif old[0] != kv.value:
+                events.append(LeaseEvent("changed", short, kv.value, kv.lease_id))
         if not batch.events and not batch.created:
             # progress notification: everything up to the header revision has been delivered
             self.revision = max(self.revision, batch.revision)
         return events
+
+    @staticmethod
+    def _removed(key: str, last: tuple[bytes, int]) -> LeaseEvent:
+        """A removal event carrying the last value we saw."""
+        return LeaseEvent("removed", key, last[0], last[1])
 
     # -- the loop ----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import queue
 import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,10 +24,10 @@ import pyetcd
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
+from .etcd_options import EtcdOptions
+
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
-DEFAULT_PREFIX = "/coreos.com/network"
 ENDPOINT_RETRY_SECONDS = 0.5
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -50,26 +50,6 @@ class Compacted(RegistryError):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"watch revision compacted (etcd keeps history from revision {compact_revision})")
         self.compact_revision = compact_revision
-
-
-@dataclass(frozen=True)
-class EtcdOptions:
-    """How to reach etcd: flanneld's and flannelctl's shared connection flags."""
-
-    endpoints: tuple[str, ...] = DEFAULT_ENDPOINTS
-    prefix: str = DEFAULT_PREFIX
-    keyfile: str = ""
-    certfile: str = ""
-    cafile: str = ""
-    username: str = ""
-    password: str = field(default="", repr=False)
-    timeout: float = 5.0
-
-    def describe(self) -> str:
-        """For logs: endpoints and security mode, never credentials."""
-        tls = "mutual TLS" if self.certfile else ("TLS" if self.cafile else "plaintext")
-        auth = f", user {self.username!r}" if self.username else ""
-        return f"{','.join(self.endpoints)} ({tls}{auth}), prefix {self.prefix}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ import uuid
 import pytest
 
 from flanneld import lab
-from flanneld.registry import EtcdOptions, Registry
+from flanneld.etcd_options import EtcdOptions
+from flanneld.registry import Registry
 
 IS_ROOT = os.geteuid() == 0
 

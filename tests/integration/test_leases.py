@@ -12,9 +12,10 @@ import pytest
 
 from flanneld import lab
 from flanneld.config import parse_config
+from flanneld.etcd_options import EtcdOptions
 from flanneld.lease import LeaseAttrs, backend_json, decode_lease, encode_value, leases_prefix
 from flanneld.leases import LeaseError, LeaseManager, LeaseWatcher, list_leases
-from flanneld.registry import EtcdOptions, Registry
+from flanneld.registry import Registry
 from flanneld.subnetenv import SubnetEnv
 
 NET = {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}
@@ -255,7 +256,8 @@ def test_watch_delivers_add_change_remove_and_skips_junk(registry, etcd_prefix):
         assert kinds == [("added", "198.18.1.0-24"), ("added", "198.18.2.0-24"),
                          ("changed", "198.18.1.0-24"), ("removed", "198.18.1.0-24")]
         assert sink.events[-1].lease.backend["VtepMAC"] == "0e:aa:00:00:00:02"  # last known value
-        assert str(watcher.known["198.18.2.0-24"].lease.public_ip) == "198.51.100.12"
+        assert decode_lease("198.18.2.0-24", watcher.known["198.18.2.0-24"][0]).public_ip == \
+            ipaddress.IPv4Address("198.51.100.12")
     finally:
         watcher.stop()
         thread.join(5)

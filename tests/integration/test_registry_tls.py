@@ -10,7 +10,8 @@ import time
 import pytest
 
 from flanneld import lab
-from flanneld.registry import EtcdOptions, Registry, RegistryError
+from flanneld.etcd_options import EtcdOptions
+from flanneld.registry import Registry, RegistryError
 
 PASSWORD = "s3cret-Pa55word-xyzzy"
 

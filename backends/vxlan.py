@@ -1,0 +1,196 @@
+"""The VXLAN backend, pure: device parameters, lease attributes and the per-peer plan.
+
+Per peer lease, as upstream: a permanent neighbour ``<peer subnet IP> lladdr <VtepMAC>``, an FDB
+entry ``<VtepMAC> dst <PublicIP>`` and an onlink route ``<peer subnet> via <peer subnet IP> dev
+flannel.<VNI>``; with DirectRouting and the peer on our L2 only ``<peer subnet> via <PublicIP>``.
+IPv4 and IPv6 are the same code over two families (devices ``flannel.<VNI>`` and
+``flannel-v6.<VNI>``). Differences from upstream: the IPv6 device's MTU leaves room for the
+70-byte IPv6 encapsulation, and the optional blackhole route uses a high metric so it never
+shadows the pod bridge's connected route.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import BackendConfig, ConfigError, FamilyConfig, NetworkConfig
+from ..lease import Lease, LeaseAttrs, backend_json
+from ..netstate import Address, DesiredState, Fdb, Neigh, Route, VxlanLink
+from .base import External, PeerPlan, Plan, merge
+
+ENCAP_OVERHEAD = {4: 50, 6: 70}
+BLACKHOLE_METRIC = 4000
+IPV6_ROUTE_METRIC = 1024  # what the kernel assigns IPv6 routes without one: keeps diffs stable
+_NONE_SKIPPED: list[str] = []  # shared by every fully programmed peer; PeerPlan.skip() copies on write
+_MAC_RE = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}")
+
+
+def normalize_mac(value: Any) -> str | None:
+    if not isinstance(value, str) or not _MAC_RE.fullmatch(value.lower()):
+        return None
+    return value.lower().replace("-", ":")
+
+
+@dataclass(frozen=True)
+class VxlanOptions:
+    """The ``Backend`` object of a vxlan config (upstream option names)."""
+
+    vni: int = 1
+    port: int = 0
+    gbp: bool = False
+    learning: bool = False
+    direct_routing: bool = False
+    mtu: int = 0  # underlay MTU to plan with; 0: the external interface's
+    disable_tx_checksum: bool = False  # upstream issue #1279 workaround
+
+    @classmethod
+    def parse(cls, backend: BackendConfig) -> VxlanOptions:
+        def integer(name: str, default: int, low: int, high: int) -> int:
+            value = backend.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"Backend.{name} must be an integer in {low}..{high}, got {value!r}")
+            return value
+
+        def flag(name: str) -> bool:
+            value = backend.get(name, False)
+            if not isinstance(value, bool):
+                raise ConfigError(f"Backend.{name} must be true or false, got {value!r}")
+            return value
+
+        opts = cls(
+            vni=integer("VNI", 1, 0, 0xFFFFFF),
+            port=integer("Port", 0, 0, 65535),
+            gbp=flag("GBP"),
+            learning=flag("Learning"),
+            direct_routing=flag("DirectRouting"),
+            mtu=integer("MTU", 0, 0, 65535),
+            disable_tx_checksum=flag("DisableTxChecksumOffloading"),
+        )
+        if opts.mtu and opts.mtu < 1280:
+            raise ConfigError(f"Backend.MTU {opts.mtu} is too small for an overlay (minimum 1280)")
+        return opts
+
+
+@dataclass(frozen=True)
+class _Family:
+    version: int
+    fam: FamilyConfig
+    device: str
+    local: ipaddress.IPv4Address | ipaddress.IPv6Address
+    public: ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class VxlanBackend:
+    type = "vxlan"
+
+    def __init__(self, config: NetworkConfig, ext: External, options: VxlanOptions, blackhole: bool = False):
+        self.config = config
+        self.ext = ext
+        self.options = options
+        self.blackhole = blackhole
+        self.families: list[_Family] = []
+        if config.ipv4 is not None:
+            if ext.ip4 is None or ext.public_ip is None:
+                raise ConfigError(f"interface {ext.name} has no IPv4 address, but the network config enables IPv4")
+            self.families.append(_Family(4, config.ipv4, f"flannel.{options.vni}", ext.ip4, ext.public_ip))
+        if config.ipv6 is not None:
+            if ext.ip6 is None or ext.public_ipv6 is None:
+                raise ConfigError(f"interface {ext.name} has no global IPv6 address, but the network config "
+                                  "enables IPv6")
+            self.families.append(_Family(6, config.ipv6, f"flannel-v6.{options.vni}", ext.ip6, ext.public_ipv6))
+
+    def device_mtu(self, version: int) -> int:
+        return (self.options.mtu or self.ext.mtu) - ENCAP_OVERHEAD[version]
+
+    def mtu(self) -> int:
+        return min(self.device_mtu(f.version) for f in self.families)
+
+    def links(self, macs: dict[str, str]) -> tuple[VxlanLink, ...]:
+        o = self.options
+        return tuple(
+            VxlanLink(f.device, o.vni, str(f.local), self.ext.name, o.port, o.gbp, o.learning,
+                      self.device_mtu(f.version), macs.get(f.device), o.disable_tx_checksum)
+            for f in self.families
+        )
+
+    def lease_attrs(self, macs: dict[str, str]) -> LeaseAttrs:
+        data: dict[int, str] = {
+            f.version: backend_json({"VNI": self.options.vni, "VtepMAC": macs[f.device]}) for f in self.families
+        }
+        v4 = next((f for f in self.families if f.version == 4), None)
+        v6 = next((f for f in self.families if f.version == 6), None)
+        return LeaseAttrs(
+            public_ip=v4.public if v4 else ipaddress.IPv4Address(0),  # type: ignore[arg-type]
+            public_ipv6=v6.public if v6 else None,  # type: ignore[arg-type]
+            backend_type="vxlan",
+            backend_data=data.get(4),
+            backend_v6_data=data.get(6),
+        )
+
+    def _direct(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return self.options.direct_routing and any(ip.version == n.version and ip in n for n in self.ext.onlink)
+
+    def base_state(self, own: Lease, macs: dict[str, str]) -> DesiredState:
+        """Devices (to be created with `macs`), our addresses, blackhole routes: everything but peers."""
+        addresses: set[Address] = set()
+        routes: set[Route] = set()
+        for f in self.families:
+            mine = own.subnet if f.version == 4 else own.subnet6
+            if mine is not None:
+                addresses.add(Address(f.device, f"{mine.network_address}/{mine.max_prefixlen}"))
+                if self.blackhole:
+                    routes.add(Route(str(mine), blackhole=True, metric=BLACKHOLE_METRIC))
+        return DesiredState(
+            links=self.links(macs),
+            addresses=frozenset(addresses),
+            routes=frozenset(routes),
+            owned_networks=tuple(str(f.fam.network) for f in self.families),
+        )
+
+    def plan_peer(self, peer: Lease) -> PeerPlan:
+        """Entries for one peer lease, and why parts of it were skipped."""
+        entries = PeerPlan(skipped=_NONE_SKIPPED)
+        if peer.backend_type != "vxlan":
+            entries.skip(f"backend type {peer.backend_type or 'none'!r} is not vxlan")
+            return entries
+        for f in self.families:
+            reason = self._plan_peer(f, peer, entries)
+            if reason:
+                entries.skip(reason)
+        return entries
+
+    def plan(self, own: Lease, peers: Iterable[Lease], macs: dict[str, str]) -> Plan:
+        """The whole desired state (what a full reconcile enforces)."""
+        plans = {p.key: self.plan_peer(p) for p in peers if p.key != own.key}
+        return Plan(merge(self.base_state(own, macs), plans.values()),
+                    tuple((key, why) for key, pp in plans.items() for why in pp.skipped))
+
+    def _plan_peer(self, f: _Family, peer: Lease, out: PeerPlan) -> str:
+        """Add one family's entries for a peer; return why it was skipped, or ''."""
+        subnet = peer.subnet if f.version == 4 else peer.subnet6
+        public = peer.public_ip if f.version == 4 else peer.public_ipv6
+        if subnet is None:
+            return ""  # a single-stack peer in a dual-stack cluster: nothing for this family
+        if not subnet.subnet_of(f.fam.network):  # type: ignore[arg-type]
+            return f"subnet {subnet} is outside the network {f.fam.network}"
+        if public is None or int(public) == 0:
+            return f"no IPv{f.version} public address"
+        if public == f.public:
+            return f"it has our own public address {public} (a stale lease of this node?)"
+        metric = IPV6_ROUTE_METRIC if f.version == 6 else 0
+        if self._direct(public):
+            out.routes.append(Route(str(subnet), gateway=str(public), dev=self.ext.name, metric=metric))
+            return ""
+        data = peer.backend if f.version == 4 else peer.backend_v6
+        mac = normalize_mac(data.get("VtepMAC"))
+        if mac is None:
+            return f"its BackendData has no valid IPv{f.version} VtepMAC"
+        gateway = str(subnet.network_address)
+        out.neighs.append(Neigh(f.device, gateway, mac))
+        out.fdbs.append(Fdb(f.device, mac, str(public)))
+        out.routes.append(Route(str(subnet), gateway=gateway, dev=f.device, onlink=True, metric=metric))
+        return ""

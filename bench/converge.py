@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Convergence benchmark: a node joining a cluster of N peers, then lease churn.
+
+For each N: pre-load N peer leases in etcd, start flanneld in a fresh node namespace and time
+until every peer route is in the kernel; report RSS; then put 200 more leases back-to-back and
+time until all of them are routed (counting misses). Baseline in the same run: programming the
+same 3N entries with `ip -batch` (iproute2), i.e. what the kernel needs with a native tool.
+
+Fake peers' public addresses cycle through the underlay range; no traffic is sent to them.
+
+    sudo .venv/bin/python bench/converge.py [--sizes 1000,5000] [--churn 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from flanneld import lab
+from flanneld.etcd_options import EtcdOptions
+from flanneld.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
+from flanneld.registry import Registry
+
+PREFIX = "/coreos.com/network"
+CONFIG = {"Network": "198.18.0.0/16", "SubnetLen": 29, "Backend": {"Type": "vxlan"}}
+BUDGET = {"converge_s": 2.5, "rss_mb": 60, "churn_s": 1.0}
+
+
+def peer(n: int):
+    import ipaddress
+
+    attrs = LeaseAttrs(ipaddress.IPv4Address(f"198.51.100.{20 + n % 230}"), None, "vxlan",
+                       backend_json({"VNI": 1, "VtepMAC": f"0e:{n >> 24 & 255:02x}:{n >> 16 & 255:02x}:"
+                                                          f"{n >> 8 & 255:02x}:{n & 255:02x}:01"}))
+    base = int(ipaddress.IPv4Address("198.18.0.0")) + 8 * (n + 1)
+    return attrs.lease(ipaddress.IPv4Network((base, 29)), None)
+
+
+def count_routes(node: lab.Node) -> int:
+    out = node.sh("ip", "-o", "route", "show", "proto", "boot").stdout
+    return out.count("\n")
+
+
+def wait_routes(node: lab.Node, want: int, timeout: float) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if count_routes(node) >= want:
+            return time.perf_counter()
+        time.sleep(0.01)
+    raise SystemExit(f"only {count_routes(node)} of {want} routes after {timeout}s:\n{node.log()[-3000:]}")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def baseline_ip_batch(node: lab.Node, n: int) -> float:
+    """iproute2 programming the same entries on a scratch VXLAN device."""
+    cmds = ["link add flbench type vxlan id 99 local " + node.ip + " dev " + node.ifname + " dstport 8472 nolearning",
+            "link set flbench up"]
+    for i in range(n):
+        p = peer(i)
+        mac = json.loads(p.backend_data)["VtepMAC"]
+        gw = str(p.subnet.network_address)
+        cmds.append(f"neigh replace {gw} lladdr {mac} dev flbench nud permanent")
+    start = time.perf_counter()
+    lab.ipbatch(cmds, ns=node.ns)
+    fdb = "\n".join(f"fdb replace {json.loads(peer(i).backend_data)['VtepMAC']} dev flbench dst {peer(i).public_ip}"
+                    " self permanent" for i in range(n)) + "\n"
+    subprocess.run(["ip", "netns", "exec", node.ns, "bridge", "-batch", "-"], input=fdb, text=True, check=True)
+    lab.ipbatch([f"route replace {peer(i).subnet} via {peer(i).subnet.network_address} dev flbench onlink metric 7"
+                 for i in range(n)], ns=node.ns)
+    took = time.perf_counter() - start
+    lab.ip("link", "del", "flbench", ns=node.ns)
+    return took
+
+
+def run_size(n: int, churn: int, endpoint: str) -> dict[str, float]:
+    reg = Registry(EtcdOptions(endpoints=(endpoint,), prefix=PREFIX))
+    head = leases_prefix(PREFIX)
+    for key, _ in [(kv.key, 0) for kv in reg.list_prefix(head)[1]]:
+        reg.delete(key)
+    for i in range(n):
+        lease = peer(i)
+        reg.put(head + lease.key, encode_value(lease))
+    cluster = lab.Lab(prefix=f"{lab.new_prefix()}", ctl=CTL)
+    try:
+        node = cluster.build_underlay(1)[0]
+        baseline = baseline_ip_batch(node, n)
+        start = time.perf_counter()
+        proc = node.start_flanneld(f"http://{lab.CTL_IP}:{endpoint.rsplit(':', 1)[1]}", PREFIX)
+        converged = wait_routes(node, n, 60) - start
+        time.sleep(1.0)
+        rss = rss_mb(proc.pid)
+        churn_start = time.perf_counter()
+        for i in range(n, n + churn):
+            lease = peer(i)
+            reg.put(head + lease.key, encode_value(lease))
+        churned = wait_routes(node, n + churn, 30) - churn_start
+        time.sleep(0.5)
+        missed = n + churn - count_routes(node)
+        node.stop_processes()
+    finally:
+        cluster.close()
+        reg.close()
+    return {"peers": n, "converge_s": round(converged, 3), "rss_mb": round(rss, 1),
+            "churn_leases": churn, "churn_s": round(churned, 3), "churn_missed": missed,
+            "baseline_ip_batch_s": round(baseline, 3)}
+
+
+CTL = ""
+
+
+def main() -> int:
+    global CTL
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,5000")
+    parser.add_argument("--churn", type=int, default=200)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces)")
+    lab.cleanup_stale()
+    bench_lab = lab.Lab()
+    results = []
+    try:
+        CTL = bench_lab.create_control()
+        lab.enter_namespace(CTL)
+        server = lab.EtcdServer("converge")
+        server.start()
+        Registry(EtcdOptions(endpoints=(server.endpoint,))).put(PREFIX + "/config", json.dumps(CONFIG).encode())
+        for n in (int(x) for x in args.sizes.split(",")):
+            results.append(run_size(n, args.churn, server.endpoint))
+        server.destroy()
+    finally:
+        bench_lab.close()
+
+    head = f"{'peers':>6} {'converge':>9} {'ip -batch':>10} {'RSS':>8} {'churn':>8} {'missed':>7}"
+    print(head)
+    for r in results:
+        print(f"{r['peers']:>6} {r['converge_s']:>8.2f}s {r['baseline_ip_batch_s']:>9.2f}s {r['rss_mb']:>6.1f}MB "
+              f"{r['churn_s']:>7.2f}s {r['churn_missed']:>7}")
+    largest = max(results, key=lambda r: r["peers"])
+    verdict = {
+        "converge_ok": largest["converge_s"] <= BUDGET["converge_s"],
+        "rss_ok": all(r["rss_mb"] <= BUDGET["rss_mb"] for r in results),
+        "churn_ok": all(r["churn_s"] <= BUDGET["churn_s"] and r["churn_missed"] == 0 for r in results),
+    }
+    print(json.dumps({"bench": "converge", "budget": BUDGET, "results": results, **verdict}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

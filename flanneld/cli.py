@@ -1,0 +1,175 @@
+"""``flanneld`` command line: upstream flag names and defaults, ``FLANNELD_*`` environment forms.
+
+Every flag may be spelled ``--name`` or Go-style ``-name``, with ``=value`` or a separate
+value; boolean flags accept ``--flag`` or ``--flag=true|false`` (Go's ParseBool spellings).
+The command line wins over the environment; an empty environment value counts as unset.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .etcd_options import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, EtcdOptions
+
+TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+class GoBool(click.ParamType):
+    name = "bool"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lstrip("=")
+        if text in TRUE:
+            return True
+        if text in FALSE:
+            return False
+        self.fail(f"{value!r} is not a boolean (use true or false)", param, ctx)
+
+
+class GoInt(click.ParamType):
+    """An integer that also accepts Go's ``-v=2`` spelling of short flags."""
+
+    name = "integer"
+
+    def __init__(self, low: int | None = None, high: int | None = None) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            number = value
+        else:
+            try:
+                number = int(str(value).lstrip("="))
+            except ValueError:
+                self.fail(f"{value!r} is not an integer", param, ctx)
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+            self.fail(f"{number} is not in {self.low}..{self.high}", param, ctx)
+        return number
+
+
+def flag(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An option spelled --name and -name (Go style)."""
+    dest = name.replace("-", "_")
+    return click.option(f"--{name}", f"-{name}", dest, **kwargs)
+
+
+def bool_flag(name: str, default: bool, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return flag(name, type=GoBool(), is_flag=False, flag_value="true", default="true" if default else "false",
+                show_default=True, help=help)
+
+
+def etcd_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The etcd connection flags shared by flanneld and flannelctl."""
+    for decorator in reversed([
+        flag("etcd-endpoints", default=",".join(DEFAULT_ENDPOINTS), show_default=True,
+             help="Comma-separated etcd endpoints (http:// or https://)."),
+        flag("etcd-prefix", default=DEFAULT_PREFIX, show_default=True, help="etcd key prefix."),
+        flag("etcd-keyfile", default="", help="TLS client key file."),
+        flag("etcd-certfile", default="", help="TLS client certificate file."),
+        flag("etcd-cafile", default="", help="TLS CA file (honoured on its own, without a client certificate)."),
+        flag("etcd-username", default="", help="etcd user."),
+        flag("etcd-password", default="", help="etcd password (never logged).", show_default=False),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def etcd_options(kw: dict[str, Any]) -> EtcdOptions:
+    """Build EtcdOptions from the etcd_flags values (removed from `kw`)."""
+    endpoints = tuple(e.strip() for e in kw.pop("etcd_endpoints").split(",") if e.strip())
+    if not endpoints:
+        raise click.BadParameter("no endpoints given", param_hint="--etcd-endpoints")
+    return EtcdOptions(
+        endpoints=endpoints,
+        prefix=kw.pop("etcd_prefix").rstrip("/") or "/",
+        keyfile=kw.pop("etcd_keyfile"),
+        certfile=kw.pop("etcd_certfile"),
+        cafile=kw.pop("etcd_cafile"),
+        username=kw.pop("etcd_username"),
+        password=kw.pop("etcd_password"),
+    )
+
+
+def setup_logging(verbosity: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbosity >= 2 else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if verbosity < 4:  # gRPC internals only at -v=4
+        logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+@click.command(context_settings={"auto_envvar_prefix": "FLANNELD", "help_option_names": ["--help", "-h"]},
+               epilog="Every flag can also be set as FLANNELD_<FLAG> (upper case, '-' as '_'); "
+                      "the command line wins.")
+@etcd_flags
+@flag("iface", multiple=True, help="Interface name or IP to use (repeatable; first match wins).")
+@flag("iface-regex", multiple=True, help="Regex matched against interface IPs, then names (repeatable).")
+@flag("iface-can-reach", default="", help="Use the interface the kernel would route to this IP.")
+@flag("public-ip", default="", help="IPv4 address published to peers (default: the interface's).")
+@flag("public-ipv6", default="", help="IPv6 address published to peers (default: the interface's).")
+@flag("subnet-file", default="/run/flannel/subnet.env", show_default=True, help="Where to write subnet.env.")
+@flag("subnet-lease-renew-margin", type=GoInt(1, 1439), default=60, show_default=True,
+      help="Renew the lease this many minutes before it expires.")
+@bool_flag("ip-masq", False, "Install masquerade rules for traffic leaving the overlay.")
+@bool_flag("ip-masq-fully-random-disable", False, "Masquerade without --random-fully.")
+@flag("iptables-resync", type=GoInt(1, 86400), default=5, show_default=True,
+      help="Seconds between firewall drift checks.")
+@bool_flag("iptables-forward-rules", True, "Install FORWARD accept rules for the overlay network.")
+@bool_flag("ip-blackhole-route", False, "Keep a (low-priority) blackhole route for our subnet.")
+@flag("healthz-ip", default="0.0.0.0", show_default=True, help="Address for /healthz, /readyz, /metrics.")
+@flag("healthz-port", type=GoInt(0, 65535), default=0, show_default=True, help="Port for them (0: off).")
+@flag("reconcile-interval", type=GoInt(1, 86400), default=30, show_default=True,
+      help="Seconds between full kernel-state reconciles (drift is also repaired on netlink events).")
+@click.option("-v", "--v", "verbosity", type=GoInt(0, 10), default=0, help="Log verbosity (2: debug).")
+@click.option("--version", "-version", "show_version", is_flag=True, help="Print the version and exit.")
+def flanneld_command(show_version: bool, verbosity: int, **kw: Any) -> None:
+    """flanneld: the per-node overlay network daemon (etcd v3, VXLAN)."""
+    if show_version:
+        click.echo(__version__)
+        return
+    from .daemon import Daemon, DaemonOptions  # keeps --help and --version fast
+    from .iface import IfaceOptions
+
+    setup_logging(verbosity)
+    etcd = etcd_options(kw)
+    options = DaemonOptions(
+        etcd=etcd,
+        iface=IfaceOptions(tuple(_split(kw["iface"])), tuple(kw["iface_regex"]), kw["iface_can_reach"],
+                           kw["public_ip"], kw["public_ipv6"]),
+        subnet_file=kw["subnet_file"],
+        renew_margin_minutes=kw["subnet_lease_renew_margin"],
+        ip_masq=kw["ip_masq"],
+        masq_random_fully=not kw["ip_masq_fully_random_disable"],
+        iptables_resync=kw["iptables_resync"],
+        forward_rules=kw["iptables_forward_rules"],
+        blackhole_route=kw["ip_blackhole_route"],
+        healthz_ip=kw["healthz_ip"],
+        healthz_port=kw["healthz_port"],
+        reconcile_interval=kw["reconcile_interval"],
+    )
+    sys.exit(Daemon(options).run())
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    """FLANNELD_IFACE may hold several comma-separated values; names and IPs never contain commas."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "install-cni":
+        from .cni.install import install_command
+
+        install_command(args=sys.argv[2:], prog_name="flanneld install-cni")
+        return
+    flanneld_command(prog_name="flanneld")

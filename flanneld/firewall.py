@@ -1,0 +1,244 @@
+"""Masquerade and forward rules: upstream chains and comments (iptables) or equivalent nftables.
+
+Rule text is pure (:func:`iptables_rules`, :func:`nft_script`). :class:`Firewall` installs it
+atomically (``iptables-restore --noflush`` flushing and refilling our own chain in one commit;
+``nft -f`` replacing our table in one transaction) and checks for drift by listing once per
+table per period (one fork per table, never one per rule), comparing with what the kernel
+showed right after our last install. Drift (a deleted rule, a flushed chain, a missing jump,
+masquerade rules of an older subnet) triggers a reinstall.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+MASQ_CHAIN, FWD_CHAIN = "FLANNEL-POSTRTG", "FLANNEL-FWD"
+MASQ_COMMENT, FWD_COMMENT = "flanneld masq", "flanneld forward"
+MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+NFT_TABLE = {4: ("ip", "flannel-ipv4"), 6: ("ip6", "flannel-ipv6")}
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
+
+
+class FirewallError(Exception):
+    """A firewall tool failed; the message includes its stderr."""
+
+
+@dataclass(frozen=True)
+class FamilyRules:
+    network: Network
+    pod: Network  # our lease
+
+
+@dataclass(frozen=True)
+class FirewallSpec:
+    families: tuple[FamilyRules, ...]
+    masq: bool
+    forward: bool
+    random_fully: bool = True
+    nftables: bool = False
+
+
+def _masq_rules(fam: FamilyRules, random_fully: bool) -> list[str]:
+    c = f'-m comment --comment "{MASQ_COMMENT}"'
+    rnd = " --random-fully" if random_fully else ""
+    net, pod, mcast = fam.network, fam.pod, MULTICAST[fam.network.version]
+    return [
+        f"-A {MASQ_CHAIN} -m mark --mark 0x4000/0x4000 {c} -j RETURN",
+        f"-A {MASQ_CHAIN} -s {pod} -d {net} {c} -j RETURN",
+        f"-A {MASQ_CHAIN} -s {net} -d {pod} {c} -j RETURN",
+        f"-A {MASQ_CHAIN} ! -s {net} -d {pod} {c} -j RETURN",
+        f"-A {MASQ_CHAIN} -s {net} ! -d {mcast} {c} -j MASQUERADE{rnd}",
+        f"-A {MASQ_CHAIN} ! -s {net} -d {net} {c} -j MASQUERADE{rnd}",
+    ]
+
+
+def _fwd_rules(fam: FamilyRules) -> list[str]:
+    c = f'-m comment --comment "{FWD_COMMENT}"'
+    return [f"-A {FWD_CHAIN} -s {fam.network} {c} -j ACCEPT", f"-A {FWD_CHAIN} -d {fam.network} {c} -j ACCEPT"]
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    table: str
+    parent: str
+    chain: str
+    comment: str
+    rules: tuple[str, ...]  # empty: the chain must not exist
+
+    @property
+    def jump(self) -> str:
+        return f'-A {self.parent} -m comment --comment "{self.comment}" -j {self.chain}'
+
+
+def iptables_rules(spec: FirewallSpec, fam: FamilyRules) -> list[ChainSpec]:
+    """Our two chains for one family (rules empty when the feature is off)."""
+    return [
+        ChainSpec("nat", "POSTROUTING", MASQ_CHAIN, MASQ_COMMENT,
+                  tuple(_masq_rules(fam, spec.random_fully)) if spec.masq else ()),
+        ChainSpec("filter", "FORWARD", FWD_CHAIN, FWD_COMMENT, tuple(_fwd_rules(fam)) if spec.forward else ()),
+    ]
+
+
+def nft_script(spec: FirewallSpec, fam: FamilyRules) -> str | None:
+    """The nftables table for one family (None when neither feature is on)."""
+    if not (spec.masq or spec.forward):
+        return None
+    kind, name = NFT_TABLE[fam.network.version]
+    ip = "ip" if fam.network.version == 4 else "ip6"
+    net, pod, mcast = fam.network, fam.pod, MULTICAST[fam.network.version]
+    rnd = " fully-random" if spec.random_fully else ""
+    lines = [f"table {kind} {name} {{"]
+    if spec.masq:
+        c = f'comment "{MASQ_COMMENT}"'
+        lines += [
+            "  chain postrtg {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            f"    meta mark & 0x00004000 == 0x00004000 return {c}",
+            f"    {ip} saddr {pod} {ip} daddr {net} return {c}",
+            f"    {ip} saddr {net} {ip} daddr {pod} return {c}",
+            f"    {ip} saddr != {net} {ip} daddr {pod} return {c}",
+            f"    {ip} saddr {net} {ip} daddr != {mcast} masquerade{rnd} {c}",
+            f"    {ip} saddr != {net} {ip} daddr {net} masquerade{rnd} {c}",
+            "  }",
+        ]
+    if spec.forward:
+        c = f'comment "{FWD_COMMENT}"'
+        lines += [
+            "  chain forward {",
+            "    type filter hook forward priority filter; policy accept;",
+            f"    {ip} saddr {net} accept {c}",
+            f"    {ip} daddr {net} accept {c}",
+            "  }",
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _run(argv: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=30)
+
+
+class Firewall:
+    """Installs and watches over our rules."""
+
+    def __init__(self, spec: FirewallSpec, runner: Runner = _run) -> None:
+        self.spec = spec
+        self._run_tool = runner
+        self.forks = 0
+        self.repairs = 0
+        self._seen: dict[str, object] = {}  # what each listing showed after our last install
+
+    def _tool(self, argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
+        self.forks += 1
+        try:
+            proc = self._run_tool(argv, stdin)
+        except FileNotFoundError:
+            raise FirewallError(f"{argv[0]} is not installed") from None
+        if check and proc.returncode != 0:
+            raise FirewallError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    # -- iptables ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _bin(version: int, what: str) -> str:
+        return f"{'ip6tables' if version == 6 else 'iptables'}-{what}"
+
+    def _ipt_state(self, version: int, table: str) -> dict[str, list[str]]:
+        """Per chain, the rule lines of our chains and the parent chains' lines with our comments."""
+        out = self._tool([self._bin(version, "save"), "-t", table])
+        state: dict[str, list[str]] = {}
+        for line in out.splitlines():
+            if line.startswith(":"):
+                state.setdefault(line[1:].split()[0], [])
+            elif line.startswith("-A "):
+                chain = line.split()[1]
+                if chain in (MASQ_CHAIN, FWD_CHAIN) or MASQ_COMMENT in line or FWD_COMMENT in line:
+                    state.setdefault(chain, []).append(line)
+        return state
+
+    def _ipt_apply(self, version: int, chains: list[ChainSpec]) -> None:
+        for table in sorted({c.table for c in chains}):
+            state = self._ipt_state(version, table)
+            lines = [f"*{table}"]
+            for c in (c for c in chains if c.table == table):
+                ours = [line for line in state.get(c.parent, []) if c.comment in line]
+                if c.rules:
+                    lines += [f":{c.chain} - [0:0]", f"-F {c.chain}", *c.rules]
+                    # keep exactly one jump: drop duplicates and rules of older flannel versions
+                    lines += ["-D" + line[2:] for line in ours if line != c.jump]
+                    if ours.count(c.jump) != 1:
+                        lines += ["-D" + c.jump[2:]] * ours.count(c.jump) + [c.jump]
+                else:
+                    lines += ["-D" + line[2:] for line in ours]
+                    if c.chain in state:
+                        lines += [f"-F {c.chain}", f"-X {c.chain}"]
+            lines.append("COMMIT")
+            self._tool([self._bin(version, "restore"), "--noflush"], "\n".join(lines) + "\n")
+            self._seen[f"ipt{version}/{table}"] = self._ipt_state(version, table)
+
+    # -- nftables ----------------------------------------------------------------------------
+
+    def _nft_state(self, version: int) -> str | None:
+        kind, name = NFT_TABLE[version]
+        out = self._tool(["nft", "list", "table", kind, name], check=False)
+        return out or None
+
+    def _nft_apply(self, version: int, script: str | None) -> None:
+        kind, name = NFT_TABLE[version]
+        text = f"table {kind} {name}\ndelete table {kind} {name}\n" + (script or "")
+        self._tool(["nft", "-f", "-"], text)
+        self._seen[f"nft{version}"] = self._nft_state(version)
+
+    # -- entry points ------------------------------------------------------------------------
+
+    def apply(self) -> None:
+        """Install everything now (idempotent, atomic per table)."""
+        for fam in self.spec.families:
+            version = fam.network.version
+            if self.spec.nftables:
+                self._nft_apply(version, nft_script(self.spec, fam))
+            else:
+                self._ipt_apply(version, iptables_rules(self.spec, fam))
+        log.info("firewall rules installed (%s: masquerade %s, forward %s)",
+                 "nftables" if self.spec.nftables else "iptables", "on" if self.spec.masq else "off",
+                 "on" if self.spec.forward else "off")
+
+    def check(self) -> bool:
+        """True when everything is as installed; otherwise reinstall and return False."""
+        drifted = []
+        for fam in self.spec.families:
+            version = fam.network.version
+            if self.spec.nftables:
+                if self._nft_state(version) != self._seen.get(f"nft{version}"):
+                    drifted.append(f"nftables table {NFT_TABLE[version][1]}")
+            else:
+                for table in ("nat", "filter"):
+                    if self._ipt_state(version, table) != self._seen.get(f"ipt{version}/{table}"):
+                        drifted.append(f"{self._bin(version, 'save').split('-')[0]} {table} table")
+        if not drifted:
+            return True
+        self.repairs += 1
+        log.warning("firewall rules drifted (%s); reinstalling", ", ".join(drifted))
+        self.apply()
+        return False
+
+    def remove_other_mode(self) -> None:
+        """Remove what the other firewall mode left behind (after switching EnableNFTables)."""
+        off = FirewallSpec(self.spec.families, masq=False, forward=False)
+        for fam in self.spec.families:
+            version = fam.network.version
+            if self.spec.nftables:
+                self._ipt_apply(version, iptables_rules(off, fam))
+            elif self._nft_state(version) is not None:
+                kind, name = NFT_TABLE[version]
+                self._tool(["nft", "delete", "table", kind, name])
+        self._seen = {k: v for k, v in self._seen.items() if k.startswith("nft" if self.spec.nftables else "ipt")}

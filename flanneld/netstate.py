@@ -1,0 +1,127 @@
+"""Desired kernel state: the value types planners produce and the reconciler enforces, pure.
+
+Addresses are canonical strings (``inet_ntop`` form, lower-case MACs) so planner output,
+netlink dumps and log lines compare and print alike. Each table entry has a ``key``: the part
+the kernel uses to identify it. The diff replaces entries in place when only their value
+changed (no window without a route or neighbour), and deletes only entries whose key is no
+longer desired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+
+@dataclass(frozen=True, slots=True)
+class VxlanLink:
+    """A VXLAN device and the parameters that make an existing one reusable."""
+
+    name: str
+    vni: int
+    local: str  # VTEP source address (the external interface's address)
+    underlay: str  # external interface name
+    port: int  # 0: kernel default (8472)
+    gbp: bool
+    learning: bool
+    mtu: int
+    mac: str | None  # preferred MAC when (re)creating: keeps peers' FDB entries valid
+    disable_tx_checksum: bool = False
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.local else 4
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    dev: str
+    cidr: str  # "198.18.3.0/32"
+
+
+@dataclass(frozen=True, slots=True)
+class Neigh:
+    dev: str
+    ip: str
+    mac: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.dev, self.ip)
+
+
+@dataclass(frozen=True, slots=True)
+class Fdb:
+    dev: str
+    mac: str
+    dst: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.dev, self.mac)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A main-table route; ``gateway``/``dev`` are None for a blackhole."""
+
+    dst: str  # "198.18.2.0/24"
+    gateway: str | None = None
+    dev: str | None = None
+    onlink: bool = False
+    blackhole: bool = False
+    metric: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.dst, self.metric)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """Everything one backend wants in the kernel.
+
+    ``owned_networks`` bounds what the reconciler may delete: routes whose destination lies in
+    one of them, and addresses in them on the devices listed in ``links``.
+    """
+
+    links: tuple[VxlanLink, ...] = ()
+    addresses: frozenset[Address] = frozenset()
+    neighs: frozenset[Neigh] = frozenset()
+    fdbs: frozenset[Fdb] = frozenset()
+    routes: frozenset[Route] = frozenset()
+    owned_networks: tuple[str, ...] = ()
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Devices whose neighbour and FDB tables we own."""
+        return tuple(link.name for link in self.links)
+
+
+class _Keyed(Protocol):
+    @property
+    def key(self) -> object: ...
+
+
+E = TypeVar("E", bound=_Keyed)
+
+
+@dataclass(frozen=True)
+class TableDiff(Generic[E]):
+    """What to write (create or replace) and what to delete to turn `actual` into `desired`."""
+
+    put: list[E]
+    delete: list[E]
+
+    def __bool__(self) -> bool:
+        return bool(self.put or self.delete)
+
+
+def diff(desired: Iterable[E], actual: Iterable[E]) -> TableDiff[E]:
+    wanted = set(desired)
+    have = set(actual)
+    wanted_keys = {e.key for e in wanted}
+    put = [e for e in wanted if e not in have]
+    delete = [e for e in have if e.key not in wanted_keys]
+    return TableDiff(put, delete)
