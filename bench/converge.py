@@ -91,7 +91,7 @@ def run_size(n: int, churn: int, endpoint: str) -> dict[str, float]:
     for i in range(n):
         lease = peer(i)
         reg.put(head + lease.key, encode_value(lease))
-    cluster = lab.Lab(prefix=f"{lab.new_prefix()}", ctl=CTL)
+    cluster = lab.Lab(prefix=f"{CTL.removesuffix('-ctl')}c{n}", ctl=CTL)
     try:
         node = cluster.build_underlay(1)[0]
         baseline = baseline_ip_batch(node, n)

@@ -299,6 +299,12 @@ class Node:
     def sh(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return sh(list(args), ns=self.ns, check=check, timeout=timeout)
 
+    def sh_json(self, *args: str) -> list:
+        import json
+
+        out = self.sh(*args).stdout
+        return json.loads(out) if out.strip() else []
+
     def popen(self, argv: Sequence[str], log_name: str, env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
         path = os.path.join(self.lab.dir, f"{self.ns}-{log_name}.log")

@@ -315,21 +315,28 @@ class Reconciler:
                 return present if kind == nl.RTM_DELADDR else not present and self._owned.owns(
                     addr.family, addr.address, addr.prefixlen)
             if kind in (nl.RTM_NEWNEIGH, nl.RTM_DELNEIGH):
+                # a deleted entry is reported in whatever state it ended in (often FAILED), so
+                # deletions match by key; additions count only when permanent (ours) or wrong
                 rec = nl.parse_neigh(view)
                 dev = self._names.get(rec.ifindex)
-                if dev not in desired.devices or not rec.dst or not rec.state & nl.NUD_PERMANENT:
+                if dev not in desired.devices or not rec.dst:
                     return False
+                permanent = bool(rec.state & nl.NUD_PERMANENT)
                 if rec.family == nl.AF_BRIDGE:
                     if not rec.lladdr:
                         return False
                     fdb = Fdb(dev, nl.mac_text(rec.lladdr), nl.ip_text(rec.dst))
                     wanted = self._fdb_keys.get(fdb.key)
-                    return wanted == fdb if kind == nl.RTM_DELNEIGH else wanted != fdb
+                    if kind == nl.RTM_DELNEIGH:
+                        return wanted == fdb
+                    return (wanted is not None or permanent) and wanted != fdb
                 ip = nl.ip_text(rec.dst)
                 wanted_n = self._neigh_keys.get((dev, ip))
                 if kind == nl.RTM_DELNEIGH:
                     return wanted_n is not None
-                return rec.lladdr is None or wanted_n != Neigh(dev, ip, nl.mac_text(rec.lladdr))
+                if wanted_n is None:
+                    return permanent
+                return not permanent or rec.lladdr is None or wanted_n != Neigh(dev, ip, nl.mac_text(rec.lladdr))
             if kind in (nl.RTM_NEWROUTE, nl.RTM_DELROUTE):
                 rec_r = nl.parse_route(view)
                 if rec_r.table != nl.RT_TABLE_MAIN or rec_r.protocol == nl.RTPROT_KERNEL or \

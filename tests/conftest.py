@@ -75,3 +75,4 @@ def registry(etcd: lab.EtcdServer, etcd_prefix: str):
     for lease_id in etcd.lease_ids() - before:
         reg.revoke(lease_id)
     reg.close()
+

@@ -1,0 +1,1 @@
+"""The ``flannel`` CNI plugin and its installer (installed as ``flanneld.cni``)."""

@@ -1,0 +1,152 @@
+"""Test helpers: a flannel cluster in namespaces on the session etcd, and kernel-state readers."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from flanneld import lab
+from flanneld.etcd_options import EtcdOptions
+from flanneld.lease import decode_lease, leases_prefix
+from flanneld.registry import Registry
+from flanneld.subnetenv import SubnetEnv, read
+
+_counter = itertools.count(1)
+NETWORK = {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}
+
+
+def eventually(check: Callable[[], Any], timeout: float = 1.0, interval: float = 0.01, what: str = "") -> float:
+    """Poll until check() is truthy; return the seconds it took (AssertionError after timeout)."""
+    start = time.monotonic()
+    while True:
+        result = check()
+        elapsed = time.monotonic() - start
+        if result:
+            return elapsed
+        if elapsed > timeout:
+            raise AssertionError(f"not within {timeout}s: {what or check}")
+        time.sleep(interval)
+
+
+class Cluster:
+    def __init__(self, session_lab: lab.Lab, etcd: lab.EtcdServer, nodes: int = 3,
+                 config: dict[str, Any] | None = None, etcd_endpoint: str | None = None) -> None:
+        self.lab = lab.Lab(prefix=f"{session_lab.prefix}c{next(_counter)}", ctl=session_lab.ctl)
+        self.etcd = etcd
+        self.prefix = f"/flannel-test/{uuid.uuid4().hex[:10]}/network"
+        self.endpoint = etcd_endpoint or etcd.endpoint_for(lab.CTL_IP)
+        self.registry = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=self.prefix))
+        if config is not None:
+            self.set_config(config)
+        self.nodes = self.lab.build_underlay(nodes)
+
+    def set_config(self, config: dict[str, Any] | str) -> None:
+        text = config if isinstance(config, str) else json.dumps(config)
+        self.registry.put(self.prefix + "/config", text.encode())
+
+    # -- daemons -----------------------------------------------------------------------------
+
+    def start(self, node: lab.Node, *flags: str, wait: bool = True, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+        proc = node.start_flanneld(self.endpoint, self.prefix, "--iptables-resync=1", *flags, env=env)
+        if wait:
+            node.wait_ready()
+        return proc
+
+    def start_all(self, *flags: str) -> None:
+        for node in self.nodes:
+            self.start(node, *flags, wait=False)
+        for node in self.nodes:
+            node.wait_ready()
+
+    @staticmethod
+    def stop(node: lab.Node, sig: int = signal.SIGTERM) -> int:
+        proc = node.procs.pop()
+        proc.send_signal(sig)
+        return proc.wait(15)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def env(self, node: lab.Node) -> SubnetEnv:
+        env = read(node.subnet_file)
+        assert env is not None, f"no subnet file for {node.ns}"
+        return env
+
+    def subnet(self, node: lab.Node) -> str:
+        return str(self.env(node).lease_subnet)
+
+    def lease_key(self, node: lab.Node) -> str:
+        return leases_prefix(self.prefix) + self.subnet(node).replace("/", "-")
+
+    def lease(self, node: lab.Node):
+        kv = self.registry.get(self.lease_key(node))
+        return decode_lease(self.subnet(node).replace("/", "-"), kv.value) if kv else None
+
+    def pod(self, node: lab.Node, index: int = 1) -> lab.Pod:
+        env = self.env(node)
+        return node.add_pod(str(env.subnet), index, gateway6_cidr=str(env.ipv6_subnet) if env.ipv6_subnet else None,
+                            mtu=env.mtu)
+
+    def close(self) -> None:
+        self.lab.close()
+        self.registry.close()
+
+
+def ip_json(node: lab.Node, *args: str) -> list[dict[str, Any]]:
+    out = node.sh("ip", "-j", *args).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def routes(node: lab.Node, family: str = "-4") -> dict[str, dict[str, Any]]:
+    """Main-table routes not made by the kernel, by destination."""
+    return {r["dst"]: r for r in ip_json(node, family, "route", "show", "table", "main")
+            if r.get("protocol") != "kernel" and r["dst"] != "default"}
+
+
+def neighs(node: lab.Node, dev: str = "flannel.1") -> dict[str, str]:
+    return {n["dst"]: n.get("lladdr", "") for n in ip_json(node, "neigh", "show", "dev", dev)
+            if "PERMANENT" in n.get("state", [])}
+
+
+def fdbs(node: lab.Node, dev: str = "flannel.1") -> dict[str, str]:
+    out = node.sh("bridge", "-j", "fdb", "show", "dev", dev).stdout
+    return {e["mac"]: e.get("dst", "") for e in json.loads(out or "[]") if "dst" in e}
+
+
+def link(node: lab.Node, dev: str = "flannel.1") -> dict[str, Any] | None:
+    found = node.sh("ip", "-j", "-d", "link", "show", dev, check=False)
+    return json.loads(found.stdout)[0] if found.returncode == 0 else None
+
+
+def ping(src: lab.Pod, dst: str, count: int = 2, interval: float = 0.2, timeout: int = 2
+         ) -> subprocess.CompletedProcess[str]:
+    return lab.sh(["ping", "-c", str(count), "-i", str(interval), "-W", str(timeout), dst], ns=src.name, check=False,
+                  timeout=count * interval + timeout + 10)
+
+
+def tcp_exchange(client: lab.Pod, server: lab.Pod, port: int = 5201) -> str:
+    """Open a TCP connection from client to server and echo a message back."""
+    srv = subprocess.Popen(
+        ["ip", "netns", "exec", server.name, "python3", "-c",
+         "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+         f"s.bind(('{server.addr}',{port}));s.listen(1);c,_=s.accept();c.sendall(c.recv(100)[::-1]);c.close()"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            out = lab.sh(["python3", "-c",
+                          "import socket,sys;s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=2);"
+                          "s.sendall(b'flannel over tcp');print(s.recv(100).decode())", server.addr, str(port)],
+                         ns=client.name, check=False)
+            if out.returncode == 0:
+                return out.stdout.strip()
+            time.sleep(0.05)
+        raise AssertionError(f"TCP to {server.addr}:{port} failed: {out.stderr}")
+    finally:
+        srv.kill()
+        srv.wait()

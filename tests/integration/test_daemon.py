@@ -1,0 +1,419 @@
+"""flanneld on real namespaces: data path, churn, restarts, drift, firewall, health."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from netlab import NETWORK, eventually, fdbs, link, neighs, ping, routes, tcp_exchange
+
+from flanneld import lab
+from flanneld.lease import leases_prefix
+from flanneld.leases import LeaseWatcher
+
+
+def gateway(cluster, node) -> str:
+    return cluster.subnet(node).split("/")[0]
+
+
+def test_three_nodes_pods_ping_and_tcp_over_vxlan(make_cluster, tmp_path):
+    from scapy.all import IP, UDP, bind_layers, rdpcap
+    from scapy.layers.vxlan import VXLAN
+
+    cluster = make_cluster(3, NETWORK)
+    cluster.start_all()
+    pods = [cluster.pod(node) for node in cluster.nodes]
+    pcap = tmp_path / "underlay.pcap"
+    capture = subprocess.Popen(["ip", "netns", "exec", cluster.lab.ul, "tcpdump", "-i", "br0", "-nn", "-U", "-c", "6",
+                                "-w", str(pcap), "udp", "port", "8472"], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    for src in pods:
+        for dst in pods:
+            if src is not dst:
+                result = ping(src, dst.addr)
+                assert result.returncode == 0, f"{src.name} -> {dst.addr}: {result.stdout}{result.stderr}"
+                assert tcp_exchange(src, dst) == "pct revo lennalf"
+    capture.wait(10)
+    bind_layers(UDP, VXLAN, dport=8472)
+    packets = [p for p in rdpcap(str(pcap)) if p.haslayer(VXLAN)]
+    assert packets, "no VXLAN packets on the underlay"
+    pod_ips = {p.addr for p in pods}
+    for packet in packets:
+        assert packet[UDP].dport == 8472
+        assert packet[VXLAN].vni == 1
+        inner = packet[VXLAN].payload
+        assert inner.haslayer(IP) and inner[IP].src in pod_ips and inner[IP].dst in pod_ips
+        assert packet[IP].src.startswith("198.51.100.1")  # outer: node addresses
+
+    node1 = cluster.nodes[0]
+    dev = link(node1)
+    assert dev["mtu"] == 1450 and dev["linkinfo"]["info_kind"] == "vxlan"
+    data = dev["linkinfo"]["info_data"]
+    assert data["id"] == 1 and data["port"] == 8472 and data["local"] == node1.ip and not data["learning"]
+    assert cluster.env(node1).mtu == 1450
+    # upstream's per-peer entries: neighbour, FDB entry, onlink route
+    for peer in cluster.nodes[1:]:
+        lease = cluster.lease(peer)
+        mac = lease.backend["VtepMAC"]
+        assert neighs(node1)[gateway(cluster, peer)] == mac
+        assert fdbs(node1)[mac] == peer.ip
+        route = routes(node1)[cluster.subnet(peer)]
+        assert route["gateway"] == gateway(cluster, peer) and route["dev"] == "flannel.1"
+        assert "onlink" in route["flags"]
+    assert node1.http("/metrics")[1].count("flanneld_peers 2") == 1
+
+
+def test_peer_leaving_and_joining_within_one_second(make_cluster):
+    cluster = make_cluster(3, NETWORK)
+    cluster.start_all()
+    node1, node2, node3 = cluster.nodes
+    gone = cluster.subnet(node3)
+    gone_mac = cluster.lease(node3).backend["VtepMAC"]
+    assert cluster.stop(node3) == 0
+    cluster.registry.delete(cluster.lease_key(node3))
+    for node in (node1, node2):
+        took = eventually(lambda n=node: gone not in routes(n) and gone.split("/")[0] not in neighs(n)
+                          and gone_mac not in fdbs(n), timeout=1.0, what="entries of the departed peer removed")
+        assert took < 1.0
+
+    # a new node joins: time from its lease appearing in etcd to routes on the others
+    appeared: dict[str, float] = {}
+    watcher = LeaseWatcher(cluster.registry, cluster.prefix)
+    watcher.resync()
+    thread = threading.Thread(target=watcher.run, args=(
+        lambda evs: [appeared.setdefault(e.key, time.monotonic()) for e in evs],), daemon=True)
+    thread.start()
+    try:
+        node4 = cluster.lab.add_node(4)
+        cluster.start(node4, wait=False)
+        eventually(lambda: appeared, timeout=15, what="the new node's lease")
+        key, t0 = next(iter(appeared.items()))
+        subnet = key.replace("-", "/")
+        for node in (node1, node2):
+            eventually(lambda n=node: subnet in routes(n), timeout=1.0, what=f"route to {subnet} on {node.ns}")
+        assert time.monotonic() - t0 < 1.0
+        node4.wait_ready()
+        assert ping(cluster.pod(node1), cluster.pod(node4).addr).returncode == 0
+    finally:
+        watcher.stop()
+        thread.join(5)
+
+
+def test_hitless_restart_keeps_every_packet(make_cluster):
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    before = (cluster.subnet(node1), link(node1)["address"], cluster.registry.get(cluster.lease_key(node1)).lease_id)
+    flood = subprocess.Popen(["ip", "netns", "exec", pod1.name, "ping", "-i", "0.01", "-c", "400", "-W", "1",
+                              pod2.addr], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert cluster.stop(node1) == 0  # SIGTERM: exit 0, data plane left in place
+    assert link(node1) is not None and cluster.subnet(node2) in routes(node1)
+    assert os.path.exists(node1.subnet_file)
+    cluster.start(node1)
+    out, _ = flood.communicate(timeout=30)
+    assert " 0% packet loss" in out, out[-300:]
+    after = (cluster.subnet(node1), link(node1)["address"], cluster.registry.get(cluster.lease_key(node1)).lease_id)
+    assert after == before  # same subnet, same VTEP MAC, same etcd lease
+
+
+@pytest.mark.parametrize("what", ["route", "neighbour", "fdb", "device", "address"])
+def test_drift_is_repaired_within_one_second(make_cluster, what):
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    peer_subnet, peer_gw = cluster.subnet(node2), gateway(cluster, node2)
+    mac = cluster.lease(node2).backend["VtepMAC"]
+    own_mac = link(node1)["address"]
+    own_addr = f"{gateway(cluster, node1)}/32"
+    if what == "route":
+        node1.sh("ip", "route", "del", peer_subnet)
+    elif what == "neighbour":
+        node1.sh("ip", "neigh", "del", peer_gw, "dev", "flannel.1")
+    elif what == "fdb":
+        node1.sh("bridge", "fdb", "del", mac, "dev", "flannel.1", "dst", node2.ip)
+    elif what == "address":
+        node1.sh("ip", "addr", "del", own_addr, "dev", "flannel.1")
+    else:
+        node1.sh("ip", "link", "del", "flannel.1")
+
+    def repaired() -> bool:
+        dev = link(node1)
+        addrs = [f"{a['local']}/{a['prefixlen']}" for a in node1.sh_json("ip", "-j", "addr", "show", "dev",
+                                                                          "flannel.1")[0]["addr_info"]] if dev else []
+        return bool(dev and dev["address"] == own_mac and own_addr in addrs and peer_subnet in routes(node1)
+                    and neighs(node1).get(peer_gw) == mac and fdbs(node1).get(mac) == node2.ip)
+
+    took = eventually(repaired, timeout=1.0, what=f"{what} repaired")
+    assert took < 1.0
+    assert ping(cluster.pod(node1), cluster.pod(node2).addr).returncode == 0
+    assert "repaired drift" in node1.log()
+
+
+def test_peer_removed_while_down_is_cleaned_up_at_start(make_cluster):
+    cluster = make_cluster(3, NETWORK)
+    cluster.start_all()
+    node1, _node2, node3 = cluster.nodes
+    gone = cluster.subnet(node3)
+    assert gone in routes(node1)
+    assert cluster.stop(node1) == 0
+    assert cluster.stop(node3) == 0
+    cluster.registry.delete(cluster.lease_key(node3))
+    time.sleep(0.2)
+    assert gone in routes(node1)  # nobody told node1 yet
+    cluster.start(node1)
+    assert gone not in routes(node1)
+    assert gone.split("/")[0] not in neighs(node1)
+
+
+def masq_cluster(make_cluster, nftables: bool):
+    config = {**NETWORK, "EnableNFTables": nftables}
+    cluster = make_cluster(2, config)
+    cluster.start_all("--ip-masq")
+    return cluster
+
+
+@pytest.mark.parametrize("nftables", [False, True], ids=["iptables", "nftables"])
+def test_ip_masq_outside_traffic_only(make_cluster, tmp_path, nftables):
+    from scapy.all import ICMP, IP, rdpcap
+
+    cluster = masq_cluster(make_cluster, nftables)
+    node1, node2 = cluster.nodes
+    pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    outside_pcap, pod_pcap = tmp_path / "outside.pcap", tmp_path / "pod.pcap"
+    captures = [
+        subprocess.Popen(["ip", "netns", "exec", cluster.lab.out, "tcpdump", "-i", "any", "-nn", "-U", "-c", "1",
+                          "-w", str(outside_pcap), "icmp[icmptype] == icmp-echo"], stderr=subprocess.DEVNULL),
+        subprocess.Popen(["ip", "netns", "exec", pod2.name, "tcpdump", "-i", "any", "-nn", "-U", "-c", "1",
+                          "-w", str(pod_pcap), "icmp[icmptype] == icmp-echo"], stderr=subprocess.DEVNULL),
+    ]
+    time.sleep(0.5)
+    assert ping(pod1, lab.OUTSIDE_HOST_IP).returncode == 0  # the outside host has no route to pods: needs masq
+    assert ping(pod1, pod2.addr).returncode == 0
+    for capture in captures:
+        capture.wait(10)
+    outside = [p for p in rdpcap(str(outside_pcap)) if p.haslayer(ICMP)]
+    assert outside[0][IP].src == node1.ip  # masqueraded to the node's address
+    inside = [p for p in rdpcap(str(pod_pcap)) if p.haslayer(ICMP)]
+    assert inside[0][IP].src == pod1.addr  # pod to pod keeps the pod address
+    assert cluster.env(node1).ipmasq
+    if nftables:
+        assert "masquerade" in node1.sh("nft", "list", "table", "ip", "flannel-ipv4").stdout
+        assert "FLANNEL-POSTRTG" not in node1.sh("iptables-save").stdout
+    else:
+        assert "-j MASQUERADE --random-fully" in node1.sh("iptables-save", "-t", "nat").stdout
+
+
+def test_without_ip_masq_outside_is_unreachable(make_cluster):
+    cluster = make_cluster(1, NETWORK)
+    cluster.start_all()
+    node = cluster.nodes[0]
+    assert ping(cluster.pod(node), lab.OUTSIDE_HOST_IP, count=1, timeout=1).returncode != 0
+    assert "FLANNEL-POSTRTG" not in node.sh("iptables-save", "-t", "nat").stdout
+    assert '-A FLANNEL-FWD -s 198.18.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT' in \
+        node.sh("iptables-save", "-t", "filter").stdout
+
+
+@pytest.mark.parametrize("nftables", [False, True], ids=["iptables", "nftables"])
+def test_firewall_drift_is_repaired(make_cluster, nftables):
+    cluster = masq_cluster(make_cluster, nftables)
+    node = cluster.nodes[0]
+    if nftables:
+        node.sh("nft", "flush", "chain", "ip", "flannel-ipv4", "postrtg")
+        check = lambda: "masquerade" in node.sh("nft", "list", "table", "ip", "flannel-ipv4").stdout  # noqa: E731
+    else:
+        node.sh("iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+        check = lambda: node.sh("iptables-save", "-t", "nat").stdout.count("-A FLANNEL-POSTRTG") == 6  # noqa: E731
+    eventually(check, timeout=3.0, what="firewall rules restored")
+    assert "firewall rules drifted" in node.log()
+    assert ping(cluster.pod(node), lab.OUTSIDE_HOST_IP).returncode == 0
+
+
+def test_own_lease_deleted_is_reacquired(make_cluster):
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    key, subnet = cluster.lease_key(node1), cluster.subnet(node1)
+    cluster.registry.delete(key)
+    eventually(lambda: cluster.registry.get(key) is not None, timeout=2.0, what="lease re-acquired")
+    assert cluster.subnet(node1) == subnet
+    assert node1.procs[-1].poll() is None
+    assert ping(cluster.pod(node2), cluster.pod(node1).addr).returncode == 0
+
+
+def test_waits_for_valid_config_and_ignores_bad_leases(make_cluster):
+    cluster = make_cluster(2)
+    node1, node2 = cluster.nodes
+    cluster.start(node1, wait=False)
+    eventually(lambda: "flannel config not found in etcd store" in node1.log(), timeout=10, what="waiting log line")
+    code, body = node1.http("/readyz")
+    assert code == 503 and "waiting for network config" in body
+    cluster.set_config('{"Network": "198.18.0.0/29"}')
+    eventually(lambda: "network is too small" in node1.log(), timeout=5, what="validation error logged")
+    head = leases_prefix(cluster.prefix)
+    cluster.registry.put(head + "198.18.200.0-24", b"{definitely not json")
+    cluster.registry.put(head + "not-a-subnet", b"{}")
+    cluster.set_config(NETWORK)
+    node1.wait_ready()
+    cluster.start(node2)
+    assert ping(cluster.pod(node1), cluster.pod(node2).addr).returncode == 0
+    log = node1.log()
+    assert "ignoring malformed lease entry" in log and "Traceback" not in log
+    assert "198.18.200.0/24" not in routes(node1)
+
+
+def test_healthz_reflects_etcd(make_cluster, session_lab):
+    server = lab.EtcdServer("health")
+    server.start()
+    try:
+        cluster = make_cluster(1, None, etcd_endpoint=server.endpoint_for(lab.CTL_IP))
+        cluster.registry.close()
+        from flanneld.etcd_options import EtcdOptions
+        from flanneld.registry import Registry
+
+        cluster.registry = Registry(EtcdOptions(endpoints=(server.endpoint,), prefix=cluster.prefix))
+        cluster.set_config(NETWORK)
+        node = cluster.nodes[0]
+        cluster.start(node)
+        assert node.http("/healthz") == (200, "flanneld is running\n")
+        server.stop()
+        eventually(lambda: node.http("/healthz")[0] == 503, timeout=20, what="unhealthy while etcd is down")
+        assert "etcd lease watch is down" in node.http("/healthz")[1]
+        assert node.http("/readyz")[0] == 200  # the data plane is still in place
+        server.start()
+        eventually(lambda: node.http("/healthz")[0] == 200, timeout=20, what="healthy again")
+    finally:
+        server.destroy()
+
+
+def test_sigterm_exit_zero_and_systemd_notification(make_cluster, tmp_path):
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(20)
+    cluster.start(node, env={"NOTIFY_SOCKET": sock_path})
+    assert sock.recv(4096).decode().startswith("READY=1\nSTATUS=lease 198.18.")
+    assert cluster.stop(node, signal.SIGTERM) == 0
+    assert sock.recv(4096) == b"STOPPING=1"
+    sock.close()
+    assert "Traceback" not in node.log()
+
+
+def test_environment_flags_and_command_line_precedence(make_cluster):
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    env = {"FLANNELD_ETCD_ENDPOINTS": cluster.endpoint, "FLANNELD_ETCD_PREFIX": cluster.prefix,
+           "FLANNELD_SUBNET_FILE": node.subnet_file, "FLANNELD_HEALTHZ_PORT": "8471", "FLANNELD_IP_MASQ": "true",
+           "FLANNELD_PUBLIC_IP": "198.51.100.77"}
+    node.popen(["flanneld" if not os.path.exists(lab._tool("flanneld")) else lab._tool("flanneld"),
+                "-ip-masq=false"], "flanneld", env=env)
+    node.wait_ready()
+    assert cluster.env(node).ipmasq is False  # the command line wins
+    assert str(cluster.lease(node).public_ip) == "198.51.100.77"  # the environment applies
+
+
+def test_interface_selection_flags(make_cluster):
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    extra = f"{cluster.lab.prefix}-x0"
+    node.sh("ip", "link", "add", extra, "type", "veth", "peer", "name", f"{cluster.lab.prefix}-x1")
+    node.sh("ip", "addr", "add", "198.51.100.200/32", "dev", extra)
+    node.sh("ip", "link", "set", extra, "up")
+    for flags, public, local in [
+        ((f"--iface={extra}",), "198.51.100.200", "198.51.100.200"),
+        (("--iface=198.51.100.200",), "198.51.100.200", "198.51.100.200"),
+        ((r"--iface-regex=^198\.51\.100\.200$",), "198.51.100.200", "198.51.100.200"),
+        (("--iface=nonexistent0", f"--iface={node.ifname}"), node.ip, node.ip),
+        ((f"--iface-can-reach={lab.ROUTER_IP}",), node.ip, node.ip),
+        ((f"--iface={extra}", "--public-ip=198.51.100.222"), "198.51.100.222", "198.51.100.200"),
+    ]:
+        cluster.start(node, *flags)
+        assert str(cluster.lease(node).public_ip) == public, flags
+        assert link(node)["linkinfo"]["info_data"]["local"] == local, flags
+        assert cluster.stop(node) == 0
+    proc = node.start_flanneld(cluster.endpoint, cluster.prefix, "--iface=nonexistent0")
+    assert proc.wait(20) == 1
+    assert "failed to find an interface matching --iface nonexistent0" in node.log()
+
+
+def test_direct_routing_uses_the_underlay(make_cluster):
+    cluster = make_cluster(2, {**NETWORK, "Backend": {"Type": "vxlan", "DirectRouting": True}})
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    route = routes(node1)[cluster.subnet(node2)]
+    assert route["gateway"] == node2.ip and route["dev"] == node1.ifname
+    assert fdbs(node1) == {} and neighs(node1) == {}
+    assert ping(cluster.pod(node1), cluster.pod(node2).addr).returncode == 0
+
+
+def test_dual_stack(make_cluster):
+    cluster = make_cluster(2, {**NETWORK, "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56"})
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    env = cluster.env(node1)
+    assert env.ipv6_subnet is not None and env.mtu == 1430  # IPv6 encapsulation needs 70 bytes
+    assert link(node1)["mtu"] == 1450 and link(node1, "flannel-v6.1")["mtu"] == 1430
+    pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    assert ping(pod1, pod2.addr).returncode == 0
+    result = ping(pod1, pod2.ip6.split("/")[0])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lease = cluster.registry.get(cluster.lease_key(node1).replace("-24", "-24&" + str(env.lease_subnet6)
+                                                                  .replace("/", "-")))
+    assert lease is not None and b'"BackendV6Data":{"VNI":1,"VtepMAC":' in lease.value
+
+
+def test_tx_checksum_offload_switch(make_cluster):
+    cluster = make_cluster(1, {**NETWORK, "Backend": {"Type": "vxlan", "DisableTxChecksumOffloading": True}})
+    cluster.start_all()
+    node = cluster.nodes[0]
+    out = node.sh(lab._tool("python3"), "-c",
+                  "from flanneld.kernel import Kernel; print(Kernel().tx_checksum('flannel.1'))").stdout
+    assert out.strip() == "False"
+
+
+def test_peer_mac_change_replaces_stale_fdb_entry(make_cluster):
+    from flanneld.lease import LeaseAttrs, backend_json, encode_value
+
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    old = cluster.lease(node2)
+    assert cluster.stop(node2) == 0
+    new_mac = "0e:99:88:77:66:55"
+    changed = LeaseAttrs(old.public_ip, None, "vxlan", backend_json({"VNI": 1, "VtepMAC": new_mac})).lease(
+        old.subnet, None)
+    kv = cluster.registry.get(cluster.lease_key(node2))
+    cluster.registry.put(kv.key, encode_value(changed), kv.lease_id)
+    eventually(lambda: fdbs(node1).get(new_mac) == node2.ip and old.backend["VtepMAC"] not in fdbs(node1)
+               and neighs(node1).get(gateway(cluster, node2)) == new_mac, timeout=1.0, what="FDB updated")
+
+
+def test_interop_with_an_upstream_style_node(make_cluster):
+    """A node programmed exactly as upstream flanneld does, with an upstream-format lease."""
+    cluster = make_cluster(2, NETWORK)
+    node1, upstream = cluster.nodes
+    cluster.start(node1)
+    mac, subnet, gw = "96:c1:44:57:f9:c6", "198.18.250.0/24", "198.18.250.0"
+    value = (f'{{"PublicIP":"{upstream.ip}","PublicIPv6":null,"BackendType":"vxlan",'
+             f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}').encode()
+    cluster.registry.put(leases_prefix(cluster.prefix) + "198.18.250.0-24", value, cluster.registry.grant(600))
+    ours = cluster.lease(node1)
+    lab.ipbatch([
+        f"link add flannel.1 address {mac} mtu 1450 type vxlan id 1 local {upstream.ip} dev {upstream.ifname} "
+        "dstport 8472 nolearning", "link set flannel.1 up", f"addr add {gw}/32 dev flannel.1",
+        f"neigh replace {ours.subnet.network_address} lladdr {ours.backend['VtepMAC']} dev flannel.1 nud permanent",
+        f"route replace {ours.subnet} via {ours.subnet.network_address} dev flannel.1 onlink",
+    ], ns=upstream.ns)
+    upstream.sh("bridge", "fdb", "replace", ours.backend["VtepMAC"], "dev", "flannel.1", "dst", node1.ip,
+                "self", "permanent")
+    eventually(lambda: subnet in routes(node1), timeout=1.0, what="route to the upstream node")
+    pod_up = upstream.add_pod("198.18.250.1/24", 1)
+    assert ping(cluster.pod(node1), pod_up.addr).returncode == 0

@@ -1,0 +1,45 @@
+"""External interface choice: --iface, --iface-regex, --iface-can-reach, default route."""
+
+import pytest
+
+from flanneld.iface import Iface, IfaceError, IfaceOptions, choose, external
+from flanneld.kernel import AddrInfo
+
+ETH0 = Iface("eth0", 2, 1500, True, (
+    AddrInfo(2, "fe80::1", 64, 253, True), AddrInfo(2, "198.51.100.11", 24, 0, False),
+    AddrInfo(2, "198.51.100.12", 24, 0, True), AddrInfo(2, "2001:db8:51::11", 64, 0, True)))
+ETH1 = Iface("eth1", 3, 9000, True, (AddrInfo(3, "203.0.113.5", 24, 0, True),))
+ALL = [ETH0, ETH1]
+
+
+@pytest.mark.parametrize(("opts", "want"), [
+    (IfaceOptions(ifaces=("eth1",)), "eth1"),
+    (IfaceOptions(ifaces=("203.0.113.5",)), "eth1"),
+    (IfaceOptions(ifaces=("nope", "eth1")), "eth1"),
+    (IfaceOptions(regexes=(r"^203\.",)), "eth1"),
+    (IfaceOptions(regexes=("th1$",)), "eth1"),
+    (IfaceOptions(can_reach="203.0.113.99"), "eth1"),
+    (IfaceOptions(), "eth0"),
+])
+def test_choose(opts, want):
+    assert choose(ALL, opts, default_index=2, can_reach=(3, None))[0].name == want
+
+
+def test_errors_name_what_was_tried():
+    with pytest.raises(IfaceError, match="--iface nope, --iface-regex zz"):
+        choose(ALL, IfaceOptions(ifaces=("nope",), regexes=("zz",)), 2)
+    with pytest.raises(IfaceError, match="no default route"):
+        choose(ALL, IfaceOptions(), None)
+    with pytest.raises(IfaceError, match="not a valid regular expression"):
+        choose(ALL, IfaceOptions(regexes=("(",)), 2)
+
+
+def test_address_ranking_and_public_override():
+    ext = external(ETH0, IfaceOptions(), need_v4=True, need_v6=True)
+    assert str(ext.ip4) == "198.51.100.12"  # permanent before dynamic
+    assert str(ext.ip6) == "2001:db8:51::11"  # global before link-local
+    assert ext.mtu == 1500
+    ext = external(ETH0, IfaceOptions(public_ip="198.51.100.200"), need_v4=True, need_v6=False)
+    assert str(ext.public_ip) == "198.51.100.200" and str(ext.ip4) == "198.51.100.12" and ext.ip6 is None
+    with pytest.raises(IfaceError, match="eth1 has no global IPv6 address"):
+        external(ETH1, IfaceOptions(), need_v4=True, need_v6=True)
