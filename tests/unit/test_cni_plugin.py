@@ -1,0 +1,158 @@
+"""The CNI plugin's pure parts and its error handling (run as a process, no root needed)."""
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from flanneld.cni import plugin
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+PLUGIN = plugin.__file__
+
+FENV = {"networks": ["198.18.0.0/16"], "ipv6_networks": [], "subnet": "198.18.53.0/24", "ipv6_subnet": None,
+        "mtu": 1450, "ipmasq": False}
+
+
+def test_delegate_is_byte_identical_to_upstreams():
+    conf = {"cniVersion": "0.3.1", "name": "cbr0", "type": "flannel",
+            "delegate": {"hairpinMode": True, "isDefaultGateway": True}}
+    assert plugin.dumps(plugin.build_delegate(conf, FENV)) == (
+        '{"cniVersion":"0.3.1","hairpinMode":true,"ipMasq":true,"ipam":{"ranges":[[{"subnet":"198.18.53.0/24"}]],'
+        '"routes":[{"dst":"198.18.0.0/16"}],"type":"host-local"},"isDefaultGateway":true,"isGateway":true,'
+        '"mtu":1450,"name":"cbr0","type":"bridge"}')
+
+
+def test_delegate_defaults_and_overrides():
+    fenv = {**FENV, "ipv6_networks": ["2001:db8:1800::/56"], "ipv6_subnet": "2001:db8:1800:5::/64", "ipmasq": True}
+    conf = {"cniVersion": "1.0.0", "name": "net", "ipam": {"routes": [{"dst": "203.0.113.0/24"}], "dataDir": "/x"},
+            "delegate": {"type": "ipvlan", "mtu": 1400}, "runtimeConfig": {"portMappings": []}}
+    d = plugin.build_delegate(conf, fenv)
+    assert d["type"] == "ipvlan" and "isGateway" not in d and d["mtu"] == 1400 and d["ipMasq"] is False
+    assert d["ipam"] == {"type": "host-local", "dataDir": "/x",
+                         "ranges": [[{"subnet": "198.18.53.0/24"}], [{"subnet": "2001:db8:1800:5::/64"}]],
+                         "routes": [{"dst": "203.0.113.0/24"}, {"dst": "198.18.0.0/16"},
+                                    {"dst": "2001:db8:1800::/56"}]}
+    assert d["runtimeConfig"] == {"portMappings": []} and d["name"] == "net"
+
+
+@pytest.mark.parametrize(("delegate", "message"), [
+    ({"name": "x"}, "must not have 'name' field"),
+    ({"ipam": {}}, "must not have 'ipam' field"),
+    ({"type": 3}, "must have (string) 'type' field"),
+    ([], "'delegate' must be a JSON object"),
+])
+def test_bad_delegates(delegate, message):
+    with pytest.raises(plugin.CniError) as info:
+        plugin.build_delegate({"name": "cbr0", "delegate": delegate}, FENV)
+    assert info.value.code == 7 and message in info.value.msg
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=15),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_json_codec_agrees_with_the_stdlib(value):
+    text = plugin.dumps(value)
+    assert plugin.loads(text) == json.loads(text) == value
+    assert plugin.loads(json.dumps(value, indent=2)) == value
+
+
+def _reject_constant(name):
+    raise ValueError(name)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_json_rejects_what_the_stdlib_rejects(text):
+    """Same verdicts as the stdlib, except NaN/Infinity, which Go (and so CNI) rejects too."""
+    try:
+        expected = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        with pytest.raises(ValueError):
+            plugin.loads(text)
+    else:
+        assert plugin.loads(text) == expected
+
+
+def test_html_characters_are_escaped_like_go():
+    assert plugin.dumps({"a": "<b>&"}) == '{"a":"\\u003cb\\u003e\\u0026"}'
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 32))
+def test_network_v4(addr, plen):
+    text = f"{ipaddress.IPv4Address(addr)}/{plen}"
+    assert plugin._network(text) == str(ipaddress.ip_network(text, strict=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**128 - 1), st.integers(0, 128), st.booleans())
+def test_network_v6(addr, plen, exploded):
+    ip = ipaddress.IPv6Address(addr)
+    text = f"{ip.exploded if exploded else ip}/{plen}"
+    assert plugin._network(text) == str(ipaddress.ip_network(text, strict=False))
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.1", "10.0.0.256/24", "10.0.0.1/33", "fe80::1::2/64", "zz::/64", "x/8"])
+def test_network_rejects_garbage(bad):
+    with pytest.raises(ValueError):
+        plugin._network(bad)
+
+
+def run(env, stdin):
+    full = {"PATH": os.environ["PATH"], **env}
+    proc = subprocess.run([sys.executable, "-I", "-S", PLUGIN], input=stdin, capture_output=True, text=True,
+                          env=full, timeout=30)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+ADD_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/run/netns/none", "CNI_IFNAME": "eth0",
+           "CNI_PATH": "/usr/lib/cni"}
+
+
+@pytest.mark.parametrize(("env", "stdin", "code", "message"), [
+    (ADD_ENV, "{not json", 6, "failed to decode the network config"),
+    (ADD_ENV, "[1]", 6, "must be a JSON object"),
+    ({**ADD_ENV, "CNI_CONTAINERID": ""}, '{"name":"cbr0"}', 4, "CNI_CONTAINERID"),
+    ({"CNI_COMMAND": "ADD"}, '{"name":"cbr0"}', 4, "[CNI_CONTAINERID,CNI_NETNS,CNI_IFNAME,CNI_PATH] missing"),
+    ({**ADD_ENV, "CNI_CONTAINERID": "../etc"}, '{"name":"cbr0"}', 4, "invalid characters in CNI_CONTAINERID"),
+    ({**ADD_ENV, "CNI_IFNAME": "a/b"}, '{"name":"cbr0"}', 4, "invalid CNI_IFNAME"),
+    ({**ADD_ENV, "CNI_COMMAND": "FROB"}, '{"name":"cbr0"}', 4, "unknown CNI_COMMAND"),
+    (ADD_ENV, '{"cniVersion":"9.9.9","name":"cbr0"}', 1, "incompatible CNI versions"),
+    (ADD_ENV, '{"cniVersion":"0.3.1"}', 7, "missing or invalid network name"),
+    (ADD_ENV, '{"cniVersion":"0.3.1","name":"cbr0","subnetFile":"/nonexistent/subnet.env"}', 11,
+     "/nonexistent/subnet.env does not exist: flanneld is not running or not ready on this node"),
+    ({**ADD_ENV, "CNI_COMMAND": "CHECK"}, '{"cniVersion":"0.3.1","name":"cbr0"}', 1, "does not allow CHECK"),
+    ({**ADD_ENV, "CNI_COMMAND": "STATUS"}, '{"cniVersion":"1.0.0","name":"cbr0"}', 1, "does not allow STATUS"),
+])
+def test_errors_are_cni_error_objects(env, stdin, code, message, tmp_path):
+    rc, out, err = run(env, stdin)
+    assert rc == 1, err
+    body = json.loads(out)
+    assert body["code"] == code and message in body["msg"], body
+    assert "Traceback" not in out + err
+
+
+def test_version_and_about():
+    rc, out, _ = run({"CNI_COMMAND": "VERSION"}, '{"cniVersion":"1.1.0"}')
+    assert rc == 0 and json.loads(out) == {"cniVersion": "1.1.0", "supportedVersions": list(plugin.SUPPORTED_VERSIONS)}
+    rc, out, err = run({}, "")
+    assert rc == 0 and out == "" and "flannel CNI plugin" in err
+
+
+def test_status_before_flanneld_is_ready(tmp_path):
+    conf = json.dumps({"cniVersion": "1.1.0", "name": "cbr0", "subnetFile": str(tmp_path / "subnet.env")})
+    rc, out, _ = run({"CNI_COMMAND": "STATUS", "CNI_PATH": "/usr/lib/cni"}, conf)
+    body = json.loads(out)
+    assert rc == 1 and body["code"] == 50 and "flannel is not ready" in body["msg"]
+    assert "check flanneld on the node" in body["details"]
