@@ -67,20 +67,37 @@ def bool_flag(name: str, default: bool, help: str) -> Callable[[Callable[..., An
                 show_default=True, help=help)
 
 
-def etcd_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The etcd connection flags shared by flanneld and flannelctl."""
-    for decorator in reversed([
-        flag("etcd-endpoints", default=",".join(DEFAULT_ENDPOINTS), show_default=True,
-             help="Comma-separated etcd endpoints (http:// or https://)."),
-        flag("etcd-prefix", default=DEFAULT_PREFIX, show_default=True, help="etcd key prefix."),
-        flag("etcd-keyfile", default="", help="TLS client key file."),
-        flag("etcd-certfile", default="", help="TLS client certificate file."),
-        flag("etcd-cafile", default="", help="TLS CA file (honoured on its own, without a client certificate)."),
-        flag("etcd-username", default="", help="etcd user."),
-        flag("etcd-password", default="", help="etcd password (never logged).", show_default=False),
-    ]):
-        fn = decorator(fn)
-    return fn
+def etcd_flags_with_env(*env_prefixes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The etcd connection flags shared by flanneld and flannelctl.
+
+    With `env_prefixes` each flag also reads ``<PREFIX>_ETCD_<NAME>`` (first prefix wins); without,
+    the command's ``auto_envvar_prefix`` supplies the environment form.
+    """
+    def env(name: str) -> dict[str, Any]:
+        if not env_prefixes:
+            return {}
+        return {"envvar": [f"{p}_{name.upper().replace('-', '_')}" for p in env_prefixes], "show_envvar": True}
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed([
+            flag("etcd-endpoints", default=",".join(DEFAULT_ENDPOINTS), show_default=True,
+                 help="Comma-separated etcd endpoints (http:// or https://).", **env("etcd-endpoints")),
+            flag("etcd-prefix", default=DEFAULT_PREFIX, show_default=True, help="etcd key prefix.",
+                 **env("etcd-prefix")),
+            flag("etcd-keyfile", default="", help="TLS client key file.", **env("etcd-keyfile")),
+            flag("etcd-certfile", default="", help="TLS client certificate file.", **env("etcd-certfile")),
+            flag("etcd-cafile", default="", help="TLS CA file (honoured on its own, without a client certificate).",
+                 **env("etcd-cafile")),
+            flag("etcd-username", default="", help="etcd user.", **env("etcd-username")),
+            flag("etcd-password", default="", help="etcd password (never logged).", show_default=False,
+                 **env("etcd-password")),
+        ]):
+            fn = decorator(fn)
+        return fn
+    return apply
+
+
+etcd_flags = etcd_flags_with_env()
 
 
 def etcd_options(kw: dict[str, Any]) -> EtcdOptions:

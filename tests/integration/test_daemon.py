@@ -161,7 +161,7 @@ def test_peer_removed_while_down_is_cleaned_up_at_start(make_cluster):
     cluster.start_all()
     node1, _node2, node3 = cluster.nodes
     gone = cluster.subnet(node3)
-    assert gone in routes(node1)
+    eventually(lambda: gone in routes(node1), timeout=2.0, what="node1 learns node3 (joined last)")
     assert cluster.stop(node1) == 0
     assert cluster.stop(node3) == 0
     cluster.registry.delete(cluster.lease_key(node3))
