@@ -20,13 +20,17 @@ import subprocess
 import sys
 import time
 
+from benchlib import etcd_in_namespace
+
 from flanneld import lab
 from flanneld.etcd_options import EtcdOptions
 from flanneld.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
 from flanneld.registry import Registry
 
 PREFIX = "/coreos.com/network"
-CONFIG = {"Network": "198.18.0.0/16", "SubnetLen": 29, "Backend": {"Type": "vxlan"}}
+# The bench writes peer leases itself from 198.18.0.8/29 upwards (up to ~198.18.163.0 for 5000 + 200);
+# SubnetMin keeps the node's own lease clear of them, so a churn lease never lands on its key.
+CONFIG = {"Network": "198.18.0.0/16", "SubnetLen": 29, "SubnetMin": "198.18.200.0", "Backend": {"Type": "vxlan"}}
 BUDGET = {"converge_s": 2.5, "rss_mb": 60, "churn_s": 1.0}
 
 
@@ -41,7 +45,8 @@ def peer(n: int):
 
 
 def count_routes(node: lab.Node) -> int:
-    out = node.sh("ip", "-o", "route", "show", "proto", "boot").stdout
+    """Peer routes flanneld installed (the underlay's own routes do not count)."""
+    out = node.sh("ip", "-o", "route", "show", "proto", "boot", "dev", "flannel.1", check=False).stdout
     return out.count("\n")
 
 
@@ -83,7 +88,7 @@ def baseline_ip_batch(node: lab.Node, n: int) -> float:
     return took
 
 
-def run_size(n: int, churn: int, endpoint: str) -> dict[str, float]:
+def run_size(n: int, churn: int, endpoint: str, tag: int) -> dict[str, float]:
     reg = Registry(EtcdOptions(endpoints=(endpoint,), prefix=PREFIX))
     head = leases_prefix(PREFIX)
     for key, _ in [(kv.key, 0) for kv in reg.list_prefix(head)[1]]:
@@ -91,7 +96,8 @@ def run_size(n: int, churn: int, endpoint: str) -> dict[str, float]:
     for i in range(n):
         lease = peer(i)
         reg.put(head + lease.key, encode_value(lease))
-    cluster = lab.Lab(prefix=f"{CTL.removesuffix('-ctl')}c{n}", ctl=CTL)
+    # a short per-size prefix: interface names derive from it and must fit in 15 characters
+    cluster = lab.Lab(prefix=f"{CTL.removesuffix('-ctl')}c{tag}", ctl=CTL)
     try:
         node = cluster.build_underlay(1)[0]
         baseline = baseline_ip_batch(node, n)
@@ -127,20 +133,11 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
-    lab.cleanup_stale()
-    bench_lab = lab.Lab()
     results = []
-    try:
-        CTL = bench_lab.create_control()
-        lab.enter_namespace(CTL)
-        server = lab.EtcdServer("converge")
-        server.start()
+    with etcd_in_namespace("converge") as (server, CTL):
         Registry(EtcdOptions(endpoints=(server.endpoint,))).put(PREFIX + "/config", json.dumps(CONFIG).encode())
-        for n in (int(x) for x in args.sizes.split(",")):
-            results.append(run_size(n, args.churn, server.endpoint))
-        server.destroy()
-    finally:
-        bench_lab.close()
+        for tag, n in enumerate(int(x) for x in args.sizes.split(",")):
+            results.append(run_size(n, args.churn, server.endpoint, tag))
 
     head = f"{'peers':>6} {'converge':>9} {'ip -batch':>10} {'RSS':>8} {'churn':>8} {'missed':>7}"
     print(head)

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from benchlib import etcd_in_namespace, report
+
 from flanneld import lab, registry
 from flanneld.etcd_options import EtcdOptions
 from flanneld.lease import leases_prefix
@@ -71,12 +73,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
-    bench_lab = lab.Lab()
-    try:
-        bench_lab.create_control()
-        lab.enter_namespace(bench_lab.ctl)
-        server = lab.EtcdServer("bench")
-        server.start()
+    with etcd_in_namespace("bench") as (server, _ctl_ns):
         reg = Registry(EtcdOptions(endpoints=(server.endpoint,), prefix=PREFIX))
         ids = load(reg, args.leases)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FLANNELCTL_ETCD_ENDPOINTS": server.endpoint,
@@ -90,9 +87,6 @@ def main() -> int:
         registry.PIPELINE_MIN_CALLS = len(ids) + 1  # the same lookup through grpcio alone
         grpcio_s = ttl_lookup(reg, ids, args.runs)
         reg.close()
-        server.destroy()
-    finally:
-        bench_lab.close()
 
     result = {
         "bench": "ctl",
@@ -113,11 +107,7 @@ def main() -> int:
         ("baseline: lease TTLs through grpcio alone", f"{grpcio_s:.3f} s"),
         ("budget: subnets list", f"< {BUDGET_S:.1f} s ({'met' if list_s < BUDGET_S else 'MISSED'})"),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure'.ljust(width)}  value")
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value}")
-    print(json.dumps(result))
+    report(rows, result)
     return 0
 
 

@@ -19,7 +19,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from flanneld import lab
+from benchlib import etcd_in_namespace, report
+
 from flanneld.config import parse_config
 from flanneld.etcd_options import EtcdOptions
 from flanneld.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
@@ -102,20 +103,12 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=500)
     args = parser.parse_args()
 
-    bench_lab = lab.Lab()
-    try:
-        bench_lab.create_control()
-        lab.enter_namespace(bench_lab.ctl)
-        server = lab.EtcdServer("bench")
-        server.start()
+    with etcd_in_namespace("bench") as (server, _ctl_ns):
         reg = Registry(EtcdOptions(endpoints=(server.endpoint,), prefix=PREFIX))
         reg.put(PREFIX + "/config", json.dumps(CONFIG).encode())
         acquire = bench_acquire(server.endpoint, args.nodes, args.workers)
         latencies, puts = bench_watch(reg, args.events)
         reg.close()
-        server.destroy()
-    finally:
-        bench_lab.close()
 
     result = {
         "bench": "leases",
@@ -138,11 +131,7 @@ def main() -> int:
         ("baseline: bare etcd put p50", f"{result['baseline_etcd_put_p50_ms']:.2f} ms"),
     ]
     rows[0] = (f"acquire: {args.nodes} nodes ({args.workers} at a time), total", rows[0][1])
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure'.ljust(width)}  value")
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value}")
-    print(json.dumps(result))
+    report(rows, result)
     return 0
 
 

@@ -6,12 +6,10 @@ import ipaddress
 import json
 
 import pytest
+from listings import listing
 
 from flanneld import ctl_views as v
 from flanneld.config import parse_config
-from flanneld.lease import decode_lease
-from flanneld.leases import Listed, Listing
-from flanneld.registry import KeyValue
 
 V4 = parse_config('{"Network": "198.18.0.0/16", "SubnetMin": "198.18.1.0", "SubnetMax": "198.18.200.0"}')
 DUAL = parse_config('{"Network": "198.18.0.0/16", "EnableIPv6": true, "IPv6Network": "2001:db8:1800::/56"}')
@@ -20,14 +18,6 @@ DUAL = parse_config('{"Network": "198.18.0.0/16", "EnableIPv6": true, "IPv6Netwo
 def value(public: str, mac: str, extra: str = "") -> str:
     return (f'{{"PublicIP":"{public}","PublicIPv6":null,"BackendType":"vxlan",'
             f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}{extra}}}')
-
-
-def listing(*entries: tuple[str, str, int]) -> Listing:
-    leases = {}
-    for n, (key, raw, lease_id) in enumerate(entries):
-        kv = KeyValue(f"/coreos.com/network/subnets/{key}", raw.encode(), 10 + n, 10 + n, 1, lease_id)
-        leases[key] = Listed(decode_lease(key, raw), kv)
-    return Listing(30, leases, [])
 
 
 LISTING = listing(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
+from listings import listing
+
 from flanneld import doctor
 from flanneld.config import parse_config
 from flanneld.firewall import FamilyRules, FirewallSpec, iptables_rules
-from flanneld.lease import decode_lease
-from flanneld.leases import Listed, Listing
 from flanneld.netstate import Fdb, Neigh, Route
-from flanneld.registry import KeyValue
 from flanneld.subnetenv import SubnetEnv
 
 CONFIG = parse_config('{"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}')
@@ -22,14 +21,6 @@ PEER_VALUE = ('{"PublicIP":"198.51.100.12","PublicIPv6":null,"BackendType":"vxla
               f'"BackendData":{{"VNI":1,"VtepMAC":"{PEER_MAC}"}}}}')
 ENV = SubnetEnv((ipaddress.ip_network("198.18.0.0/16"),), ipaddress.ip_interface("198.18.1.1/24"), mtu=1450)
 PEER_ROUTE = Route("198.18.2.0/24", "198.18.2.0", "flannel.1", onlink=True)
-
-
-def listing(*entries: tuple[str, str, int]) -> Listing:
-    leases = {}
-    for n, (key, value, lease_id) in enumerate(entries):
-        kv = KeyValue(f"/coreos.com/network/subnets/{key}", value.encode(), 10 + n, 10 + n, 1, lease_id)
-        leases[key] = Listed(decode_lease(key, value), kv)
-    return Listing(20, leases, [])
 
 
 def firewall_listing(masq: bool = False, random_fully: bool = True) -> dict[str, str]:

@@ -1,0 +1,16 @@
+"""Listings of decoded leases, as etcd would return them, for the unit tests of flannelctl and doctor."""
+
+from __future__ import annotations
+
+from flanneld.lease import decode_lease
+from flanneld.leases import Listed, Listing
+from flanneld.registry import KeyValue
+
+
+def listing(*entries: tuple[str, str, int]) -> Listing:
+    """(key below subnets/, value JSON, etcd lease id — 0 for a reservation) per lease."""
+    leases = {}
+    for n, (key, value, lease_id) in enumerate(entries):
+        kv = KeyValue(f"/coreos.com/network/subnets/{key}", value.encode(), 10 + n, 10 + n, 1, lease_id)
+        leases[key] = Listed(decode_lease(key, value), kv)
+    return Listing(30, leases, [])
