@@ -11,11 +11,13 @@ import ipaddress
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import FamilyConfig, NetworkConfig
 from .lease import Lease
-from .leases import Listed, Listing, fits_config
+
+if TYPE_CHECKING:  # leases.py pulls in gRPC: flannelctl --help and completion do without it
+    from .leases import Listed, Listing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 UNKNOWN_TTL = -1  # etcd did not say (the lease vanished between listing and asking)
@@ -303,6 +305,8 @@ def config_change_problems(old: NetworkConfig | None, new: NetworkConfig, leases
     """Changes a running cluster cannot take while leases exist (empty list: safe)."""
     if not leases:
         return []
+    from .leases import fits_config
+
     problems = []
     if old is not None and old.backend.type != new.backend.type:
         problems.append(f"backend type changes from {old.backend.type!r} to {new.backend.type!r}: every node "

@@ -50,11 +50,12 @@ class Target:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def tls_context(cafile: str = "", certfile: str = "", keyfile: str = "") -> ssl.SSLContext:
-    """A client context verifying the server like grpcio does (CA file or system roots), ALPN h2."""
+def tls_context(cafile: str = "") -> ssl.SSLContext:
+    """A client context verifying the server like grpcio does (CA file or system roots), ALPN h2.
+
+    Add a client certificate with ``load_cert_chain``.
+    """
     ctx = ssl.create_default_context(cafile=cafile or None)
-    if certfile:
-        ctx.load_cert_chain(certfile, keyfile or None)
     ctx.set_alpn_protocols(["h2"])
     return ctx
 

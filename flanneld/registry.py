@@ -147,6 +147,23 @@ def _read_file(path: str, what: str) -> bytes:
         raise RegistryError(f"cannot read etcd {what} {path}: {exc.strerror}") from None
 
 
+def _checked_tls_context(options: EtcdOptions) -> ssl.SSLContext:
+    """The TLS files as a client context; RegistryError naming the file that is not usable."""
+    try:
+        ctx = h2_unary.tls_context(options.cafile)
+    except ssl.SSLError as exc:
+        raise RegistryError(f"etcd CA file {options.cafile} holds no usable certificate: {exc.reason}") from None
+    if options.certfile:
+        def no_passphrase() -> bytes:
+            raise RegistryError(f"etcd key file {options.keyfile} is encrypted; give an unencrypted key")
+        try:
+            ctx.load_cert_chain(options.certfile, options.keyfile, password=no_passphrase)
+        except ssl.SSLError as exc:
+            raise RegistryError(f"etcd certificate file {options.certfile} and key file {options.keyfile} are not "
+                                f"a usable PEM certificate and matching key ({exc.reason or 'not PEM'})") from None
+    return ctx
+
+
 def _describe_error(exc: BaseException) -> str:
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
@@ -186,17 +203,19 @@ class Registry:
                 "etcd TLS files were given but an endpoint uses http://; use https:// endpoints"
             )
         self._creds = None
+        self._tls_context: ssl.SSLContext | None = None
         if True in secure:
             self._creds = grpc.ssl_channel_credentials(
                 root_certificates=_read_file(options.cafile, "CA file") if options.cafile else None,
                 private_key=_read_file(options.keyfile, "key file") if options.keyfile else None,
                 certificate_chain=_read_file(options.certfile, "certificate file") if options.certfile else None,
             )
+            # grpcio only finds out at the first handshake, and then says "connection failed"
+            self._tls_context = _checked_tls_context(options)
         if bool(options.username) != bool(options.password):
             raise RegistryError("--etcd-username and --etcd-password must be given together")
         self._lock = threading.Lock()
         self._client: pyetcd.MultiEndpointEtcd3Client | None = None
-        self._tls_context: ssl.SSLContext | None = None
 
     # -- connection --------------------------------------------------------------------------
 
@@ -332,9 +351,6 @@ class Registry:
         host, port, secure = next((ep for ep in self._endpoints if in_use is not None
                                     and f"{ep[0]}:{ep[1]}" == in_use.netloc), self._endpoints[0])
         try:
-            if secure and self._tls_context is None:
-                self._tls_context = h2_unary.tls_context(self.options.cafile, self.options.certfile,
-                                                         self.options.keyfile)
             target = h2_unary.Target(host.strip("[]"), port, self._tls_context if secure else None,
                                      tuple(client.metadata or ()))
             requests = [etcdrpc.LeaseTimeToLiveRequest(ID=lid).SerializeToString() for lid in lease_ids]

@@ -328,3 +328,19 @@ def test_doctor_healthy_then_names_a_deleted_route(make_cluster):
     os.unlink(node.subnet_file)
     proc = ctl(*args, ns=node.ns)
     assert proc.returncode == 1 and "is missing: flanneld has not written it" in proc.stdout
+
+
+def test_doctor_in_nftables_mode(make_cluster):
+    cluster = make_cluster(2, {**NETWORK, "EnableNFTables": True})
+    cluster.start_all("--ip-masq")
+    node, _peer = cluster.nodes
+    ctl = Ctl(cluster.etcd, cluster.prefix)
+    ctl.env["FLANNELCTL_ETCD_ENDPOINTS"] = cluster.endpoint
+    args = ("doctor", "--subnet-file", node.subnet_file)
+    out = ctl(*args, ns=node.ns)
+    assert out.returncode == 0, out.stdout
+    assert "nftables: masquerade and forward rules in place" in out.stdout
+    cluster.stop(node)
+    node.sh("nft", "flush", "chain", "ip", "flannel-ipv4", "postrtg")
+    proc = ctl(*args, ns=node.ns)
+    assert proc.returncode == 1 and "nftables IPv4: missing rule" in proc.stdout, proc.stdout

@@ -144,3 +144,18 @@ def test_permission_denied_outside_prefix(auth_etcd, certs):
 def test_bad_connection_options(options, message):
     with pytest.raises(RegistryError, match=message):
         Registry(options)
+
+
+def test_unusable_tls_files_are_named_at_start(tmp_path, certs):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    d = client_dir(certs)
+    with pytest.raises(RegistryError, match=rf"^etcd CA file {junk} holds no usable certificate"):
+        Registry(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=str(junk)))
+    with pytest.raises(RegistryError, match=rf"^etcd certificate file {junk} and key file {d}/client.key are not a "
+                                            "usable PEM certificate and matching key"):
+        Registry(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=certs.ca, certfile=str(junk),
+                             keyfile=f"{d}/client.key"))
+    with pytest.raises(RegistryError, match="are not a usable PEM certificate and matching key"):  # a mismatched pair
+        Registry(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=certs.ca, certfile=f"{d}/client.crt",
+                             keyfile=certs.key))
