@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import subprocess
 import time
 
 import pytest
@@ -159,3 +160,9 @@ def test_unusable_tls_files_are_named_at_start(tmp_path, certs):
     with pytest.raises(RegistryError, match="are not a usable PEM certificate and matching key"):  # a mismatched pair
         Registry(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=certs.ca, certfile=f"{d}/client.crt",
                              keyfile=certs.key))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-passout", "pass:secret", "-subj", "/CN=encrypted", "-days", "1", "-keyout",
+                    str(tmp_path / "enc.key"), "-out", str(tmp_path / "enc.crt")], check=True, capture_output=True)
+    with pytest.raises(RegistryError, match=rf"^etcd key file {tmp_path}/enc.key is encrypted; give an unencrypted"):
+        Registry(EtcdOptions(endpoints=("https://127.0.0.1:2379",), certfile=str(tmp_path / "enc.crt"),
+                             keyfile=str(tmp_path / "enc.key")))  # never a passphrase prompt
