@@ -59,11 +59,27 @@ class Cluster:
             node.wait_ready()
         return proc
 
-    def start_all(self, *flags: str) -> None:
+    def start_all(self, *flags: str, converge: bool = True) -> None:
+        """Start every node's daemon; by default also wait until each routes to every other.
+
+        Ready means "my own lease and device are in place": a node that became ready before a
+        later one joined learns of it from the watch a few milliseconds later.
+        """
         for node in self.nodes:
             self.start(node, *flags, wait=False)
         for node in self.nodes:
             node.wait_ready()
+        if converge:
+            eventually(self._converged, timeout=5.0, what="every node routes to every other node")
+
+    def _converged(self) -> bool:
+        subnets = {node.ns: {str(s) for s in (self.env(node).lease_subnet, self.env(node).lease_subnet6) if s}
+                   for node in self.nodes}
+        for node in self.nodes:
+            have = set(routes(node)) | set(routes(node, "-6"))
+            if any(not subnets[other.ns] <= have for other in self.nodes if other is not node):
+                return False
+        return True
 
     @staticmethod
     def stop(node: lab.Node, sig: int = signal.SIGTERM) -> int:
