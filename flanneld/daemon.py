@@ -114,8 +114,9 @@ class Daemon:
         if self.registry is None:
             return True, ""
         watcher = self.watcher
-        if watcher is not None and not watcher.connected and self.ready:
-            return False, f"etcd lease watch is down: {watcher.last_error or 'reconnecting'}"
+        # Down means it failed: a watch still opening its first stream (just after start) is not.
+        if watcher is not None and self.ready and not watcher.connected and watcher.last_error:
+            return False, f"etcd lease watch is down: {watcher.last_error}"
         stuck = time.monotonic() - self.loop_heartbeat
         if self.ready and stuck > max(60.0, 3 * self.opts.reconcile_interval):
             return False, f"event loop has not run for {stuck:.0f}s"
