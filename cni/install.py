@@ -12,12 +12,12 @@ import json
 import os
 import py_compile
 import sys
-import tempfile
 
 import click
 from flanneld.cni import plugin
 
 from flanneld import __version__
+from flanneld.atomicfile import write_atomically
 
 CONFLIST_NAME = "10-flannel.conflist"
 
@@ -44,23 +44,6 @@ def conflist(name: str, cni_version: str, subnet_file: str | None, data_dir: str
         flannel["dataDir"] = data_dir
     return {"name": name, "cniVersion": cni_version,
             "plugins": [flannel, {"type": "portmap", "capabilities": {"portMappings": True}}]}
-
-
-def write_atomically(path: str, text: str, mode: int) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @click.command(context_settings={"help_option_names": ["--help", "-h"]})

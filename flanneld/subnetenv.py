@@ -8,12 +8,10 @@ rename(2) so a CNI ADD never reads half a file.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
-import tempfile
 from dataclasses import dataclass
 
+from .atomicfile import write_atomically
 from .lease import Lease
 
 DEFAULT_PATH = "/run/flannel/subnet.env"
@@ -128,22 +126,4 @@ def read(path: str) -> SubnetEnv | None:
 
 def write(path: str, env: SubnetEnv) -> None:
     """Atomically replace `path` (mode 0644), creating its directory (0755) if needed."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".subnet.env.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(env.render())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, env.render(), 0o644)
