@@ -117,6 +117,13 @@ class Context:
         kv = self.registry.get(f"{self.prefix}/config")
         return kv, (_parse(kv.value) if kv is not None else None)
 
+    def require_config(self, why: str = "") -> Any:
+        """The validated NetworkConfig; CtlError when there is none."""
+        _, config = self.config()
+        if config is None:
+            fail(f"no network config at {self.prefix}/config{why}")
+        return config
+
 
 def _parse(raw: bytes | str) -> Any:
     """A NetworkConfig validated exactly as the daemon does, or CtlError with the validator's message."""
@@ -149,6 +156,19 @@ class CtlGroup(click.Group):
                 ctx.obj.close()
 
 
+def echo_document(doc: Any, output: str) -> None:
+    """JSON (indented) or YAML."""
+    click.echo(json.dumps(doc, indent=2) if output == "json" else ctl_views.to_yaml(doc), nl=output == "json")
+
+
+def echo_table(lines: list[str], bold_header: bool = True) -> None:
+    """Rendered table lines in one write (thousands of echo() calls cost more than the etcd lookup)."""
+    if lines and bold_header:
+        lines = [styled(lines[0], bold=True), *lines[1:]]
+    if lines:
+        click.echo("\n".join(lines))
+
+
 def output_option(*choices: str, default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option("-o", "--output", type=click.Choice(choices), default=default, show_default=True,
                         help="Output format.")
@@ -158,15 +178,13 @@ def _complete_subnets(ctx: click.Context, _param: click.Parameter, incomplete: s
     """Shell completion for SUBNET arguments: the keys in etcd (best effort, silent on errors)."""
     root = ctx.find_root()
     try:
-        options = etcd_options(dict(root.params))
         from .leases import list_leases
-        from .registry import Registry
 
-        registry = Registry(options)
+        session = Context(etcd_options(dict(root.params)))  # its registry keeps gRPC's logging quiet
         try:
-            listing = list_leases(registry, options.prefix)
+            listing = list_leases(session.registry, session.prefix)
         finally:
-            registry.close()
+            session.close()
     except Exception:  # completion must never print a traceback into the shell
         return []
     subnets = [str(li.lease.subnet or li.lease.subnet6) for li in listing.leases.values()]
@@ -217,16 +235,12 @@ def subnets_list(obj: Context, output: str, public_ip: str, backend: str, reserv
     listing, ttls = obj.listing_and_ttls()
     rows = ctl_views.rows(listing, ttls, public_ip, backend, reserved)
     if output in ("json", "yaml"):
-        docs = [ctl_views.as_document(r) for r in rows]
-        click.echo(json.dumps(docs, indent=2) if output == "json" else ctl_views.to_yaml(docs), nl=output == "json")
+        echo_document([ctl_views.as_document(r) for r in rows], output)
         return
     wide = output == "wide"
     header = ctl_views.WIDE_COLUMNS if wide else ctl_views.TABLE_COLUMNS
-    lines = ctl_views.render_table(header, (ctl_views.table_cells(r, wide) for r in rows), headers=not no_headers)
-    if lines and not no_headers:
-        lines[0] = styled(lines[0], bold=True)
-    if lines:
-        click.echo("\n".join(lines))  # one write: thousands of echo() calls cost more than the lookup
+    echo_table(ctl_views.render_table(header, (ctl_views.table_cells(r, wide) for r in rows), headers=not no_headers),
+               bold_header=not no_headers)
 
 
 @subnets.command("show")
@@ -246,12 +260,10 @@ def subnets_show(obj: Context, query: str, output: str) -> None:
     if not found:
         fail(f"no lease matches {query}")
     ttls = obj.ttls(listing, found)
-    rows = [ctl_views.Row(li, None if li.reserved else ttls.get(li.kv.lease_id, ctl_views.UNKNOWN_TTL))
-            for li in found]
+    rows = [ctl_views.row(li, ttls) for li in found]
     if output != "text":
         docs = [{**ctl_views.as_document(r), "value": r.listed.kv.value.decode("utf-8", "replace")} for r in rows]
-        click.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) if output == "json"
-                   else ctl_views.to_yaml(docs[0] if len(docs) == 1 else docs), nl=output == "json")
+        echo_document(docs[0] if len(docs) == 1 else docs, output)
         return
     for i, row in enumerate(rows):
         if i:
@@ -343,9 +355,7 @@ def subnets_reserve(obj: Context, subnet: str, public_ip: str, ipv6_subnet: str,
     if net6 is not None and (ip6 is None or ip6.version != 6):
         fail("an IPv6 subnet needs an IPv6 public address (--public-ipv6)")
 
-    _, config = obj.config()
-    if config is None:
-        fail(f"no network config at {obj.prefix}/config: nothing to reserve from")
+    config = obj.require_config(": nothing to reserve from")
     for half in (net, net6):
         if half is not None and ctl_views.family_of(config, half) is None:
             fail(f"refused: {half} is IPv{half.version} but the network config does not enable IPv{half.version}")
@@ -515,9 +525,7 @@ def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output:
     from . import doctor as doc
     from . import subnetenv
 
-    _, config = obj.config()
-    if config is None:
-        fail(f"no network config at {obj.prefix}/config")
+    config = obj.require_config()
     env, env_problem = None, ""
     try:
         env = subnetenv.read(subnet_file)
@@ -526,11 +534,10 @@ def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output:
     except subnetenv.SubnetEnvError as exc:
         env_problem = f"{subnet_file} is unreadable: {exc}"
     listing = obj.listing()
-    own = [li for li in listing.leases.values()
-           if env is not None and (li.lease.subnet, li.lease.subnet6) == (env.lease_subnet, env.lease_subnet6)]
+    own = doc.own_listed(listing, env)
+    ttls = obj.ttls(listing, [own] if own is not None else [])
     kernel = doc.read_kernel(config.enable_nftables, [f.version for f in config.families()])
-    findings = doc.diagnose(doc.Inputs(config, env, env_problem, listing, obj.ttls(listing, own), kernel,
-                                       iptables_forward_rules))
+    findings = doc.diagnose(doc.Inputs(config, env, env_problem, listing, ttls, kernel, iptables_forward_rules))
     ok = doc.healthy(findings)
     if output == "json":
         click.echo(json.dumps({"healthy": ok, "findings": [f.__dict__ for f in findings]}, indent=2))
@@ -553,9 +560,7 @@ def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output:
 @click.pass_obj
 def stats(obj: Context, expiring_within: int, output: str) -> None:
     """Subnet usage per family (leased / reserved / free of the range) and leases expiring soon."""
-    _, config = obj.config()
-    if config is None:
-        fail(f"no network config at {obj.prefix}/config")
+    config = obj.require_config()
     listing, ttls = obj.listing_and_ttls()
     rows = ctl_views.rows(listing, ttls)
     families = ctl_views.stats(config, rows)
@@ -570,14 +575,13 @@ def stats(obj: Context, expiring_within: int, output: str) -> None:
     header = ("FAMILY", "NETWORK", "SUBNETLEN", "TOTAL", "LEASED", "RESERVED", "FREE", "USED", "OUTSIDE CONFIG")
     body = [(f"IPv{f.version}", f.network, f"/{f.subnet_len}", str(f.total), str(f.leased), str(f.reserved),
              str(f.free), f"{f.used_percent:.1f}%", str(f.outside)) for f in families]
-    for i, line in enumerate(ctl_views.render_table(header, body)):
-        click.echo(styled(line, bold=True) if i == 0 else line)
+    echo_table(ctl_views.render_table(header, body))
     if listing.junk:
         click.echo(f"malformed entries: {len(listing.junk)} (see the warnings above)")
     click.echo(f"\nexpiring within {ctl_views.human_duration(expiring_within)}: {len(soon) or 'none'}")
     if soon:
-        for line in ctl_views.render_table(ctl_views.TABLE_COLUMNS, (ctl_views.table_cells(r) for r in soon)):
-            click.echo(line)
+        echo_table(ctl_views.render_table(ctl_views.TABLE_COLUMNS, (ctl_views.table_cells(r) for r in soon)),
+                   bold_header=False)
 
 
 @cli.command()

@@ -47,6 +47,11 @@ def sort_key(lease: Lease) -> tuple[int, int, int]:
     return (0, int(lease.subnet.network_address), v6)
 
 
+def row(listed: Listed, ttls: dict[int, int]) -> Row:
+    """A lease with its TTL from `ttls` (None for a reservation, UNKNOWN_TTL when etcd did not say)."""
+    return Row(listed, None if listed.reserved else ttls.get(listed.kv.lease_id, UNKNOWN_TTL))
+
+
 def rows(listing: Listing, ttls: dict[int, int], public_ip: str = "", backend: str = "",
          reserved_only: bool = False) -> list[Row]:
     """Leases as rows, filtered and sorted by subnet."""
@@ -59,8 +64,7 @@ def rows(listing: Listing, ttls: dict[int, int], public_ip: str = "", backend: s
             continue
         if reserved_only and not listed.reserved:
             continue
-        ttl = None if listed.reserved else ttls.get(listed.kv.lease_id, UNKNOWN_TTL)
-        out.append(Row(listed, ttl))
+        out.append(row(listed, ttls))
     out.sort(key=lambda r: sort_key(r.lease))
     return out
 

@@ -21,7 +21,7 @@ from .backends.vxlan import normalize_mac
 from .config import ConfigError, NetworkConfig
 from .firewall import FamilyRules, FirewallSpec, iptables_rules, nft_script
 from .lease import Lease
-from .leases import Listing
+from .leases import Listed, Listing
 from .netstate import Fdb, Neigh, Route
 from .subnetenv import SubnetEnv
 
@@ -157,16 +157,17 @@ def _tool(argv: list[str]) -> str:
 # -- the diagnosis (pure) ---------------------------------------------------------------------
 
 
-def _own_lease(inputs: Inputs) -> Lease | None:
-    env = inputs.env
+def own_listed(listing: Listing, env: SubnetEnv | None) -> Listed | None:
+    """This node's lease: the one holding subnet.env's subnet(s)."""
     if env is None:
         return None
     want = (env.lease_subnet, env.lease_subnet6)
-    for listed in inputs.listing.leases.values():
-        lease = listed.lease
-        if (lease.subnet, lease.subnet6) == want:
-            return lease
-    return None
+    return next((li for li in listing.leases.values() if (li.lease.subnet, li.lease.subnet6) == want), None)
+
+
+def _own_lease(inputs: Inputs) -> Lease | None:
+    listed = own_listed(inputs.listing, inputs.env)
+    return listed.lease if listed is not None else None
 
 
 def _external(inputs: Inputs, own: Lease, options: VxlanOptions) -> External:

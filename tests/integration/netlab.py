@@ -73,8 +73,8 @@ class Cluster:
             eventually(self._converged, timeout=5.0, what="every node routes to every other node")
 
     def _converged(self) -> bool:
-        subnets = {node.ns: {str(s) for s in (self.env(node).lease_subnet, self.env(node).lease_subnet6) if s}
-                   for node in self.nodes}
+        envs = {node.ns: self.env(node) for node in self.nodes}
+        subnets = {ns: {str(s) for s in (env.lease_subnet, env.lease_subnet6) if s} for ns, env in envs.items()}
         for node in self.nodes:
             have = set(routes(node)) | set(routes(node, "-6"))
             if any(not subnets[other.ns] <= have for other in self.nodes if other is not node):
