@@ -156,3 +156,43 @@ def test_status_before_flanneld_is_ready(tmp_path):
     body = json.loads(out)
     assert rc == 1 and body["code"] == 50 and "flannel is not ready" in body["msg"]
     assert "check flanneld on the node" in body["details"]
+
+
+def _loaded_modules(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", f"{code}\nimport sys\nprint(*sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_plugin_loads_nothing_beyond_the_interpreters_own_start_up_and_json():
+    """Every module imported here is paid for on every pod; `os` alone costs ~2 ms."""
+    baseline = _loaded_modules("pass")
+    loaded = _loaded_modules(f"import sys\nsys.path.insert(0, {os.path.dirname(PLUGIN)!r})\nimport plugin")
+    assert loaded - baseline == {"plugin", "_json"}
+
+
+def test_state_directories_are_created_with_parents_and_mode_0700(tmp_path):
+    data_dir = str(tmp_path / "var" / "lib" / "flannel")
+    plugin.save_state(data_dir, "c1", "eth0", b"{}")
+    plugin.save_state(data_dir, "c2", "net1", b"{}")  # everything exists now
+    for path in (tmp_path / "var", tmp_path / "var" / "lib", tmp_path / "var" / "lib" / "flannel"):
+        assert path.stat().st_mode & 0o777 == 0o700
+    assert plugin.load_state(data_dir, "c1") == b"{}" and plugin.saved_ifname(data_dir, "c2") == "net1"
+    assert (tmp_path / "var" / "lib" / "flannel" / "c1").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "file").write_text("")
+    with pytest.raises(plugin.CniError, match="cannot save the delegate config"):
+        plugin.save_state(str(tmp_path / "file" / "sub"), "c1", "eth0", b"{}")
+
+
+def test_delegate_lookup_wants_an_executable_file(tmp_path):
+    (tmp_path / "dir" / "bridge").mkdir(parents=True)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "bridge").write_text("")
+    exe = tmp_path / "exe" / "bridge"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    path = f"{tmp_path}/dir::{tmp_path}/plain:{tmp_path}/exe/"
+    assert plugin.find_plugin("bridge", path) == str(exe)
+    with pytest.raises(plugin.CniError, match="not found in CNI_PATH"):
+        plugin.find_plugin("bridge", f"{tmp_path}/dir:{tmp_path}/plain")
