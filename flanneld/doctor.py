@@ -23,15 +23,11 @@ from .firewall import FamilyRules, FirewallSpec, iptables_rules, nft_script
 from .lease import Lease
 from .leases import Listed, Listing
 from .netstate import Fdb, Neigh, Route
+from .nlcodec import IFF_UP, NUD_PERMANENT, RTN_BLACKHOLE, RTN_UNICAST, RTNH_F_ONLINK, RTPROT_KERNEL
 from .subnetenv import SubnetEnv
 
 OK, WARN, PROBLEM = "ok", "warning", "problem"
 DEFAULT_VXLAN_PORT = 8472
-NUD_PERMANENT = 0x80
-RTNH_F_ONLINK = 4
-RTPROT_KERNEL = 2
-RTN_UNICAST, RTN_BLACKHOLE = 1, 6
-IFF_UP = 1
 
 
 @dataclass(frozen=True)

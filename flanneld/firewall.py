@@ -132,12 +132,9 @@ class Firewall:
     def __init__(self, spec: FirewallSpec, runner: Runner = _run) -> None:
         self.spec = spec
         self._run_tool = runner
-        self.forks = 0
-        self.repairs = 0
         self._seen: dict[str, object] = {}  # what each listing showed after our last install
 
     def _tool(self, argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
-        self.forks += 1
         try:
             proc = self._run_tool(argv, stdin)
         except FileNotFoundError:
@@ -226,7 +223,6 @@ class Firewall:
                         drifted.append(f"{self._bin(version, 'save').split('-')[0]} {table} table")
         if not drifted:
             return True
-        self.repairs += 1
         log.warning("firewall rules drifted (%s); reinstalling", ", ".join(drifted))
         self.apply()
         return False

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 from .backends import External
 from .kernel import AddrInfo, Kernel, KernelError
-
-RT_SCOPE_UNIVERSE = 0
+from .nlcodec import RT_SCOPE_UNIVERSE
 
 
 class IfaceError(Exception):

@@ -323,11 +323,6 @@ class Kernel:
         with open(f"/proc/sys/{path}", "w") as fh:
             fh.write(value)
 
-    @staticmethod
-    def read_sysctl(path: str) -> str:
-        with open(f"/proc/sys/{path}") as fh:
-            return fh.read().strip()
-
 
 def _ethtool(name: str, cmd: int, data: int = 0) -> int:
     """SIOCETHTOOL with a struct ethtool_value (no ethtool binary needed)."""

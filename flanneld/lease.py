@@ -81,14 +81,6 @@ def _key_network(key: str, text: str, version: int) -> IPv4Network | IPv6Network
     return net
 
 
-def split_lease_key(full_key: str, prefix: str) -> str:
-    """``<prefix>/subnets/<key>`` → ``<key>``; LeaseDecodeError when outside the directory."""
-    head = f"{prefix.rstrip('/')}/{SUBNETS_DIR}/"
-    if not full_key.startswith(head):
-        raise LeaseDecodeError(f"{full_key!r} is not under {head}")
-    return full_key[len(head):]
-
-
 def leases_prefix(prefix: str) -> str:
     return f"{prefix.rstrip('/')}/{SUBNETS_DIR}/"
 

@@ -317,10 +317,6 @@ class Registry:
         responses = self._call("lease keepalive", lambda c: list(c.refresh_lease(lease_id)))
         return responses[0].TTL if responses else 0
 
-    def time_to_live(self, lease_id: int) -> int:
-        """Seconds left on an etcd lease; -1 when it does not exist."""
-        return self._call("lease ttl", lambda c: c.get_lease_info(lease_id)).TTL
-
     def time_to_live_many(self, lease_ids: Sequence[int]) -> dict[int, int]:
         """TTLs of many etcd leases (flannelctl, not the daemon).
 

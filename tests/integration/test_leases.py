@@ -137,7 +137,7 @@ def test_reuses_own_lease_by_public_ip_and_keeps_one_etcd_lease(etcd, registry, 
     assert etcd.lease_ids() - before == {first.etcd_lease}
     kv = registry.get(leases_prefix(etcd_prefix) + first.lease.key)
     assert kv.lease_id == first.etcd_lease
-    assert registry.time_to_live(first.etcd_lease) > 86000
+    assert registry.time_to_live_many([first.etcd_lease])[first.etcd_lease] > 86000
 
 
 def test_renewal_keeps_a_short_lease_alive(registry, etcd_prefix):
