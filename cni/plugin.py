@@ -324,11 +324,23 @@ def exec_plugin(path, command, conf_bytes):
 # -- state -----------------------------------------------------------------------------------
 
 
-def _write_durably(directory, name, data, mode=0o600, sync=True):
-    """Atomic replace of `directory`/`name`; with `sync`, the file and its directory entry are on disk on return."""
+def _data_dir(conf):
+    return conf.get("dataDir") or DEFAULT_DATA_DIR
+
+
+def _subnet_file(conf):
+    return conf.get("subnetFile") or DEFAULT_SUBNET_FILE
+
+
+def _ifname_dir(data_dir):
+    return _join(data_dir, IFNAME_DIR)
+
+
+def _write_durably(directory, name, data, sync=True):
+    """Atomic replace of `directory`/`name` (mode 0600); with `sync`, file and directory entry are on disk on return."""
     path = _join(directory, name)
     tmp = _join(directory, f".tmp-{name}-{posix.getpid()}")
-    fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC, mode)
+    fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC, 0o600)
     try:
         posix.write(fd, data)
         if sync:
@@ -347,7 +359,7 @@ def _write_durably(directory, name, data, mode=0o600, sync=True):
 
 def save_state(data_dir, container_id, ifname, delegate_bytes):
     try:
-        ifname_dir = _join(data_dir, IFNAME_DIR)
+        ifname_dir = _ifname_dir(data_dir)
         _makedirs(ifname_dir, 0o700)
         # The interface name only serves GC, which falls back to "eth0" (what upstream's state and
         # every Kubernetes pod use) if a crash loses it: not worth two fsyncs on every pod.
@@ -369,7 +381,7 @@ def load_state(data_dir, container_id):
 
 
 def remove_state(data_dir, container_id):
-    for path in (_join(data_dir, container_id), _join(_join(data_dir, IFNAME_DIR), container_id)):
+    for path in (_join(data_dir, container_id), _join(_ifname_dir(data_dir), container_id)):
         try:  # noqa: SIM105 - importing contextlib would cost start-up time on every pod
             posix.unlink(path)
         except FileNotFoundError:
@@ -378,7 +390,7 @@ def remove_state(data_dir, container_id):
 
 def saved_ifname(data_dir, container_id):
     try:
-        with open(_join(_join(data_dir, IFNAME_DIR), container_id)) as fh:
+        with open(_join(_ifname_dir(data_dir), container_id)) as fh:
             return fh.read().strip() or "eth0"
     except OSError:
         return "eth0"  # saved by upstream's plugin, which does not record it
@@ -433,11 +445,11 @@ def build_delegate(conf, fenv):
 
 
 def cmd_add(conf, env):
-    fenv = read_subnet_env(conf.get("subnetFile") or DEFAULT_SUBNET_FILE)
+    fenv = read_subnet_env(_subnet_file(conf))
     delegate = build_delegate(conf, fenv)
     plugin = find_plugin(delegate["type"], env["CNI_PATH"])
     data = dumps(delegate).encode()
-    save_state(conf.get("dataDir") or DEFAULT_DATA_DIR, env["CNI_CONTAINERID"], env["CNI_IFNAME"], data)
+    save_state(_data_dir(conf), env["CNI_CONTAINERID"], env["CNI_IFNAME"], data)
     exec_plugin(plugin, "ADD", data)
 
 
@@ -464,7 +476,7 @@ def _forward_failure(output, what):
 
 
 def cmd_del(conf, env):
-    data_dir = conf.get("dataDir") or DEFAULT_DATA_DIR
+    data_dir = _data_dir(conf)
     cid = env["CNI_CONTAINERID"]
     data = load_state(data_dir, cid)
     if data is None:
@@ -481,13 +493,13 @@ def cmd_check(conf, env):
         raise CniError(E_INCOMPATIBLE_VERSION, f"config version {conf.get('cniVersion')!r} does not allow CHECK")
     if "prevResult" not in conf:
         raise CniError(E_INVALID_CONFIG, "CHECK needs 'prevResult' in the network config")
-    data_dir = conf.get("dataDir") or DEFAULT_DATA_DIR
+    data_dir = _data_dir(conf)
     cid = env["CNI_CONTAINERID"]
     data = load_state(data_dir, cid)
     if data is None:
         raise CniError(E_UNKNOWN_CONTAINER, f"no saved state for container {cid}: ADD never succeeded here")
     delegate = _saved_delegate(data, cid)
-    fenv = read_subnet_env(conf.get("subnetFile") or DEFAULT_SUBNET_FILE)
+    fenv = read_subnet_env(_subnet_file(conf))
     pod_ranges = {r[0].get("subnet") for r in delegate.get("ipam", {}).get("ranges", []) if r}
     node_ranges = {s for s in (fenv["subnet"], fenv["ipv6_subnet"]) if s}
     if pod_ranges != node_ranges:
@@ -530,7 +542,7 @@ def _require_1_1(conf, command):
 
 def cmd_status(conf, env):
     _require_1_1(conf, "STATUS")
-    path = conf.get("subnetFile") or DEFAULT_SUBNET_FILE
+    path = _subnet_file(conf)
     try:
         read_subnet_env(path)
     except CniError as exc:
@@ -550,7 +562,7 @@ def cmd_gc(conf, env):
     if not isinstance(valid, list):
         raise CniError(E_INVALID_CONFIG, "'cni.dev/valid-attachments' must be a list")
     keep = {(a.get("containerID"), a.get("ifname")) for a in valid if isinstance(a, dict)}
-    data_dir = conf.get("dataDir") or DEFAULT_DATA_DIR
+    data_dir = _data_dir(conf)
     try:
         names = posix.listdir(data_dir)
     except FileNotFoundError:
