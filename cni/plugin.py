@@ -148,10 +148,17 @@ def _makedirs(path, mode):
         if not parent:
             raise
         _makedirs(parent, mode)
-        try:  # noqa: SIM105 - see remove_state
+        try:  # noqa: SIM105 - see _unlink_if_present
             posix.mkdir(path, mode)
         except FileExistsError:
             pass
+
+
+def _unlink_if_present(path):
+    try:  # noqa: SIM105 - importing contextlib would cost start-up time on every pod
+        posix.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _is_executable_file(path):
@@ -342,12 +349,16 @@ def _write_durably(directory, name, data, sync=True):
     tmp = _join(directory, f".tmp-{name}-{posix.getpid()}")
     fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC, 0o600)
     try:
-        posix.write(fd, data)
-        if sync:
-            posix.fsync(fd)
-    finally:
-        posix.close(fd)
-    posix.rename(tmp, path)
+        try:
+            posix.write(fd, data)
+            if sync:
+                posix.fsync(fd)
+        finally:
+            posix.close(fd)
+        posix.rename(tmp, path)
+    except OSError:
+        _unlink_if_present(tmp)  # GC skips dot files: a leftover would stay forever
+        raise
     if not sync:
         return
     dfd = posix.open(directory, posix.O_RDONLY)
@@ -381,11 +392,8 @@ def load_state(data_dir, container_id):
 
 
 def remove_state(data_dir, container_id):
-    for path in (_join(data_dir, container_id), _join(_ifname_dir(data_dir), container_id)):
-        try:  # noqa: SIM105 - importing contextlib would cost start-up time on every pod
-            posix.unlink(path)
-        except FileNotFoundError:
-            pass
+    _unlink_if_present(_join(data_dir, container_id))
+    _unlink_if_present(_join(_ifname_dir(data_dir), container_id))
 
 
 def saved_ifname(data_dir, container_id):

@@ -196,3 +196,10 @@ def test_delegate_lookup_wants_an_executable_file(tmp_path):
     assert plugin.find_plugin("bridge", path) == str(exe)
     with pytest.raises(plugin.CniError, match="not found in CNI_PATH"):
         plugin.find_plugin("bridge", f"{tmp_path}/dir:{tmp_path}/plain")
+
+
+def test_a_failed_state_write_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "c1" / "busy").mkdir(parents=True)  # the rename onto a non-empty directory fails
+    with pytest.raises(plugin.CniError, match="cannot save the delegate config"):
+        plugin.save_state(str(tmp_path), "c1", "eth0", b"{}")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
