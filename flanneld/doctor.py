@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from .backends import External, VxlanBackend, VxlanOptions
 from .backends.vxlan import normalize_mac
 from .config import ConfigError, NetworkConfig
-from .firewall import FamilyRules, FirewallSpec, iptables_rules, nft_script
+from .ctl_views import human_duration
+from .firewall import NFT_TABLE, FamilyRules, FirewallSpec, iptables_rules, iptables_tool, nft_script
 from .lease import Lease
 from .leases import Listed, Listing
 from .netstate import Fdb, Neigh, Route
@@ -129,12 +130,10 @@ def read_kernel(nftables: bool, families: Sequence[int]) -> KernelView:
                                       bool(msg["flags"] & RTNH_F_ONLINK), False, metric))
     for version in families:
         if nftables:
-            kind, name = ("ip", "flannel-ipv4") if version == 4 else ("ip6", "flannel-ipv6")
-            view.firewall[f"nft-{version}"] = _tool(["nft", "list", "table", kind, name])
+            view.firewall[f"nft-{version}"] = _tool(["nft", "list", "table", *NFT_TABLE[version]])
         else:
-            save = "iptables-save" if version == 4 else "ip6tables-save"
             for table in ("nat", "filter"):
-                view.firewall[f"iptables-{version} {table}"] = _tool([save, "-t", table])
+                view.firewall[f"iptables-{version} {table}"] = _tool([iptables_tool(version, "save"), "-t", table])
     return view
 
 
@@ -185,6 +184,10 @@ def _external(inputs: Inputs, own: Lease, options: VxlanOptions) -> External:
                     ip6 or own.public_ipv6, own.public_ipv6, onlink)
 
 
+def _own_subnets(own: Lease) -> set[str]:
+    return {str(s) for s in (own.subnet, own.subnet6) if s is not None}
+
+
 def _route_text(route: Route) -> str:
     if route.blackhole:
         return f"blackhole {route.dst} metric {route.metric}"
@@ -231,7 +234,7 @@ def _check_lease(inputs: Inputs, own: Lease, ext: External) -> list[Finding]:
         if ttl <= 0:
             out.append(Finding(PROBLEM, "lease", f"lease {own.key} has expired or its etcd lease is gone"))
             return out
-        expiry = f"expires in {ttl // 3600}h{ttl % 3600 // 60:02d}m"
+        expiry = f"expires in {human_duration(ttl)}"
     out.append(Finding(OK, "lease", f"{own.key} for {own.public_ip if int(own.public_ip) else own.public_ipv6}, "
                                     f"{expiry}, underlay {ext.name}"))
     return out
@@ -282,7 +285,7 @@ def _check_tables(inputs: Inputs, own: Lease, backend: VxlanBackend) -> list[Fin
     desired = plan.desired
     devices = set(desired.devices)
     nets = [ipaddress.ip_network(n) for n in desired.owned_networks]
-    own_subnets = {str(s) for s in (own.subnet, own.subnet6) if s is not None}
+    own_subnets = _own_subnets(own)
     out = [Finding(WARN, "peers", f"peer {key} not programmed: {why}") for key, why in plan.skipped]
 
     actual_neighs = {n for n in kernel.neighs if n.dev in devices}
@@ -365,7 +368,7 @@ def diagnose(inputs: Inputs) -> list[Finding]:
         return _check_env(inputs, None, None)
     ext = _external(inputs, own, options)
     # A blackhole route for our own subnet means flanneld runs with --ip-blackhole-route: expect it.
-    own_subnets = {str(s) for s in (own.subnet, own.subnet6) if s is not None}
+    own_subnets = _own_subnets(own)
     blackhole = any(r.blackhole and r.dst in own_subnets for r in inputs.kernel.routes)
     try:
         backend = VxlanBackend(inputs.config, ext, options, blackhole)

@@ -126,6 +126,11 @@ def _run(argv: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[
     return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=30)
 
 
+def iptables_tool(version: int, what: str) -> str:
+    """iptables-save, ip6tables-restore, ..."""
+    return f"{'ip6tables' if version == 6 else 'iptables'}-{what}"
+
+
 class Firewall:
     """Installs and watches over our rules."""
 
@@ -145,13 +150,9 @@ class Firewall:
 
     # -- iptables ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _bin(version: int, what: str) -> str:
-        return f"{'ip6tables' if version == 6 else 'iptables'}-{what}"
-
     def _ipt_state(self, version: int, table: str) -> dict[str, list[str]]:
         """Per chain, the rule lines of our chains and the parent chains' lines with our comments."""
-        out = self._tool([self._bin(version, "save"), "-t", table])
+        out = self._tool([iptables_tool(version, "save"), "-t", table])
         state: dict[str, list[str]] = {}
         for line in out.splitlines():
             if line.startswith(":"):
@@ -179,7 +180,7 @@ class Firewall:
                     if c.chain in state:
                         lines += [f"-F {c.chain}", f"-X {c.chain}"]
             lines.append("COMMIT")
-            self._tool([self._bin(version, "restore"), "--noflush"], "\n".join(lines) + "\n")
+            self._tool([iptables_tool(version, "restore"), "--noflush"], "\n".join(lines) + "\n")
             self._seen[f"ipt{version}/{table}"] = self._ipt_state(version, table)
 
     # -- nftables ----------------------------------------------------------------------------
@@ -220,7 +221,7 @@ class Firewall:
             else:
                 for table in ("nat", "filter"):
                     if self._ipt_state(version, table) != self._seen.get(f"ipt{version}/{table}"):
-                        drifted.append(f"{self._bin(version, 'save').split('-')[0]} {table} table")
+                        drifted.append(f"{iptables_tool(version, 'save').split('-')[0]} {table} table")
         if not drifted:
             return True
         log.warning("firewall rules drifted (%s); reinstalling", ", ".join(drifted))
