@@ -41,8 +41,8 @@ def invoke(argv: list[str], command: str, conf: bytes, container: str, netns: st
     return elapsed
 
 
-def version_floor(argv: list[str], runs: int = 30) -> float:
-    """Median start-up cost: a VERSION call, which does no network work (or any do-nothing argv)."""
+def start_up_median(argv: list[str], runs: int = 30) -> float:
+    """Median wall time of a call that does no network work (a plugin's VERSION, or `python -c pass`)."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -93,9 +93,9 @@ def main() -> int:
                 if i >= 0:
                     timings[(who, "ADD")].append(add)
                     timings[(who, "DEL")].append(delete)
-        floor_ours, floor_bare = version_floor(wrapper), version_floor(bridge)
+        floor_ours, floor_bare = start_up_median(wrapper), start_up_median(bridge)
         # what any per-pod Python plugin pays before its first line runs: the wrapper's interpreter, bare
-        floor_python = version_floor([install.interpreter(), "-I", "-S", "-c", "pass"])
+        floor_python = start_up_median([install.interpreter(), "-I", "-S", "-c", "pass"])
         leftovers = os.listdir(os.path.join(work, "ipam", "cbr0"))
     finally:
         bench_lab.close()

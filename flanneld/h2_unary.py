@@ -44,7 +44,6 @@ class Target:
     tls: ssl.SSLContext | None = None  # None: cleartext HTTP/2 with prior knowledge (h2c)
     metadata: tuple[tuple[str, str], ...] = ()  # e.g. etcd's ("token", ...); never logged
 
-
     @property
     def authority(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
