@@ -112,17 +112,16 @@ class Context:
         ids = [li.kv.lease_id for li in (only if only is not None else listing.leases.values()) if li.kv.lease_id]
         return self.registry.time_to_live_many(ids) if ids else {}
 
-    def config(self) -> tuple[Any, Any]:
-        """(KeyValue, validated NetworkConfig), both None when there is no config; CtlError if invalid."""
+    def stored_config(self, why: str = "") -> Any:
+        """The config's KeyValue as stored (not validated); CtlError when there is none."""
         kv = self.registry.get(f"{self.prefix}/config")
-        return kv, (_parse(kv.value) if kv is not None else None)
+        if kv is None:
+            fail(f"no network config at {self.prefix}/config{why}")
+        return kv
 
     def require_config(self, why: str = "") -> Any:
-        """The validated NetworkConfig; CtlError when there is none."""
-        _, config = self.config()
-        if config is None:
-            fail(f"no network config at {self.prefix}/config{why}")
-        return config
+        """The validated NetworkConfig; CtlError when there is none or it is invalid."""
+        return _parse(self.stored_config(why).value)
 
 
 def _parse(raw: bytes | str) -> Any:
@@ -431,9 +430,7 @@ def _read_file(path: str) -> str:
 @click.pass_obj
 def config_get(obj: Context, summary: bool) -> None:
     """Print the config as stored."""
-    kv = obj.registry.get(f"{obj.prefix}/config")
-    if kv is None:
-        fail(f"no network config at {obj.prefix}/config")
+    kv = obj.stored_config()
     if summary:
         click.echo(ctl_views.describe_config(_parse(kv.value)))
     else:
