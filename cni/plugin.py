@@ -371,10 +371,16 @@ def _write_durably(directory, name, data, sync=True):
 def save_state(data_dir, container_id, ifname, delegate_bytes):
     try:
         ifname_dir = _ifname_dir(data_dir)
-        _makedirs(ifname_dir, 0o700)
         # The interface name only serves GC, which falls back to "eth0" (what upstream's state and
         # every Kubernetes pod use) if a crash loses it: not worth two fsyncs on every pod.
-        _write_durably(ifname_dir, container_id, ifname.encode(), sync=False)
+        for attempt in (1, 2):
+            _makedirs(ifname_dir, 0o700)
+            try:
+                _write_durably(ifname_dir, container_id, ifname.encode(), sync=False)
+                break
+            except FileNotFoundError:  # a concurrent DEL removed the emptied directory: make it again
+                if attempt == 2:
+                    raise
         _write_durably(data_dir, container_id, delegate_bytes)
     except OSError as exc:
         raise CniError(E_IO, f"cannot save the delegate config in {data_dir}: {exc.strerror}") from None
@@ -393,7 +399,13 @@ def load_state(data_dir, container_id):
 
 def remove_state(data_dir, container_id):
     _unlink_if_present(_join(data_dir, container_id))
-    _unlink_if_present(_join(_ifname_dir(data_dir), container_id))
+    ifname_dir = _ifname_dir(data_dir)
+    _unlink_if_present(_join(ifname_dir, container_id))
+    # the last attachment gone: leave no empty directory behind (an ADD makes it again)
+    try:  # noqa: SIM105 - see _unlink_if_present
+        posix.rmdir(ifname_dir)
+    except OSError:
+        pass  # not empty (other pods), or already gone
 
 
 def saved_ifname(data_dir, container_id):

@@ -208,6 +208,7 @@ def test_fifty_pods_add_and_del_leave_nothing_behind(runtime):
         rc, _, err = runtime.call(node, "DEL", runtime.conf(node, "0.3.1"), container, netns)
         assert rc == 0, err
     assert runtime.allocated(node) == [] and runtime.saved(node) == []
+    assert os.listdir(runtime.state_dir(node)) == []  # not even an empty .ifname directory
     leftovers = [link for link in node.sh_json("ip", "-j", "link", "show", "master", f"{runtime.prefix}-cni0")]
     assert leftovers == []
 

@@ -203,3 +203,72 @@ def test_a_failed_state_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(plugin.CniError, match="cannot save the delegate config"):
         plugin.save_state(str(tmp_path), "c1", "eth0", b"{}")
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_removing_the_last_attachment_leaves_no_empty_ifname_directory(tmp_path):
+    data_dir = str(tmp_path)
+    plugin.save_state(data_dir, "c1", "eth0", b"{}")
+    plugin.save_state(data_dir, "c2", "eth0", b"{}")
+    plugin.remove_state(data_dir, "c1")
+    assert (tmp_path / plugin.IFNAME_DIR / "c2").exists()  # others keep the directory
+    plugin.remove_state(data_dir, "c2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    plugin.remove_state(data_dir, "c2")  # idempotent
+    plugin.save_state(data_dir, "c3", "net1", b"{}")  # and the next ADD makes it again
+    assert plugin.saved_ifname(data_dir, "c3") == "net1"
+
+
+class _Stdin:
+    def __init__(self, data: bytes) -> None:
+        import io
+
+        self.buffer = io.BytesIO(data)
+
+
+_json_docs = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["cniVersion", "name", "type", "delegate", "ipam", "routes", "dst", "subnetFile",
+                         "dataDir", "runtimeConfig", "x"]), inner, max_size=5),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=120) | _json_docs.map(lambda doc: json.dumps(doc).encode()))
+def test_fuzzed_stdin_only_ever_raises_cni_errors(data):
+    """Whatever a runtime pipes in, the plugin answers with a CNI error object, never a traceback."""
+    old = sys.stdin
+    sys.stdin = _Stdin(data)
+    try:
+        conf = plugin._config()
+    except plugin.CniError:
+        return
+    finally:
+        sys.stdin = old
+    fenv = {"networks": ["198.18.0.0/16"], "ipv6_networks": [], "subnet": "198.18.5.0/24", "ipv6_subnet": None,
+            "mtu": 1450, "ipmasq": False}
+    try:
+        delegate = plugin.build_delegate(conf, fenv)
+    except plugin.CniError:
+        return
+    assert plugin.loads(plugin.dumps(delegate)) == delegate
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET",
+                                 "FLANNEL_MTU", "FLANNEL_IPMASQ", "JUNK", ""]), max_size=7),
+       st.lists(st.sampled_from(["198.18.0.0/16", "198.18.5.1/24", "2001:db8::/56", "x", "", "1450", "true",
+                                 "10.0.0.0/33", "-1", "1,2", "\x00"]), max_size=7))
+def test_fuzzed_subnet_env_only_ever_raises_cni_errors(names, values):
+    import tempfile
+
+    text = "\n".join(f"{n}={v}" for n, v in zip(names, values, strict=False))
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as fh:
+        fh.write(text)
+        fh.flush()
+        try:
+            env = plugin.read_subnet_env(fh.name)
+        except plugin.CniError:
+            return
+    assert env["mtu"] is not None and env["ipmasq"] is not None
