@@ -3,9 +3,11 @@
 Rule text is pure (:func:`iptables_rules`, :func:`nft_script`). :class:`Firewall` installs it
 atomically (``iptables-restore --noflush`` flushing and refilling our own chain in one commit;
 ``nft -f`` replacing our table in one transaction) and checks for drift by listing once per
-table per period (one fork per table, never one per rule), comparing with what the kernel
-showed right after our last install. Drift (a deleted rule, a flushed chain, a missing jump,
-masquerade rules of an older subnet) triggers a reinstall.
+table per period (one fork per table, never one per rule), comparing with the *intended* rules
+(iptables-save and ``nft list`` print them exactly as we write them, up to indentation). Drift
+(a deleted rule, a flushed chain, a missing jump, masquerade rules of an older subnet) triggers a
+reinstall. The reference is never a listing taken after an install: a change landing between
+our install and such a listing would become the reference and never be repaired.
 """
 
 from __future__ import annotations
@@ -122,6 +124,11 @@ def nft_script(spec: FirewallSpec, fam: FamilyRules) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def nft_lines(text: str | None) -> tuple[str, ...]:
+    """A table's text without indentation and blank lines: how our script and ``nft list`` compare."""
+    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+
+
 def _run(argv: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=30)
 
@@ -137,7 +144,6 @@ class Firewall:
     def __init__(self, spec: FirewallSpec, runner: Runner = _run) -> None:
         self.spec = spec
         self._run_tool = runner
-        self._seen: dict[str, object] = {}  # what each listing showed after our last install
 
     def _tool(self, argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
         try:
@@ -181,7 +187,16 @@ class Firewall:
                         lines += [f"-F {c.chain}", f"-X {c.chain}"]
             lines.append("COMMIT")
             self._tool([iptables_tool(version, "restore"), "--noflush"], "\n".join(lines) + "\n")
-            self._seen[f"ipt{version}/{table}"] = self._ipt_state(version, table)
+
+    @staticmethod
+    def _ipt_drifted(chains: list[ChainSpec], state: dict[str, list[str]]) -> bool:
+        """Whether a table's listing differs from the intended chains (rules, and one jump each)."""
+        for c in chains:
+            if state.get(c.chain) != (list(c.rules) if c.rules else None):
+                return True
+            if [line for line in state.get(c.parent, []) if c.comment in line] != ([c.jump] if c.rules else []):
+                return True
+        return False
 
     # -- nftables ----------------------------------------------------------------------------
 
@@ -194,7 +209,6 @@ class Firewall:
         kind, name = NFT_TABLE[version]
         text = f"table {kind} {name}\ndelete table {kind} {name}\n" + (script or "")
         self._tool(["nft", "-f", "-"], text)
-        self._seen[f"nft{version}"] = self._nft_state(version)
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -216,11 +230,13 @@ class Firewall:
         for fam in self.spec.families:
             version = fam.network.version
             if self.spec.nftables:
-                if self._nft_state(version) != self._seen.get(f"nft{version}"):
+                if nft_lines(self._nft_state(version)) != nft_lines(nft_script(self.spec, fam)):
                     drifted.append(f"nftables table {NFT_TABLE[version][1]}")
             else:
+                chains = iptables_rules(self.spec, fam)
                 for table in ("nat", "filter"):
-                    if self._ipt_state(version, table) != self._seen.get(f"ipt{version}/{table}"):
+                    ours = [c for c in chains if c.table == table]
+                    if self._ipt_drifted(ours, self._ipt_state(version, table)):
                         drifted.append(f"{iptables_tool(version, 'save').split('-')[0]} {table} table")
         if not drifted:
             return True
@@ -238,4 +254,3 @@ class Firewall:
             elif self._nft_state(version) is not None:
                 kind, name = NFT_TABLE[version]
                 self._tool(["nft", "delete", "table", kind, name])
-        self._seen = {k: v for k, v in self._seen.items() if k.startswith("nft" if self.spec.nftables else "ipt")}

@@ -45,3 +45,60 @@ def test_nftables_script_matches_the_iptables_rules():
     assert "ip saddr 10.5.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random" in script
     assert "ip saddr 10.5.0.0/16 accept" in script and "ip daddr 10.5.0.0/16 accept" in script
     assert nft_script(FirewallSpec((V4,), masq=False, forward=False, nftables=True), V4) is None
+
+
+class FakeTables:
+    """iptables-save/-restore and nft stand-ins: restores are recorded, listings are what the test says."""
+
+    def __init__(self) -> None:
+        self.listing: dict[str, str] = {}
+        self.restores = 0
+
+    def __call__(self, argv, stdin):
+        import subprocess
+
+        tool = argv[0]
+        if tool.endswith("-restore") or argv[:2] == ["nft", "-f"]:
+            self.restores += 1
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        key = f"{tool} {argv[-1]}"
+        return subprocess.CompletedProcess(argv, 0, self.listing.get(key, ""), "")
+
+
+def _saved(chains, flushed=()):
+    """iptables-save text for our chains (rules left out of the chains in `flushed`)."""
+    out = {}
+    for c in chains:
+        lines = out.setdefault(c.table, [f"*{c.table}", f":{c.parent} ACCEPT [0:0]"])
+        lines += [f":{c.chain} - [0:0]", c.jump, *([] if c.chain in flushed else c.rules)]
+    return {f"iptables-save {table}": "\n".join([*lines, "COMMIT"]) + "\n" for table, lines in out.items()}
+
+
+def test_drift_is_judged_against_the_intended_rules_not_a_listing_after_install():
+    """A flush landing between our install and a listing must not become the reference (it was, once)."""
+    from flanneld.firewall import Firewall
+
+    spec = FirewallSpec((V4,), masq=True, forward=True)
+    chains = iptables_rules(spec, V4)
+    tables = FakeTables()
+    tables.listing = _saved(chains, flushed={"FLANNEL-POSTRTG"})  # flushed right as we installed
+    fw = Firewall(spec, tables)
+    fw.apply()
+    assert fw.check() is False and tables.restores == 2 * 2  # drift seen; both tables reinstalled
+    tables.listing = _saved(chains)
+    assert fw.check() is True and tables.restores == 4  # as intended: nothing to do
+
+
+def test_nft_listing_with_the_kernels_indentation_is_not_drift():
+    from flanneld.firewall import Firewall
+
+    spec = FirewallSpec((V4,), masq=True, forward=True, nftables=True)
+    script = nft_script(spec, V4)
+    listed = script.replace("  chain forward", "\n  chain forward").replace("    ", "\t\t").replace("  ", "\t")
+    tables = FakeTables()
+    tables.listing = {"nft flannel-ipv4": listed}
+    fw = Firewall(spec, tables)
+    assert fw.check() is True and tables.restores == 0
+    tables.listing = {"nft flannel-ipv4": listed.replace('\t\tip saddr 10.5.0.0/16 accept comment "flanneld forward"\n',
+                                                         "")}
+    assert fw.check() is False and tables.restores == 1
