@@ -69,6 +69,9 @@ class Backend(Protocol):
     def lease_attrs(self, macs: dict[str, str]) -> LeaseAttrs:
         """What we publish in our lease, given the devices' actual MACs."""
 
+    def published_by_us(self, lease: Lease, macs: dict[str, str]) -> bool:
+        """Whether a lease with another public IP was written by this node (its address changed)."""
+
     def base_state(self, own: Lease, macs: dict[str, str]) -> DesiredState:
         """Everything but peers: devices, our addresses, our own routes."""
 

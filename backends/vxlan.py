@@ -131,6 +131,16 @@ class VxlanBackend:
             backend_v6_data=data.get(6),
         )
 
+    def published_by_us(self, lease: Lease, macs: dict[str, str]) -> bool:
+        """Whether `lease` carries one of our devices' VTEP MACs: proof it is ours when our address changed.
+
+        A device keeps its random MAC across restarts (and a recreated one gets it back), so no
+        other node can publish it.
+        """
+        ours = {mac for mac in macs.values() if mac}
+        return lease.backend_type == "vxlan" and any(
+            normalize_mac(data.get("VtepMAC")) in ours for data in (lease.backend, lease.backend_v6))
+
     def _direct(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return self.options.direct_routing and any(ip.version == n.version and ip in n for n in self.ext.onlink)
 

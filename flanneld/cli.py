@@ -7,7 +7,9 @@ The command line wins over the environment; an empty environment value counts as
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .etcd_options import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, EtcdOptions
+from .etcd_options import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, EndpointError, EtcdOptions, parse_endpoint, quiet_grpc
 
 TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 FALSE = {"0", "f", "F", "FALSE", "false", "False"}
@@ -56,6 +58,57 @@ class GoInt(click.ParamType):
         return number
 
 
+class IPAddress(click.ParamType):
+    """An IP address (of one family if `version` is given); empty means "not set"."""
+
+    name = "ip"
+
+    def __init__(self, version: int | None = None) -> None:
+        self.version = version
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        if not text:
+            return ""
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            self.fail(f"{text!r} is not an IP address", param, ctx)
+        if self.version and addr.version != self.version:
+            self.fail(f"{text!r} is not an IPv{self.version} address", param, ctx)
+        return str(addr)
+
+
+class Endpoints(click.ParamType):
+    """Comma-separated etcd endpoint URLs, each checked (see etcd_options.parse_endpoint)."""
+
+    name = "urls"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        endpoints = tuple(e.strip() for e in str(value).split(",") if e.strip())
+        if not endpoints:
+            self.fail("no endpoints given", param, ctx)
+        for endpoint in endpoints:
+            try:
+                parse_endpoint(endpoint)
+            except EndpointError as exc:
+                self.fail(str(exc), param, ctx)
+        return endpoints
+
+
+class Regex(click.ParamType):
+    name = "regex"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            self.fail(f"{value!r} is not a valid regular expression: {exc}", param, ctx)
+        return str(value)
+
+
 def flag(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """An option spelled --name and -name (Go style)."""
     dest = name.replace("-", "_")
@@ -80,7 +133,7 @@ def etcd_flags_with_env(*env_prefixes: str) -> Callable[[Callable[..., Any]], Ca
 
     def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
         for decorator in reversed([
-            flag("etcd-endpoints", default=",".join(DEFAULT_ENDPOINTS), show_default=True,
+            flag("etcd-endpoints", type=Endpoints(), default=",".join(DEFAULT_ENDPOINTS), show_default=True,
                  help="Comma-separated etcd endpoints (http:// or https://).", **env("etcd-endpoints")),
             flag("etcd-prefix", default=DEFAULT_PREFIX, show_default=True, help="etcd key prefix.",
                  **env("etcd-prefix")),
@@ -102,11 +155,8 @@ etcd_flags = etcd_flags_with_env()
 
 def etcd_options(kw: dict[str, Any]) -> EtcdOptions:
     """Build EtcdOptions from the etcd_flags values (removed from `kw`)."""
-    endpoints = tuple(e.strip() for e in kw.pop("etcd_endpoints").split(",") if e.strip())
-    if not endpoints:
-        raise click.BadParameter("no endpoints given", param_hint="--etcd-endpoints")
     return EtcdOptions(
-        endpoints=endpoints,
+        endpoints=kw.pop("etcd_endpoints"),
         prefix=kw.pop("etcd_prefix").rstrip("/") or "/",
         keyfile=kw.pop("etcd_keyfile"),
         certfile=kw.pop("etcd_certfile"),
@@ -131,10 +181,11 @@ def setup_logging(verbosity: int) -> None:
                       "the command line wins.")
 @etcd_flags
 @flag("iface", multiple=True, help="Interface name or IP to use (repeatable; first match wins).")
-@flag("iface-regex", multiple=True, help="Regex matched against interface IPs, then names (repeatable).")
-@flag("iface-can-reach", default="", help="Use the interface the kernel would route to this IP.")
-@flag("public-ip", default="", help="IPv4 address published to peers (default: the interface's).")
-@flag("public-ipv6", default="", help="IPv6 address published to peers (default: the interface's).")
+@flag("iface-regex", type=Regex(), multiple=True, help="Regex matched against interface IPs, then names (repeatable).")
+@flag("iface-can-reach", type=IPAddress(), default="", help="Use the interface the kernel would route to this IP.")
+@flag("public-ip", type=IPAddress(4), default="", help="IPv4 address published to peers (default: the interface's).")
+@flag("public-ipv6", type=IPAddress(6), default="",
+      help="IPv6 address published to peers (default: the interface's).")
 @flag("subnet-file", default="/run/flannel/subnet.env", show_default=True, help="Where to write subnet.env.")
 @flag("subnet-lease-renew-margin", type=GoInt(1, 1439), default=60, show_default=True,
       help="Renew the lease this many minutes before it expires.")
@@ -144,7 +195,8 @@ def setup_logging(verbosity: int) -> None:
       help="Seconds between firewall drift checks.")
 @bool_flag("iptables-forward-rules", True, "Install FORWARD accept rules for the overlay network.")
 @bool_flag("ip-blackhole-route", False, "Keep a (low-priority) blackhole route for our subnet.")
-@flag("healthz-ip", default="0.0.0.0", show_default=True, help="Address for /healthz, /readyz, /metrics.")
+@flag("healthz-ip", type=IPAddress(), default="0.0.0.0", show_default=True,
+      help="Address for /healthz, /readyz, /metrics.")
 @flag("healthz-port", type=GoInt(0, 65535), default=0, show_default=True, help="Port for them (0: off).")
 @flag("reconcile-interval", type=GoInt(1, 86400), default=30, show_default=True,
       help="Seconds between full kernel-state reconciles (drift is also repaired on netlink events).")
@@ -155,6 +207,7 @@ def flanneld_command(show_version: bool, verbosity: int, **kw: Any) -> None:
     if show_version:
         click.echo(__version__)
         return
+    quiet_grpc(verbose=verbosity >= 4)  # before grpc is imported (the same level shows grpc's Python logs)
     from .daemon import Daemon, DaemonOptions  # keeps --help and --version fast
     from .iface import IfaceOptions
 
@@ -189,4 +242,10 @@ def main() -> None:
 
         install_command(args=sys.argv[2:], prog_name="flanneld install-cni")
         return
-    flanneld_command(prog_name="flanneld")
+    try:
+        flanneld_command.main(prog_name="flanneld", standalone_mode=False)
+    except click.UsageError as exc:  # one line for the journal, not click's usage block
+        click.echo(f"flanneld: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(1)

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .gofields import GoObject, lookup
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -54,6 +56,14 @@ class FamilyConfig:
             and self.subnet_min <= subnet.network_address <= self.subnet_max
         )
 
+    def misfit(self, subnet: IPNetwork) -> str:
+        """How a peer's leased subnet of this family departs from the config ('' when it fits)."""
+        if subnet.prefixlen != self.subnet_len:
+            return f"it is a /{subnet.prefixlen} but the network config's SubnetLen is {self.subnet_len}"
+        if not self.subnet_min <= subnet.network_address <= self.subnet_max:
+            return f"it lies outside SubnetMin..SubnetMax ({self.subnet_min}..{self.subnet_max})"
+        return ""
+
     def subnet_count(self) -> int:
         """Number of subnets in SubnetMin..SubnetMax."""
         return (int(self.subnet_max) - int(self.subnet_min)) // self.subnet_size() + 1
@@ -71,7 +81,7 @@ class BackendConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def get(self, name: str, default: Any = None) -> Any:
-        found = _lookup(self.options, name)
+        found = lookup(self.options, name)
         return default if found is None else found
 
 
@@ -96,20 +106,8 @@ class NetworkConfig:
         return [f for f in (self.ipv4, self.ipv6) if f is not None]
 
 
-def _lookup(obj: Mapping[str, Any], name: str) -> Any:
-    """Case-insensitive key lookup; an exact match wins, as in Go's encoding/json."""
-    if name in obj:
-        return obj[name]
-    lowered = name.lower()
-    found = None
-    for key, value in obj.items():
-        if key.lower() == lowered:
-            found = value
-    return found
-
-
 def _bool(doc: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = _lookup(doc, name)
+    value = lookup(doc, name)
     if value is None:
         return default
     if not isinstance(value, bool):
@@ -118,7 +116,7 @@ def _bool(doc: Mapping[str, Any], name: str, default: bool) -> bool:
 
 
 def _uint(doc: Mapping[str, Any], name: str) -> int | None:
-    value = _lookup(doc, name)
+    value = lookup(doc, name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -127,7 +125,7 @@ def _uint(doc: Mapping[str, Any], name: str) -> int | None:
 
 
 def _network(doc: Mapping[str, Any], name: str, version: int) -> IPNetwork | None:
-    value = _lookup(doc, name)
+    value = lookup(doc, name)
     if value is None or value == "":
         return None
     if not isinstance(value, str):
@@ -145,7 +143,7 @@ def _network(doc: Mapping[str, Any], name: str, version: int) -> IPNetwork | Non
 
 
 def _address(doc: Mapping[str, Any], name: str, version: int) -> IPAddress | None:
-    value = _lookup(doc, name)
+    value = lookup(doc, name)
     if value is None or value == "":
         return None
     if not isinstance(value, str):
@@ -218,12 +216,12 @@ def _family(doc: Mapping[str, Any], version: int) -> FamilyConfig:
 
 
 def _backend(doc: Mapping[str, Any]) -> BackendConfig:
-    raw = _lookup(doc, "Backend")
+    raw = lookup(doc, "Backend")
     if raw is None:
         return BackendConfig(DEFAULT_BACKEND, {})
     if not isinstance(raw, dict):
         raise ConfigError(f"Backend must be a JSON object, got {json.dumps(raw)}")
-    btype = _lookup(raw, "Type")
+    btype = lookup(raw, "Type")
     if btype is None or btype == "":
         btype = DEFAULT_BACKEND
     elif not isinstance(btype, str):
@@ -243,7 +241,7 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         except UnicodeDecodeError as exc:
             raise ConfigError(f"network config is not valid UTF-8: {exc.reason}") from None
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_hook=GoObject)  # field names match in any case, at every level
     except (json.JSONDecodeError, RecursionError) as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""

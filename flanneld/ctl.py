@@ -21,7 +21,7 @@ import click
 
 from . import __version__, ctl_views
 from .cli import etcd_flags_with_env, etcd_options, flag
-from .etcd_options import EtcdOptions
+from .etcd_options import EtcdOptions, quiet_grpc
 
 ENV_PREFIXES = ("FLANNELCTL", "FLANNELD")
 EXAMPLES = """\b
@@ -70,7 +70,6 @@ class Context:
     @property
     def registry(self) -> Any:
         if self._registry is None:
-            os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own stderr chatter is not for operators
             from .registry import Registry
 
             self._registry = Registry(self.options)
@@ -199,10 +198,7 @@ def _complete_subnets(ctx: click.Context, _param: click.Parameter, incomplete: s
 @click.pass_context
 def cli(ctx: click.Context, etcd_timeout: float, **kw: Any) -> None:
     """flannelctl: inspect flannel's subnet leases in etcd and change them safely."""
-    try:
-        options = etcd_options(kw)
-    except click.BadParameter as exc:
-        raise click.UsageError(exc.format_message()) from None
+    options = etcd_options(kw)
     ctx.obj = Context(EtcdOptions(options.endpoints, options.prefix, options.keyfile, options.certfile,
                                   options.cafile, options.username, options.password, etcd_timeout))
 
@@ -593,4 +589,5 @@ def completion(shell: str) -> None:
 
 
 def main() -> None:
+    quiet_grpc()
     cli(prog_name="flannelctl")

@@ -29,13 +29,14 @@ from . import __version__, subnetenv
 from .backends import PeerPlan, VxlanBackend, VxlanOptions, merge, validate_backend
 from .backends.vxlan import normalize_mac
 from .config import ConfigError, NetworkConfig, parse_config
+from .config_monitor import ConfigMonitor
 from .etcd_options import EtcdOptions
 from .firewall import FamilyRules, Firewall, FirewallError, FirewallSpec
 from .health import HealthServer, Metrics, sd_notify
 from .iface import IfaceError, IfaceOptions
 from .iface import select as select_iface
 from .kernel import Kernel, KernelError, Monitor
-from .lease import Lease, LeaseAttrs
+from .lease import Lease, LeaseAttrs, leases_prefix
 from .leases import SUBNET_TTL, LeaseError, LeaseEvent, LeaseManager, LeaseWatcher
 from .reconciler import Reconciler, Report
 from .registry import Registry, RegistryError
@@ -82,9 +83,11 @@ class Daemon:
         self.kernel: Kernel | None = None
         self.monitor: Monitor | None = None
         self.watcher: LeaseWatcher | None = None
+        self.config_monitor: ConfigMonitor | None = None
         self.health_server: HealthServer | None = None
         self.peers: dict[str, PeerPlan] = {}
         self._skip_logged: dict[str, tuple[str, ...]] = {}
+        self._misfit_logged: dict[str, str] = {}
 
     # -- observability -----------------------------------------------------------------------
 
@@ -167,22 +170,31 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         log.info("flanneld %s starting; etcd %s", __version__, self.opts.etcd.describe())
         try:
+            # what can fail on the node's own account fails now, before a lease or a device exists
+            subnetenv.check_writable(self.opts.subnet_file)
             if self.opts.healthz_port:
-                self.health_server = HealthServer(self.opts.healthz_ip, self.opts.healthz_port, self.health,
-                                                  self.readiness, self.metrics)
-                self.health_server.start()
-                log.info("serving /healthz, /readyz and /metrics on %s:%d", self.opts.healthz_ip,
-                         self.health_server.port)
+                self._serve_health()
             self.registry = Registry(self.opts.etcd)
             if not self._start():
                 return 0
             self._loop()
             return 0
-        except (FatalError, IfaceError, ConfigError, FirewallError, RegistryError, KernelError) as exc:
+        except (FatalError, IfaceError, ConfigError, FirewallError, RegistryError, KernelError,
+                subnetenv.SubnetEnvError) as exc:
             log.error("%s", exc)
             return 1
         finally:
             self._shutdown()
+
+    def _serve_health(self) -> None:
+        host, port = self.opts.healthz_ip, self.opts.healthz_port
+        try:
+            self.health_server = HealthServer(host, port, self.health, self.readiness, self.metrics)
+        except OSError as exc:
+            raise FatalError(f"cannot serve /healthz on {host}:{port} (--healthz-ip/--healthz-port): "
+                             f"{exc.strerror or exc}") from None
+        self.health_server.start()
+        log.info("serving /healthz, /readyz and /metrics on %s:%d", host, self.health_server.port)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if not self.stop_event.is_set():
@@ -214,8 +226,10 @@ class Daemon:
             previous = subnetenv.read(self.opts.subnet_file)
         except subnetenv.SubnetEnvError as exc:
             log.warning("ignoring unreadable subnet file: %s", exc)
+        self.macs: dict[str, str] = {}
         self.leases = LeaseManager(self.registry, config, self.opts.etcd.prefix, ttl=self.opts.lease_ttl,  # type: ignore[arg-type]
-                                   renew_margin=self.opts.renew_margin_minutes * 60, previous=previous)
+                                   renew_margin=self.opts.renew_margin_minutes * 60, previous=previous,
+                                   recognizes=lambda lease: self.backend.published_by_us(lease, self.macs))
 
         self.phase = "setting up the VXLAN device"
         probe = self.backend.lease_attrs({link.name: "00:00:00:00:00:00" for link in self.backend.links({})})
@@ -258,6 +272,9 @@ class Daemon:
         threading.Thread(target=self.watcher.run, args=(self._on_leases,), name="lease-watch", daemon=True).start()
         self.monitor = Monitor()
         threading.Thread(target=self._watch_netlink, name="netlink-monitor", daemon=True).start()
+        self.config_monitor = ConfigMonitor(self.registry, f"{self.opts.etcd.prefix}/config", config,  # type: ignore[arg-type]
+                                            lambda c: validate_backend(c.backend), self.opts.reconcile_interval)
+        threading.Thread(target=self.config_monitor.run, name="config-monitor", daemon=True).start()
         return True
 
     @staticmethod
@@ -390,8 +407,10 @@ class Daemon:
                 self.peers[key] = plan
                 _extend(added, plan)
                 self._log_skips(key, plan)
+                self._log_misfit(key, lease)
             else:
                 self._skip_logged.pop(key, None)
+                self._misfit_logged.pop(key, None)
             if incremental:  # the initial listing is summarised, not logged lease by lease
                 public = lease.public_ip if lease.subnet else lease.public_ipv6
                 log.info("lease %s %s (%s)", ev.kind, lease.describe(), public)
@@ -412,6 +431,22 @@ class Daemon:
         elif self._skip_logged.get(key) != reasons:
             log.warning("not programming all of lease %s: %s", key, "; ".join(reasons))
             self._skip_logged[key] = reasons
+
+    def _log_misfit(self, key: str, lease: Lease) -> None:
+        """Warn once per lease whose subnet departs from the config (it is programmed all the same)."""
+        reasons = [f"IPv{fam.version} subnet {subnet}: {why}"
+                   for fam, subnet in ((self.config.ipv4, lease.subnet), (self.config.ipv6, lease.subnet6))
+                   if fam is not None and subnet is not None and subnet.subnet_of(fam.network)  # type: ignore[arg-type]
+                   and (why := fam.misfit(subnet))]
+        text = "; ".join(reasons)
+        if text and self._misfit_logged.get(key) != text:
+            log.warning("lease %s%s does not fit the network config (%s); programming it anyway: its node routes "
+                        "its pods there (a node started with another config?)", leases_prefix(self.opts.etcd.prefix),
+                        key, text)
+        if text:
+            self._misfit_logged[key] = text
+        else:
+            self._misfit_logged.pop(key, None)
 
     def _own_lease_event(self, ev: LeaseEvent) -> str:
         if ev.kind == "removed":
@@ -491,6 +526,8 @@ class Daemon:
             sd_notify("STOPPING=1")
         if self.watcher is not None:
             self.watcher.stop()
+        if self.config_monitor is not None:
+            self.config_monitor.stop()
         if self.health_server is not None:
             self.health_server.stop()
         if self.monitor is not None:

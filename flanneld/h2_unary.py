@@ -22,8 +22,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE = 0, 1, 3, 4, 5, 6, 7, 8
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_DATA, _HEADERS, _RST_STREAM, SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE = 0, 1, 3, 4, 5, 6, 7, 8
 _END_STREAM, _ACK, _END_HEADERS, _PADDED = 0x1, 0x1, 0x4, 0x8
 _SETTINGS_ENABLE_PUSH, _SETTINGS_MAX_CONCURRENT_STREAMS, _SETTINGS_INITIAL_WINDOW_SIZE = 0x2, 0x3, 0x4
 _MAX_WINDOW = (1 << 31) - 1
@@ -155,7 +155,7 @@ class _Session:
         answers: list[bytes | None] = [None] * len(requests)
         bodies = [grpc_message(r) for r in requests]
         # Our windows at their maximum: the server never waits for us to read.
-        self.out += _PREFACE + frame(_SETTINGS, 0, 0, struct.pack(
+        self.out += PREFACE + frame(SETTINGS, 0, 0, struct.pack(
             ">HIHI", _SETTINGS_ENABLE_PUSH, 0, _SETTINGS_INITIAL_WINDOW_SIZE, _MAX_WINDOW))
         self.out += frame(_WINDOW_UPDATE, 0, 0, struct.pack(">I", _MAX_WINDOW - _DEFAULT_WINDOW))
         nxt, done, buf = 0, 0, bytearray()
@@ -200,9 +200,9 @@ class _Session:
                 payload = payload[1:len(payload) - payload[0]] if payload else b""
             self.open[stream][1].extend(payload)
             self._credit(len(payload))
-        elif kind == _SETTINGS and not flags & _ACK:
+        elif kind == SETTINGS and not flags & _ACK:
             self._settings(payload)
-            self.out += frame(_SETTINGS, _ACK, 0)
+            self.out += frame(SETTINGS, _ACK, 0)
             self.settled = True
         elif kind == _PING and not flags & _ACK:
             self.out += frame(_PING, _ACK, 0, payload)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
 import secrets
 import shutil
@@ -128,6 +129,8 @@ def make_certs(directory: str, ips: Sequence[str] = ("127.0.0.1", CTL_IP)) -> Et
     def ossl(*args: str) -> None:
         sh(["openssl", *args])
 
+    os.makedirs(directory, exist_ok=True)
+
     path = lambda name: os.path.join(directory, name)  # noqa: E731
     ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
          "-subj", "/CN=flanneld-lab-ca", "-keyout", path("ca.key"), "-out", path("ca.crt"))
@@ -140,6 +143,17 @@ def make_certs(directory: str, ips: Sequence[str] = ("127.0.0.1", CTL_IP)) -> Et
         ossl("x509", "-req", "-in", path(f"{name}.csr"), "-CA", path("ca.crt"), "-CAkey", path("ca.key"),
              "-CAcreateserial", "-days", "2", "-extfile", path(f"{name}.ext"), "-out", path(f"{name}.crt"))
     return EtcdTLS(cert=path("server.crt"), key=path("server.key"), ca=path("ca.crt"))
+
+
+def enable_auth(server: EtcdServer, user: str, password: str, prefix: str) -> None:
+    """Turn on etcd auth with a root user and `user`, who may read and write keys under `prefix`."""
+    server.etcdctl("user", "add", "root", "--new-user-password=rootpw", "--interactive=false")
+    server.etcdctl("user", "add", user, f"--new-user-password={password}", "--interactive=false")
+    server.etcdctl("role", "add", user)
+    server.etcdctl("role", "grant-permission", user, "--prefix=true", "readwrite", prefix)
+    server.etcdctl("user", "grant-role", user, user)
+    server.etcdctl("auth", "enable")
+    server.root_user = "root:rootpw"
 
 
 def _tool(name: str) -> str:
@@ -172,24 +186,31 @@ class EtcdServer:
     """A throwaway single-member etcd 3.4 (own data dir on tmpfs, fast election, stopped at the end)."""
 
     def __init__(self, name: str, *, listen_ip: str = "0.0.0.0", tls: EtcdTLS | None = None,
-                 ns: str | None = None, extra_args: Sequence[str] = ()) -> None:
+                 ns: str | None = None, extra_args: Sequence[str] = (),
+                 initial_cluster: str | None = None, peer_port: int | None = None) -> None:
         self.extra_args = list(extra_args)
+        self.initial_cluster = initial_cluster
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.dir = tempfile.mkdtemp(prefix=f"etcd-{name}-", dir=base)
         self.name = name
         self.tls = tls
         self.ns = ns
         self.client_port = free_port()
-        self.peer_port = free_port()
+        self.peer_port = peer_port or free_port()
         self.listen_ip = listen_ip
         scheme = "https" if tls else "http"
         self.endpoint = f"{scheme}://127.0.0.1:{self.client_port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = os.path.join(self.dir, "etcd.log")
+        self.root_user: str | None = None  # "root:password" once auth is on (etcdctl needs it then)
 
     def endpoint_for(self, host: str) -> str:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{host}:{self.client_port}"
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return (self.endpoint,)
 
     def start(self, timeout: float = 20) -> None:
         scheme = "https" if self.tls else "http"
@@ -199,7 +220,7 @@ class EtcdServer:
             "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
-            "--initial-cluster", f"{self.name}=http://127.0.0.1:{self.peer_port}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}=http://127.0.0.1:{self.peer_port}",
             "--heartbeat-interval", "10", "--election-timeout", "100",
             "--snapshot-count", "100000", "--log-level", "warn", "--logger", "zap",
         ]
@@ -216,12 +237,18 @@ class EtcdServer:
         log.close()
         self._wait_ready(timeout)
 
+    def launch(self) -> None:
+        """Start without waiting for health (members of a new cluster need each other first)."""
+        self.start(timeout=0)
+
     def _wait_ready(self, timeout: float) -> None:
+        if timeout <= 0:
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise LabError(f"etcd exited ({self.proc.returncode}); log: {self.log_tail()}")
-            if self.etcdctl("endpoint", "health", check=False).returncode == 0:
+            if self.etcdctl("endpoint", "health", check=False, user=self.root_user).returncode == 0:
                 return
             time.sleep(0.05)
         raise LabError(f"etcd did not become healthy in {timeout}s; log: {self.log_tail()}")
@@ -263,9 +290,48 @@ class EtcdServer:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """SIGKILL: a member crashing, not shutting down."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class EtcdCluster:
+    """Three (or `size`) etcd members on one host, each with its own client port."""
+
+    def __init__(self, name: str, size: int = 3, extra_args: Sequence[str] = ()) -> None:
+        ports = [free_port() for _ in range(size)]
+        initial = ",".join(f"{name}{i}=http://127.0.0.1:{port}" for i, port in enumerate(ports))
+        self.members = [EtcdServer(f"{name}{i}", initial_cluster=initial, peer_port=port,
+                                   extra_args=[*extra_args, "--initial-cluster-token", f"{name}-{os.getpid()}"])
+                        for i, port in enumerate(ports)]
+
+    def start(self, timeout: float = 30) -> None:
+        for member in self.members:
+            member.launch()
+        for member in self.members:
+            member._wait_ready(timeout)
+
+    def endpoint_for(self, host: str) -> str:
+        """Every member's endpoint as seen from `host`, comma-separated (a --etcd-endpoints value)."""
+        return ",".join(m.endpoint_for(host) for m in self.members)
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(m.endpoint for m in self.members)
+
+    def member_on_port(self, port: int) -> EtcdServer:
+        return next(m for m in self.members if m.client_port == port)
+
+    def destroy(self) -> None:
+        for member in self.members:
+            member.destroy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +390,8 @@ class Node:
         pod_ns = f"{self.ns}-p{index}"
         self.lab.add_namespace(pod_ns)
         gw_ip, plen = gateway_cidr.split("/")
-        base = gw_ip.rsplit(".", 1)[0]
-        pod_ip = f"{base}.{10 + index}/{plen}"
+        subnet = ipaddress.ip_interface(gateway_cidr).network
+        pod_ip = f"{subnet.network_address + 10 + index}/{plen}"
         cmds = []
         if ip("link", "show", bridge, ns=self.ns, check=False).returncode != 0:
             cmds += [f"link add {bridge} type bridge", f"addr add {gateway_cidr} dev {bridge}",

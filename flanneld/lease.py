@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any
 
+from .gofields import GoObject
+
 IPv4Network = ipaddress.IPv4Network
 IPv6Network = ipaddress.IPv6Network
 
@@ -207,12 +209,12 @@ class Lease:
             object.__setattr__(self, "key", subnet_key(self.subnet, self.subnet6))
 
     @cached_property
-    def backend(self) -> dict[str, Any]:
+    def backend(self) -> GoObject:
         """BackendData decoded (empty when absent or not an object)."""
         return _decode_object(self.backend_data)
 
     @cached_property
-    def backend_v6(self) -> dict[str, Any]:
+    def backend_v6(self) -> GoObject:
         return _decode_object(self.backend_v6_data)
 
     def describe(self) -> str:
@@ -241,11 +243,12 @@ class LeaseAttrs:
                      self.backend_data, self.backend_v6_data, extra)
 
 
-def _decode_object(raw: str | None) -> dict[str, Any]:
+def _decode_object(raw: str | None) -> GoObject:
+    """BackendData as upstream reads it: field names match in any case (``VtepMac`` is ``VtepMAC``)."""
     if raw is None:
-        return {}
-    value = json.loads(raw)
-    return value if isinstance(value, dict) else {}
+        return GoObject()
+    value = json.loads(raw, object_hook=GoObject)
+    return value if isinstance(value, GoObject) else GoObject()
 
 
 def encode_value(lease: Lease) -> bytes:

@@ -34,6 +34,7 @@ from .lease import (
     encode_value,
     leases_prefix,
     parse_subnet_key,
+    subnet_key,
 )
 from .registry import Compacted, Compare, KeyValue, Registry, RegistryError, WatchBatch
 from .subnetenv import SubnetEnv
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 SUBNET_TTL = 24 * 3600
 MAX_ATTEMPTS = 50
+# A broken watch is retried at most this far apart: once etcd is back, peers are seen again within
+# about this long (plus gRPC's own reconnect backoff, capped at 1 s by the registry).
+WATCH_RETRY_MAX = 1.0
 
 
 class LeaseError(Exception):
@@ -131,6 +135,7 @@ class LeaseManager:
         renew_margin: float = 3600,
         previous: SubnetEnv | None = None,
         rng: random.Random | None = None,
+        recognizes: Callable[[Lease], bool] | None = None,
     ) -> None:
         if renew_margin >= ttl:
             raise LeaseError(f"renew margin ({renew_margin:.0f}s) must be shorter than the lease TTL ({ttl}s)")
@@ -145,6 +150,9 @@ class LeaseManager:
         )
         self.own: OwnLease | None = None
         self._spare_etcd_lease = 0  # granted for a create that lost its race; reused, never leaked
+        # Whether a lease was published by this node even though its public IP is not ours (the
+        # backend's own evidence, e.g. our VTEP MAC): a node whose address changed keeps its subnet.
+        self.recognizes = recognizes
 
     def full_key(self, key: str) -> str:
         return leases_prefix(self.prefix) + key
@@ -159,15 +167,19 @@ class LeaseManager:
     def _scan(self, attrs: LeaseAttrs) -> tuple[int, list[IPNetwork], list[Listed]]:
         """List the leases: (revision, every subnet some key claims, our own entries).
 
-        Only values that mention our public IP are decoded: a node joining a cluster of
-        thousands should not parse thousands of peer values just to pick a subnet.
+        Ours are the leases with our public IP and, if none has it, the lease of our previous
+        subnet when the backend recognizes it as published by this node (its address changed).
+        Only those values are decoded: a node joining a cluster of thousands should not parse
+        thousands of peer values just to pick a subnet.
         """
         head = leases_prefix(self.prefix)
         revision, kvs = self.registry.list_prefix(head)
         marker = str(attrs.public_ip) if self.config.enable_ipv4 else str(attrs.public_ipv6)
         needle = f'"{marker}"'.encode()
+        previous = subnet_key(*self.previous) if any(self.previous) else None
         taken: list[IPNetwork] = []
         mine: list[Listed] = []
+        recognized: list[Listed] = []
         for kv in kvs:
             short = kv.key[len(head):]
             try:
@@ -175,11 +187,19 @@ class LeaseManager:
             except LeaseDecodeError:
                 continue
             taken += [n for n in subnets if n is not None]
-            if needle in kv.value:
+            if needle in kv.value or (short == previous and self.recognizes is not None):
                 with contextlib.suppress(LeaseDecodeError):
                     lease = decode_lease(short, kv.value)
                     if _is_ours(lease, attrs, self.config):
                         mine.append(Listed(lease, kv))
+                    elif short == previous and self.recognizes is not None and self.recognizes(lease):
+                        recognized.append(Listed(lease, kv))
+        if not mine and recognized:
+            old = recognized[0].lease
+            log.warning("our previous lease %s names public address %s, but it carries this node's backend "
+                        "identity: our address changed, keeping the subnet", old.describe(),
+                        old.public_ip if self.config.enable_ipv4 else old.public_ipv6)
+            mine = recognized
         return revision, taken, mine
 
     def _own_candidate(self, mine: list[Listed]) -> Listed | None:
@@ -366,6 +386,7 @@ class LeaseWatcher:
         self._stop = threading.Event()
         self._watch = None
         self._lock = threading.Lock()
+        self._jitter = random.Random()
 
     # -- pure-ish state transitions ----------------------------------------------------------
 
@@ -483,8 +504,8 @@ class LeaseWatcher:
                     log.warning("lease watch interrupted: %s; resuming from revision %d", exc, self.revision + 1)
                 self.connected = False
                 self.last_error = str(exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                self._stop.wait(backoff * self._jitter.uniform(0.8, 1.2))  # nodes must not retry in step
+                backoff = min(backoff * 2, WATCH_RETRY_MAX)
             finally:
                 with self._lock:
                     self._watch = None

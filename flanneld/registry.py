@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
-import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +27,7 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from . import h2_unary
-from .etcd_options import EtcdOptions
+from .etcd_options import EndpointError, EtcdOptions, parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_reconnect_backoff_ms", 1_000),  # back within ~1 s of etcd's return
 ]
 
 
@@ -124,21 +124,6 @@ def _kv(kv: Any) -> KeyValue:
                     kv.create_revision, kv.version, kv.lease)
 
 
-def _parse_endpoint(url: str) -> tuple[str, int, bool]:
-    text = url.strip()
-    if "://" not in text:
-        text = "http://" + text
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RegistryError(f"invalid etcd endpoint {url!r}: expected http(s)://host:port")
-    try:
-        port = parts.port or 2379
-    except ValueError:
-        raise RegistryError(f"invalid etcd endpoint {url!r}: bad port") from None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return host, port, parts.scheme == "https"
-
-
 def _read_file(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as fh:
@@ -177,13 +162,70 @@ def _describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _token_rejected(text: str) -> bool:
+    """etcd's words for a token it no longer knows (expired, or etcd restarted and forgot it)."""
+    return "auth token" in text
+
+
 def _is_auth_expired(exc: BaseException) -> bool:
     return (
         isinstance(exc, grpc.RpcError)
         and hasattr(exc, "code")
         and exc.code() == grpc.StatusCode.UNAUTHENTICATED
-        and "auth token" in (exc.details() or "")
+        and _token_rejected(exc.details() or "")
     )
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, etcd_exc.ConnectionFailedError | etcd_exc.NoServerAvailableError):
+        return True
+    return isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+_TLS_ALERTS = {
+    "CERTIFICATE_REQUIRED": "etcd requires a client certificate (give --etcd-certfile and --etcd-keyfile)",
+    "BAD_CERTIFICATE": "etcd rejected our client certificate (is it signed by a CA etcd trusts?)",
+    "UNKNOWN_CA": "etcd does not trust the CA that signed our client certificate",
+    "CERTIFICATE_UNKNOWN": "etcd rejected our client certificate",
+    "CERTIFICATE_EXPIRED": "etcd says our client certificate has expired",
+    "HANDSHAKE_FAILURE": "etcd and we share no TLS version or cipher",
+}
+
+
+def tls_failure(host: str, port: int, ctx: ssl.SSLContext, timeout: float, has_cert: bool) -> str | None:
+    """Why a TLS connection to host:port fails, in words; None when TLS is not the problem.
+
+    grpcio reports every handshake failure as "connection failed" (the real reason goes to its
+    own log), so after a failed call we shake hands ourselves with the same files. A missing or
+    rejected client certificate surfaces only after the handshake in TLS 1.3, hence one read.
+    """
+    name = host.strip("[]")
+    shaken = False
+    try:
+        with socket.create_connection((name, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=name) as conn:
+            shaken = True
+            conn.sendall(h2_unary.PREFACE + h2_unary.frame(h2_unary.SETTINGS, 0, 0))
+            if conn.recv(1):
+                return None  # etcd talks to us: TLS is fine
+            raise ConnectionResetError
+    except ssl.SSLCertVerificationError as exc:
+        return f"TLS: etcd's certificate is not trusted ({exc.verify_message}); check --etcd-cafile"
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as exc:
+        reason = (getattr(exc, "reason", None) or "").upper()
+        if shaken and not any(alert in reason for alert in _TLS_ALERTS):
+            # closed right after the handshake, before the alert could be read: a certificate refusal
+            reason = "CERTIFICATE"
+        if "CERTIFICATE" in reason and not has_cert:
+            return f"TLS: {_TLS_ALERTS['CERTIFICATE_REQUIRED']}"
+        for alert, text in _TLS_ALERTS.items():
+            if alert in reason:
+                return f"TLS: {text}"
+        if "CERTIFICATE" in reason:
+            return f"TLS: {_TLS_ALERTS['BAD_CERTIFICATE']}"
+        return f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
+    except OSError:
+        return None  # refused, unreachable, timed out: not a TLS matter
 
 
 class Registry:
@@ -193,7 +235,10 @@ class Registry:
         self.options = options
         if not options.endpoints:
             raise RegistryError("no etcd endpoints given")
-        self._endpoints = [_parse_endpoint(e) for e in options.endpoints]
+        try:
+            self._endpoints = [parse_endpoint(e) for e in options.endpoints]
+        except EndpointError as exc:
+            raise RegistryError(str(exc)) from None
         if bool(options.certfile) != bool(options.keyfile):
             raise RegistryError("--etcd-certfile and --etcd-keyfile must be given together")
         wants_tls = bool(options.cafile or options.certfile)
@@ -217,6 +262,17 @@ class Registry:
         self._lock = threading.Lock()
         self._client: pyetcd.MultiEndpointEtcd3Client | None = None
 
+    def _explain(self, exc: BaseException) -> str:
+        """The one-line reason for a failed call, naming the TLS problem grpcio only calls 'connection failed'."""
+        text = _describe_error(exc)
+        if self._tls_context is None or not _is_unreachable(exc):
+            return text
+        for host, port, secure in self._endpoints:
+            if secure and (why := tls_failure(host, port, self._tls_context, min(self.options.timeout, 2.0),
+                                              bool(self.options.certfile))):
+                return f"{text}: {why}"
+        return text
+
     # -- connection --------------------------------------------------------------------------
 
     def _connect(self) -> pyetcd.MultiEndpointEtcd3Client:
@@ -226,7 +282,7 @@ class Registry:
             for host, port, secure in self._endpoints
         ]
         try:
-            return pyetcd.MultiEndpointEtcd3Client(
+            client = pyetcd.MultiEndpointEtcd3Client(
                 endpoints=endpoints,
                 timeout=self.options.timeout,
                 user=self.options.username or None,
@@ -237,7 +293,12 @@ class Registry:
             for ep in endpoints:
                 ep.close()
             raise RegistryError(f"cannot connect to etcd at {','.join(self.options.endpoints)}: "
-                                f"{_describe_error(exc)}") from None
+                                f"{self._explain(exc)}") from None
+        # The token travels as plain metadata, as etcdctl sends it. pyetcd also wraps it in gRPC
+        # call credentials, which grpcio refuses on an http:// channel ("does not have a sufficient
+        # security level"), so username/password would never work without TLS.
+        client.call_credentials = None
+        return client
 
     def _get_client(self) -> pyetcd.MultiEndpointEtcd3Client:
         with self._lock:
@@ -252,20 +313,27 @@ class Registry:
                 stale.close()
 
     def _call(self, what: str, fn: Any) -> Any:
-        """Run fn(client); re-authenticate once on an expired token; wrap every error."""
-        for attempt in (1, 2):
+        """Run fn(client); re-authenticate once on a rejected token, fail over to each other
+        endpoint on a connection failure; wrap every error."""
+        reauthenticated = False
+        failovers = len(self._endpoints) - 1
+        while True:
             client = self._get_client()
             try:
                 return fn(client)
             except RegistryError:
                 raise
             except Exception as exc:
-                if attempt == 1 and _is_auth_expired(exc):
+                if not reauthenticated and _is_auth_expired(exc):
+                    reauthenticated = True
                     log.info("etcd auth token expired, re-authenticating")
                     self._reset_client(client)
                     continue
-                raise RegistryError(f"etcd {what} failed: {_describe_error(exc)}") from None
-        raise AssertionError("unreachable")
+                if failovers > 0 and _is_unreachable(exc) and not isinstance(exc, etcd_exc.NoServerAvailableError):
+                    failovers -= 1  # pyetcd marked the endpoint failed: the next call uses another
+                    log.info("etcd %s: endpoint unreachable (%s), trying another", what, _describe_error(exc))
+                    continue
+                raise RegistryError(f"etcd {what} failed: {self._explain(exc)}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -274,7 +342,7 @@ class Registry:
                 self._client = None
 
     def _auth(self, client: pyetcd.MultiEndpointEtcd3Client) -> dict[str, Any]:
-        return {"credentials": client.call_credentials, "metadata": client.metadata}
+        return {"metadata": client.metadata}
 
     # -- key/value ---------------------------------------------------------------------------
 
@@ -400,8 +468,7 @@ class Watch:
         self._requests.put(etcdrpc.WatchRequest(create_request=create))
         stub = etcdrpc.WatchStub(client.channel)
         metadata = (*(client.metadata or ()), ("hasleader", "true"))
-        self._call = stub.Watch(iter(self._requests.get, None), credentials=client.call_credentials,
-                                metadata=metadata)
+        self._call = stub.Watch(iter(self._requests.get, None), metadata=metadata)
 
     def __iter__(self) -> Iterator[WatchBatch]:
         try:
@@ -409,6 +476,9 @@ class Watch:
                 if resp.compact_revision:
                     raise Compacted(resp.compact_revision)
                 if resp.canceled:
+                    if _token_rejected(resp.cancel_reason):
+                        # etcd forgot our token (e.g. it restarted): the next watch logs in afresh
+                        self._registry._reset_client(self._client)
                     raise RegistryError(f"etcd canceled the watch: {resp.cancel_reason or 'no reason given'}")
                 events = [WatchEvent(ev.type == ev.DELETE, _kv(ev.kv)) for ev in resp.events]
                 yield WatchBatch(resp.header.revision, events, resp.created)

@@ -8,7 +8,10 @@ rename(2) so a CNI ADD never reads half a file.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
+import tempfile
 from dataclasses import dataclass
 
 from .atomicfile import write_atomically
@@ -122,6 +125,23 @@ def read(path: str) -> SubnetEnv | None:
         return parse(text)
     except SubnetEnvError as exc:
         raise SubnetEnvError(f"{path}: {exc}") from None
+
+
+def check_writable(path: str) -> None:
+    """Make sure `path` can be written (its directory created); SubnetEnvError saying why not.
+
+    The daemon checks this before it leases a subnet or programs anything, so a bad
+    --subnet-file fails at once instead of after the data plane was set up.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        with tempfile.NamedTemporaryFile(prefix=f".{os.path.basename(path)}.", dir=directory):
+            pass
+    except OSError as exc:
+        raise SubnetEnvError(f"cannot write the subnet file {path} (--subnet-file): {exc.strerror or exc}") from None
 
 
 def write(path: str, env: SubnetEnv) -> None:

@@ -11,7 +11,7 @@ def make_cluster(session_lab, etcd):
     """Factory for namespace clusters on the session etcd; every cluster is removed afterwards."""
     made: list[Cluster] = []
 
-    def make(nodes: int = 3, config: dict | None = None, **kw) -> Cluster:
+    def make(nodes: int = 3, config: dict | None = None, *, etcd=etcd, **kw) -> Cluster:
         cluster = Cluster(session_lab, etcd, nodes, config, **kw)
         made.append(cluster)
         return cluster

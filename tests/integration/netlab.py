@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import subprocess
 import time
@@ -35,13 +36,16 @@ def eventually(check: Callable[[], Any], timeout: float = 1.0, interval: float =
 
 
 class Cluster:
-    def __init__(self, session_lab: lab.Lab, etcd: lab.EtcdServer, nodes: int = 3,
-                 config: dict[str, Any] | None = None, etcd_endpoint: str | None = None) -> None:
+    """Nodes in namespaces on an etcd (a server or a cluster); `etcd_options` are the test's own credentials."""
+
+    def __init__(self, session_lab: lab.Lab, etcd: lab.EtcdServer | lab.EtcdCluster, nodes: int = 3,
+                 config: dict[str, Any] | None = None, etcd_endpoint: str | None = None,
+                 etcd_options: dict[str, Any] | None = None) -> None:
         self.lab = lab.Lab(prefix=f"{session_lab.prefix}c{next(_counter)}", ctl=session_lab.ctl)
         self.etcd = etcd
         self.prefix = f"/flannel-test/{uuid.uuid4().hex[:10]}/network"
         self.endpoint = etcd_endpoint or etcd.endpoint_for(lab.CTL_IP)
-        self.registry = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=self.prefix))
+        self.registry = Registry(EtcdOptions(endpoints=etcd.endpoints, prefix=self.prefix, **(etcd_options or {})))
         if config is not None:
             self.set_config(config)
         self.nodes = self.lab.build_underlay(nodes)
@@ -112,6 +116,26 @@ class Cluster:
     def close(self) -> None:
         self.lab.close()
         self.registry.close()
+
+
+class Pinger:
+    """Pings from a pod every `interval` seconds until stop(), which returns (sent, lost).
+
+    Lost counts the sequence numbers with no reply up to the last one answered, so the probe
+    still in flight when we stop is not counted as lost.
+    """
+
+    def __init__(self, src: lab.Pod, dst: str, interval: float = 0.01) -> None:
+        self.proc = subprocess.Popen(["ip", "netns", "exec", src.name, "ping", "-n", "-i", str(interval), "-W", "1",
+                                      dst], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.3)
+
+    def stop(self) -> tuple[int, int]:
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=15)
+        answered = {int(m) for m in re.findall(r"icmp_seq=(\d+) ttl=", out)}
+        assert answered, f"no ping was answered: {out[-500:]}"
+        return max(answered), max(answered) - len(answered)
 
 
 def ip_json(node: lab.Node, *args: str) -> list[dict[str, Any]]:

@@ -35,12 +35,17 @@ def auth_etcd(session_lab, certs):
     """CA-only TLS, auth enabled, auth tokens that expire after 1 s of idleness."""
     server = lab.EtcdServer("auth", tls=certs, extra_args=["--auth-token", "simple", "--auth-token-ttl", "1"])
     server.start()
-    server.etcdctl("user", "add", "root", "--new-user-password=rootpw", "--interactive=false")
-    server.etcdctl("user", "add", "flannel", f"--new-user-password={PASSWORD}", "--interactive=false")
-    server.etcdctl("role", "add", "flannel")
-    server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/coreos.com/network/")
-    server.etcdctl("user", "grant-role", "flannel", "flannel")
-    server.etcdctl("auth", "enable")
+    lab.enable_auth(server, "flannel", PASSWORD, "/coreos.com/network/")
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="module")
+def plain_auth_etcd(session_lab):
+    """Auth over plain http:// (etcdctl --user and upstream support it)."""
+    server = lab.EtcdServer("pauth", extra_args=["--auth-token", "simple", "--auth-token-ttl", "1"])
+    server.start()
+    lab.enable_auth(server, "flannel", PASSWORD, "/coreos.com/network/")
     yield server
     server.destroy()
 
@@ -81,8 +86,30 @@ def test_mutual_tls_with_client_certificate(mutual_tls_etcd, certs):
 
 def test_mutual_tls_without_client_certificate_fails_clearly(mutual_tls_etcd, certs):
     reg = Registry(EtcdOptions(endpoints=(mutual_tls_etcd.endpoint,), cafile=certs.ca, timeout=2))
-    with pytest.raises(RegistryError, match=r"^etcd get .* failed: "):
+    with pytest.raises(RegistryError, match=r"^etcd get .* failed: .*TLS: etcd requires a client certificate "
+                                            r"\(give --etcd-certfile and --etcd-keyfile\)$"):
         reg.get("/coreos.com/network/config")
+    reg.close()
+
+
+def test_client_certificate_from_another_ca_is_named(mutual_tls_etcd, tmp_path):
+    other = lab.make_certs(str(tmp_path))
+    d = client_dir(other)
+    reg = Registry(EtcdOptions(endpoints=(mutual_tls_etcd.endpoint,), cafile=mutual_tls_etcd.tls.ca,
+                               certfile=f"{d}/client.crt", keyfile=f"{d}/client.key", timeout=2))
+    with pytest.raises(RegistryError, match=r"TLS: etcd rejected our client certificate"):
+        reg.get("/coreos.com/network/config")
+    reg.close()
+
+
+def test_auth_over_plain_http_on_every_path(plain_auth_etcd):
+    """Unary calls, watch, keepalive and the pipelined TTL lookup, token as metadata without TLS."""
+    reg = Registry(EtcdOptions(endpoints=(plain_auth_etcd.endpoint,), username="flannel", password=PASSWORD))
+    roundtrip(reg)
+    lease_id = reg.grant(60)
+    assert 50 <= reg.keepalive(lease_id) <= 60
+    time.sleep(2.5)  # token TTL is 1 s: re-authenticates transparently over http too
+    assert reg.keepalive(lease_id) > 0
     reg.close()
 
 
@@ -96,7 +123,8 @@ def test_ca_only_tls(auth_etcd, certs):
 
 def test_unknown_ca_is_rejected(auth_etcd):
     reg = Registry(EtcdOptions(endpoints=(auth_etcd.endpoint,), username="flannel", password=PASSWORD, timeout=2))
-    with pytest.raises(RegistryError, match="cannot connect to etcd"):
+    with pytest.raises(RegistryError, match=r"cannot connect to etcd.*TLS: etcd's certificate is not trusted "
+                                            r"\(.*\); check --etcd-cafile"):
         reg.get("/coreos.com/network/config")
 
 
@@ -138,7 +166,8 @@ def test_permission_denied_outside_prefix(auth_etcd, certs):
          "cannot read etcd CA file /nonexistent/ca.crt: No such file or directory"),
         (EtcdOptions(endpoints=("https://127.0.0.1:2379",), certfile="/etc/hostname"), "must be given together"),
         (EtcdOptions(endpoints=("ftp://127.0.0.1:2379",)), "invalid etcd endpoint 'ftp://127.0.0.1:2379'"),
-        (EtcdOptions(endpoints=("http://127.0.0.1:99999",)), "bad port"),
+        (EtcdOptions(endpoints=("http://127.0.0.1:99999",)), "the port must be a number in 1..65535"),
+        (EtcdOptions(endpoints=("notaurl",)), "invalid etcd endpoint 'notaurl': not a URL"),
         (EtcdOptions(username="flannel"), "--etcd-username and --etcd-password must be given together"),
     ],
 )

@@ -176,3 +176,33 @@ def test_fuzz_structured_documents_only_raise_config_error(doc):
 def test_fuzz_arbitrary_input_only_raises_config_error(data):
     with contextlib.suppress(ConfigError):
         parse_config(data)
+
+
+def test_misfit_names_what_departs_from_the_config():
+    fam = parse_config('{"Network": "10.5.0.0/16", "SubnetMax": "10.5.200.0"}').ipv4
+    assert fam.misfit(ipaddress.ip_network("10.5.7.0/24")) == ""
+    assert fam.misfit(ipaddress.ip_network("10.5.16.0/20")) == "it is a /20 but the network config's SubnetLen is 24"
+    assert "outside SubnetMin..SubnetMax (10.5.1.0..10.5.200.0)" in fam.misfit(ipaddress.ip_network("10.5.201.0/24"))
+
+
+def test_config_monitor_verdicts():
+    from flanneld.config_monitor import judge
+
+    running = parse_config('{"Network": "10.5.0.0/16"}')
+    ok = lambda c: None  # noqa: E731
+    assert judge(running, b'{"network": "10.5.0.0/16"}', ok) == ""  # same config, other spelling
+    assert "is now invalid (network config is not valid JSON" in judge(running, b"{", ok)
+    assert "keeps running with the config it started with" in judge(running, b"{", ok)
+    assert "changed;" in judge(running, b'{"Network": "10.6.0.0/16"}', ok)
+    assert "was deleted" in judge(running, None, ok)
+
+    def refuse(_c):
+        raise ConfigError("backend type 'udp' is not supported")
+    assert "is now invalid (backend type 'udp' is not supported)" in judge(running, b'{"Network": "10.5.0.0/16"}',
+                                                                          refuse)
+
+
+def test_nested_config_objects_match_field_names_in_any_case():
+    cfg = parse_config('{"Network": "10.5.0.0/16", "backend": {"type": "VXLAN", "vni": 4, "Extra": {"inner": 1}}}')
+    assert cfg.backend.type == "vxlan" and cfg.backend.get("VNI") == 4
+    assert cfg.backend.get("extra").get("INNER") == 1

@@ -79,6 +79,18 @@ def test_older_and_differently_cased_values_decode():
     assert encode_value(cased) == b'{"PublicIP":"10.0.0.5","PublicIPv6":null,"BackendType":"vxlan"}'
 
 
+def test_backend_data_fields_match_in_any_case_as_go_does():
+    lease = decode_lease("10.5.62.0-24", b'{"PublicIP":"10.0.0.6","BackendType":"vxlan","BackendData":'
+                                         b'{"vni":7,"VtepMac":"aa:bb:cc:dd:ee:01","Nested":{"deep":1}},'
+                                         b'"backendv6data":{"VTEPMAC":"aa:bb:cc:dd:ee:02"}}')
+    assert lease.backend.get("VNI") == 7 and lease.backend.get("VtepMAC") == "aa:bb:cc:dd:ee:01"
+    assert lease.backend_v6.get("VtepMAC") == "aa:bb:cc:dd:ee:02"
+    assert lease.backend.get("Nested").get("Deep") == 1  # every level
+    exact = decode_lease("10.5.63.0-24",
+                         b'{"BackendData":{"vtepmac":"aa:aa:aa:aa:aa:aa","VtepMAC":"bb:bb:bb:bb:bb:bb"}}')
+    assert exact.backend.get("VtepMAC") == "bb:bb:bb:bb:bb:bb"  # an exact match wins
+
+
 @pytest.mark.parametrize(
     ("subnet", "subnet6", "key"),
     [("10.5.52.0/24", None, "10.5.52.0-24"),

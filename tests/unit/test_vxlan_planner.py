@@ -41,6 +41,16 @@ def test_upstream_entries_per_peer():
     assert plan.skipped == ()
 
 
+def test_peer_backend_data_in_another_case_is_programmed():
+    """Upstream (Go's JSON decoding) reads "VtepMac" as VtepMAC; skipping such a peer would split the overlay."""
+    be = backend()
+    odd = LeaseAttrs(A("198.51.100.12"), None, "vxlan", '{"vni":1,"VtepMac":"0E:00:00:00:00:02"}').lease(
+        N("198.18.2.0/24"), None)
+    plan = be.plan(peer(1, public="198.51.100.11"), [odd], {"flannel.1": "0e:aa:00:00:00:01"})
+    assert plan.skipped == ()
+    assert plan.desired.fdbs == {Fdb("flannel.1", "0e:00:00:00:00:02", "198.51.100.12")}
+
+
 def test_lease_attrs_publish_vtep_mac_and_mtu():
     be = backend()
     attrs = be.lease_attrs({"flannel.1": "0e:aa:00:00:00:01"})

@@ -1,0 +1,556 @@
+"""The fault suite: flanneld under process, etcd and network faults, bad data, bad flags and security set-ups.
+
+Every scenario runs on namespaces with a real etcd and real traffic between pods. Long forms
+(minute-long outages) are marked ``soak`` and run with ``pytest -m soak``; CI runs the short forms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from netlab import NETWORK, Cluster, Pinger, eventually, fdbs, link, routes
+
+from flanneld import lab
+from flanneld.etcd_options import EtcdOptions
+from flanneld.lease import leases_prefix
+from flanneld.registry import Registry
+
+SOAK = pytest.mark.soak
+PASSWORD = "fault-suite-Pa55word-q7"
+NEW_PEER_WITHIN = 2.0  # seconds from etcd being back to a new peer being programmed
+
+
+def fake_lease(n: int, subnet: str) -> tuple[str, bytes]:
+    """A peer lease in upstream's bytes for a node that does not exist (nothing is sent to it)."""
+    value = {"PublicIP": f"198.51.100.{100 + n % 100}", "PublicIPv6": None, "BackendType": "vxlan",
+             "BackendData": {"VNI": 1, "VtepMAC": f"0e:fa:{(n >> 8) & 0xFF:02x}:{n & 0xFF:02x}:00:01"}}
+    return subnet.replace("/", "-"), json.dumps(value, separators=(",", ":")).encode()
+
+
+def put_fake(cluster: Cluster, n: int, subnet: str) -> str:
+    key, value = fake_lease(n, subnet)
+    cluster.registry.put(leases_prefix(cluster.prefix) + key, value)
+    return subnet
+
+
+def no_traceback(*nodes: lab.Node) -> None:
+    for node in nodes:
+        assert "Traceback" not in node.log(), node.log()[-3000:]
+
+
+def own_state(cluster: Cluster, node: lab.Node) -> tuple[str, str, int]:
+    """(subnet, VTEP MAC, etcd lease id): what a restart must keep."""
+    return cluster.subnet(node), link(node)["address"], cluster.registry.get(cluster.lease_key(node)).lease_id
+
+
+@pytest.fixture
+def own_etcd(session_lab):
+    """A dedicated etcd the test may stop, pause and restart (the session's serves everyone else)."""
+    made: list[lab.EtcdServer] = []
+
+    def make(**kw) -> lab.EtcdServer:
+        server = lab.EtcdServer(f"f{len(made)}", **kw)
+        made.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in made:
+        server.destroy()
+
+
+# -- process ------------------------------------------------------------------------------------
+
+
+def test_kill_9_under_ping_loses_nothing_and_keeps_subnet_and_mac(make_cluster):
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    before = own_state(cluster, node1)
+    pinger = Pinger(pod2, pod1.addr)
+    assert cluster.stop(node1, signal.SIGKILL) == -signal.SIGKILL
+    time.sleep(0.5)  # the kernel keeps forwarding without the daemon
+    cluster.start(node1)
+    eventually(lambda: cluster.subnet(node2) in routes(node1), timeout=3, what="peer programmed after restart")
+    time.sleep(0.3)
+    sent, lost = pinger.stop()
+    assert sent > 50 and lost == 0
+    assert own_state(cluster, node1) == before
+    assert fdbs(node2)[before[1]] == node1.ip
+    no_traceback(node1)
+
+
+def test_twenty_sigterm_restarts_in_a_row(make_cluster):
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    before = own_state(cluster, node1)
+    leases_before = cluster.etcd.lease_ids()
+    pinger = Pinger(pod2, pod1.addr)
+    for _ in range(20):
+        assert cluster.stop(node1) == 0
+        cluster.start(node1)
+    sent, lost = pinger.stop()
+    assert sent > 100 and lost == 0
+    assert own_state(cluster, node1) == before
+    assert cluster.etcd.lease_ids() == leases_before  # no etcd lease leaked or replaced on any restart
+    assert cluster.subnet(node2) in routes(node1)
+    no_traceback(node1)
+
+
+# -- etcd ---------------------------------------------------------------------------------------
+
+
+def _etcd_outage(make_cluster, own_etcd, seconds: float) -> None:
+    server = own_etcd()
+    cluster = make_cluster(2, NETWORK, etcd=server)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    pinger = Pinger(pod1, pod2.addr)
+    server.stop()
+
+    def down() -> bool:
+        code, body = node1.http("/healthz")
+        return code == 503 and body.startswith("unhealthy: etcd lease watch is down")
+
+    eventually(down, timeout=20, what="/healthz 503 naming the watch while etcd is down")
+    time.sleep(max(0.0, seconds - 1))
+    assert node1.http("/readyz")[0] == 200  # the data plane stays
+    server.start()
+    back = time.monotonic()
+    eventually(lambda: node1.http("/healthz")[0] == 200, timeout=NEW_PEER_WITHIN, what="healthy again")
+    new = put_fake(cluster, 1, "198.18.250.0/24")
+    eventually(lambda: new in routes(node1) and new in routes(node2), timeout=NEW_PEER_WITHIN, what="new peer")
+    assert time.monotonic() - back <= NEW_PEER_WITHIN + 0.5
+    sent, lost = pinger.stop()
+    assert sent > 100 and lost == 0
+    no_traceback(node1, node2)
+
+
+def test_etcd_stopped_keeps_the_data_plane_and_recovers_fast(make_cluster, own_etcd):
+    _etcd_outage(make_cluster, own_etcd, seconds=6)
+
+
+@SOAK
+def test_etcd_stopped_for_a_minute(make_cluster, own_etcd):
+    _etcd_outage(make_cluster, own_etcd, seconds=60)
+
+
+def test_etcd_restarted_with_compaction_in_between(make_cluster, own_etcd):
+    """The daemon's resume revision is compacted away while it cannot see etcd: it re-lists and diffs."""
+    server = own_etcd()
+    cluster = make_cluster(2, NETWORK, etcd=server)
+    cluster.start_all()
+    node1 = cluster.nodes[0]
+    gone = put_fake(cluster, 1, "198.18.240.0/24")
+    eventually(lambda: gone in routes(node1), what="fake peer programmed")
+    daemon = node1.procs[-1]
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        server.restart()
+        cluster.registry.delete(leases_prefix(cluster.prefix) + gone.replace("/", "-"))
+        came = put_fake(cluster, 2, "198.18.241.0/24")
+        revision, _ = cluster.registry.list_prefix(cluster.prefix)
+        cluster.registry.compact(revision)
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+    eventually(lambda: came in routes(node1) and gone not in routes(node1), timeout=5,
+               what="compacted changes re-listed")
+    assert "re-listing" in node1.log()
+    no_traceback(node1)
+
+
+def test_slow_etcd_paused_with_sigstop(make_cluster, own_etcd):
+    server = own_etcd()
+    cluster = make_cluster(2, NETWORK, etcd=server)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(6)
+        assert node1.procs[-1].poll() is None and node1.http("/readyz")[0] == 200
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    new = put_fake(cluster, 3, "198.18.242.0/24")
+    eventually(lambda: new in routes(node1), timeout=NEW_PEER_WITHIN + 3, what="new peer after etcd resumed")
+    eventually(lambda: node1.http("/healthz")[0] == 200, timeout=15, what="healthy")
+    assert pinger.stop()[1] == 0
+    no_traceback(node1, node2)
+
+
+def _established_ports(node: lab.Node) -> set[int]:
+    out = node.sh("ss", "-Htn", "state", "established").stdout
+    peers = [line.split()[-1].replace("[::ffff:", "").replace("]", "") for line in out.splitlines()]
+    return {int(peer.rsplit(":", 1)[1]) for peer in peers if peer.startswith(f"{lab.CTL_IP}:")}
+
+
+def test_three_member_cluster_member_killed(make_cluster, session_lab):
+    members = lab.EtcdCluster("fm")
+    members.start()
+    try:
+        cluster = make_cluster(2, NETWORK, etcd=members)
+        cluster.start_all()
+        node1, node2 = cluster.nodes
+        in_use = _established_ports(node1) & {m.client_port for m in members.members}
+        assert len(in_use) == 1, in_use
+        victim = members.member_on_port(in_use.pop())
+        probe = Registry(EtcdOptions(endpoints=(victim.endpoint,), prefix=cluster.prefix))
+        lease_id = probe.grant(120)
+        probe.close()
+        victim.kill()
+
+        new = put_fake(cluster, 4, "198.18.243.0/24")
+        eventually(lambda: new in routes(node1), timeout=5, what="the watch resumed on another member")
+        assert cluster.registry.keepalive(lease_id) > 0  # renewals (keepalives) go to the survivors
+        key, subnet = cluster.lease_key(node1), cluster.subnet(node1)
+        cluster.registry.delete(key)
+        eventually(lambda: cluster.registry.get(key) is not None, timeout=5, what="own lease re-acquired")
+        assert cluster.subnet(node1) == subnet
+        node3 = cluster.lab.add_node(3)
+        cluster.nodes.append(node3)
+        cluster.start(node3)
+        subnets = [cluster.subnet(n) for n in cluster.nodes]
+        assert len(set(subnets)) == 3  # no subnet handed out twice
+        eventually(lambda: cluster.subnet(node3) in routes(node1), timeout=5, what="a new node seen")
+        no_traceback(node1, node2, node3)
+    finally:
+        members.destroy()
+
+
+@pytest.mark.parametrize("security", ["auth-http", "auth-https", "mutual-tls"])
+def test_etcd_restart_with_auth_or_tls(make_cluster, own_etcd, tmp_path, security):
+    """Username/password over http and https, and mutual TLS: leasing works, and after an etcd restart
+    (which forgets every auth token) the watch logs in again and resumes."""
+    options: dict = {}
+    flags: list[str] = []
+    if security == "auth-http":
+        server = own_etcd(extra_args=["--auth-token", "simple"])
+    else:
+        certs = lab.make_certs(str(tmp_path))
+        d = os.path.dirname(certs.ca)
+        mutual = security == "mutual-tls"
+        server = own_etcd(tls=dataclasses.replace(certs, client_cert_auth=mutual),
+                          extra_args=[] if mutual else ["--auth-token", "simple"])
+        options["cafile"] = certs.ca
+        flags.append(f"--etcd-cafile={certs.ca}")
+        if mutual:
+            options.update(certfile=f"{d}/client.crt", keyfile=f"{d}/client.key")
+            flags += [f"--etcd-certfile={d}/client.crt", f"--etcd-keyfile={d}/client.key"]
+    if security.startswith("auth"):
+        prefix_root = "/flannel-test/"
+        lab.enable_auth(server, "flannel", PASSWORD, prefix_root)
+        options.update(username="flannel", password=PASSWORD)
+        flags += ["--etcd-username=flannel", f"--etcd-password={PASSWORD}"]
+    cluster = make_cluster(2, NETWORK, etcd=server, etcd_options=options)
+    cluster.start_all(*flags)
+    node1, node2 = cluster.nodes
+    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    server.restart()
+    new = put_fake(cluster, 5, "198.18.244.0/24")
+    eventually(lambda: new in routes(node1) and new in routes(node2), timeout=5, what="watch resumed after restart")
+    eventually(lambda: node1.http("/healthz")[0] == 200, timeout=5, what="healthy after restart")
+    assert pinger.stop()[1] == 0
+    for node in cluster.nodes:
+        text = node.log() + node.http("/metrics")[1]
+        assert PASSWORD not in text
+        assert "ssl_transport_security" not in text and "Handshake failed" not in text
+    no_traceback(node1, node2)
+
+
+def test_wrong_ca_is_named_in_one_line_without_grpc_noise(make_cluster, own_etcd, tmp_path):
+    certs = lab.make_certs(str(tmp_path / "right"))
+    server = own_etcd(tls=certs)
+    other = lab.make_certs(str(tmp_path / "other"))
+    cluster = make_cluster(1, None, etcd=server, etcd_options={"cafile": certs.ca})
+    node = cluster.nodes[0]
+    cluster.start(node, f"--etcd-cafile={other.ca}", wait=False)
+    eventually(lambda: "check --etcd-cafile" in node.log(), timeout=10, what="the TLS reason in the log")
+    line = next(line for line in node.log().splitlines() if "check --etcd-cafile" in line)
+    assert "etcd's certificate is not trusted" in line
+    assert "Handshake failed" not in node.log() and "ssl_transport_security" not in node.log()
+    assert node.http("/readyz")[0] == 503
+    ctl = subprocess.run([lab._tool("flannelctl"), f"--etcd-endpoints={server.endpoint}", f"--etcd-cafile={other.ca}",
+                          "--etcd-timeout=2", "subnets", "list"], capture_output=True, text=True, timeout=60)
+    assert ctl.returncode == 1 and ctl.stderr.count("\n") == 1 and "check --etcd-cafile" in ctl.stderr, ctl.stderr
+
+
+# -- network ------------------------------------------------------------------------------------
+
+
+def _underlay_down(make_cluster, seconds: float) -> None:
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    node1.sh("ip", "link", "set", node1.ifname, "down")
+    time.sleep(seconds)
+    node1.sh("ip", "link", "set", node1.ifname, "up")
+    # the node's own network configuration puts its default route back (the kernel dropped it)
+    node1.sh("ip", "route", "replace", "default", "via", lab.ROUTER_IP)
+    pinger = Pinger(pod1, pod2.addr, interval=0.05)
+    new = put_fake(cluster, 6, "198.18.245.0/24")
+    eventually(lambda: new in routes(node1), timeout=5, what="watch back after the link came up")
+    time.sleep(1)
+    assert pinger.stop()[1] == 0
+    assert node1.procs[-1].poll() is None
+    no_traceback(node1)
+
+
+def test_underlay_link_down_and_back(make_cluster):
+    _underlay_down(make_cluster, seconds=5)
+
+
+@SOAK
+def test_underlay_link_down_30s(make_cluster):
+    _underlay_down(make_cluster, seconds=30)
+
+
+def test_peer_public_ip_changed_peers_follow(make_cluster):
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    subnet, mac = cluster.subnet(node2), link(node2)["address"]
+    assert cluster.stop(node2) == 0
+    new_ip = "198.51.100.52"
+    node2.sh("ip", "addr", "del", f"{node2.ip}/24", "dev", node2.ifname)
+    node2.sh("ip", "addr", "add", f"{new_ip}/24", "dev", node2.ifname)
+    node2.sh("ip", "route", "replace", "default", "via", lab.ROUTER_IP)
+    node2.ip = new_ip
+    cluster.start(node2)
+    assert cluster.subnet(node2) == subnet  # recognized by its VTEP MAC: same subnet, lease updated
+    lease = cluster.lease(node2)
+    assert str(lease.public_ip) == new_ip and lease.backend.get("VtepMAC") == mac
+    eventually(lambda: fdbs(node1).get(mac) == new_ip, timeout=3, what="peer's FDB entry follows the new address")
+    assert link(node2)["linkinfo"]["info_data"]["local"] == new_ip
+    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    time.sleep(0.5)
+    assert pinger.stop()[1] == 0
+    assert "our address changed, keeping the subnet" in node2.log()
+
+
+# -- churn --------------------------------------------------------------------------------------
+
+
+def test_500_leases_churn_in_bursts_while_pods_talk(make_cluster):
+    cluster = make_cluster(2, {"Network": "198.18.0.0/16", "SubnetLen": 26, "Backend": {"Type": "vxlan"}})
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr, interval=0.02)
+    real = {cluster.subnet(n) for n in cluster.nodes}
+    head = leases_prefix(cluster.prefix)
+    free = [f"198.18.{i // 4}.{(i % 4) * 64}/26" for i in range(4, 1024)]
+    free = [s for s in free if s not in real][:500]
+
+    def put(batch):
+        for n, subnet in batch:
+            key, value = fake_lease(n, subnet)
+            cluster.registry.put(head + key, value)
+
+    def delete(batch):
+        for _, subnet in batch:
+            cluster.registry.delete(head + subnet.replace("/", "-"))
+
+    fakes = list(enumerate(free, start=10))
+    put(fakes[:250])
+    delete(fakes[:125])
+    put(fakes[250:])
+
+    def exact(expected: set[str]) -> bool:
+        return all(set(routes(node)) == expected - {cluster.subnet(node)}
+                   for node in cluster.nodes)
+
+    live = {s for _, s in fakes[125:]} | real
+    eventually(lambda: exact(live), timeout=10, what="every node has exactly the live leases (0 missed)")
+    delete(fakes[125:])
+    eventually(lambda: exact(real), timeout=10, what="every removed lease gone (0 stale)")
+    for node in cluster.nodes:
+        assert len(fdbs(node)) == 1  # only the other real node's VTEP
+    sent, lost = pinger.stop()
+    assert sent > 20 and lost == 0
+    no_traceback(node1, node2)
+
+
+# -- bad data -----------------------------------------------------------------------------------
+
+
+def test_bad_leases_are_ignored_or_warned_and_nothing_else_is_disturbed(make_cluster):
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    head = leases_prefix(cluster.prefix)
+    own_key = cluster.lease_key(node1)
+    good = put_fake(cluster, 7, "198.18.230.0/24")
+    cluster.registry.put(head + "198.18.231.0-24", b'{"PublicIP":"198.51.100.107","BackendType":"vxlan",')
+    cluster.registry.put(head + "junk-key", b"{}")
+    cluster.registry.put(head + "10.99.0.0-24", fake_lease(8, "10.99.0.0/24")[1])  # outside the Network
+    wide = put_fake(cluster, 9, "198.18.32.0/20")  # not SubnetLen: programmed, with a warning
+    key, value = fake_lease(10, "198.18.232.0/24")  # upstream spells the field "VtepMac" too
+    cluster.registry.put(head + key, value.replace(b"VtepMAC", b"VtepMac"))
+    stolen = json.loads(cluster.registry.get(own_key).value)
+    stolen["PublicIP"] = "198.51.100.99"  # someone claims our subnet with another address
+    cluster.registry.put(own_key, json.dumps(stolen).encode())
+
+    eventually(lambda: {good, wide, "198.18.232.0/24"} <= set(routes(node1)), timeout=3, what="good leases")
+    eventually(lambda: str(cluster.lease(node1).public_ip) == node1.ip, timeout=3, what="our lease restored")
+    log = node1.log()
+    assert "ignoring malformed lease entry" in log and "junk-key" in log
+    assert "10.99.0.0/24 is outside the network" in log
+    assert f"lease {head}198.18.32.0-20 does not fit the network config (IPv4 subnet 198.18.32.0/20: it is a /20 " \
+           "but the network config's SubnetLen is 24); programming it anyway" in log
+    assert log.count("198.18.32.0-20 does not fit") == 1  # once, not per event or reconcile
+    assert "was modified in etcd; restoring our attributes" in log
+    assert "10.99.0.0/24" not in routes(node1) and "198.18.231.0/24" not in routes(node1)
+    assert Pinger(cluster.pod(node1), cluster.pod(node2).addr).stop()[1] == 0
+    no_traceback(node1, node2)
+
+
+@pytest.mark.parametrize(("backend", "message"), [
+    ({"Type": "vxlan", "VNI": 16777216}, "Backend.VNI must be an integer in 0..16777215, got 16777216"),
+    ({"Type": "vxlan", "MTU": 100}, "Backend.MTU 100 is too small for an overlay (minimum 1280)"),
+    ({"Type": "vxlan", "Port": -1}, "Backend.Port must be an integer in 0..65535, got -1"),
+])
+def test_absurd_backend_values_are_refused_and_the_daemon_waits(make_cluster, backend, message):
+    cluster = make_cluster(1, {"Network": "198.18.0.0/16", "Backend": backend})
+    node = cluster.nodes[0]
+    cluster.start(node, wait=False)
+    eventually(lambda: message in node.log(), timeout=10, what=message)
+    assert node.http("/readyz")[0] == 503 and link(node) is None
+    cluster.set_config(NETWORK)
+    node.wait_ready()
+    no_traceback(node)
+
+
+def test_config_made_invalid_while_running_is_warned_once(make_cluster):
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    cluster.start(node, "--reconcile-interval=1")
+    key = f"{cluster.prefix}/config"
+    cluster.set_config('{"Network": "198.18.0.0/16", "Backend": {"Type": "udp"}')
+    eventually(lambda: f"network config at {key} is now invalid" in node.log(), timeout=5, what="warning")
+    time.sleep(2.5)
+    line = next(line for line in node.log().splitlines() if "is now invalid" in line)
+    assert "keeps running with the config it started with" in line and node.log().count("is now invalid") == 1
+    cluster.set_config({"Network": "198.18.0.0/16", "SubnetLen": 25})
+    eventually(lambda: "changed; this daemon keeps running" in node.log(), timeout=5, what="changed warning")
+    cluster.set_config(NETWORK)
+    eventually(lambda: "is the one this daemon runs with again" in node.log(), timeout=5, what="back to normal")
+    assert node.procs[-1].poll() is None and node.http("/readyz")[0] == 200
+
+
+# -- bad flags ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "env", "message"), [
+    (["--iface-can-reach=not-an-ip"], {}, "'not-an-ip' is not an IP address"),
+    (["--healthz-ip=not-an-ip"], {}, "'not-an-ip' is not an IP address"),
+    (["--public-ip=2001:db8::1"], {}, "is not an IPv4 address"),
+    (["--public-ipv6=198.51.100.1"], {}, "is not an IPv6 address"),
+    (["--iface-regex=("], {}, "is not a valid regular expression"),
+    (["--etcd-endpoints=notaurl"], {}, "invalid etcd endpoint 'notaurl': not a URL"),
+    ([], {"FLANNELD_ETCD_ENDPOINTS": "notaurl"}, "invalid etcd endpoint 'notaurl': not a URL"),
+    (["--etcd-endpoints=ftp://198.51.100.2:2379"], {}, "unsupported scheme 'ftp'"),
+    (["--etcd-endpoints=http://198.51.100.2:99999"], {}, "the port must be a number in 1..65535"),
+    (["--etcd-endpoints=http://root:hunter2@198.51.100.2:2379"], {}, "credentials go in --etcd-username"),
+    (["--healthz-port=70000"], {}, "70000 is not in 0..65535"),
+    (["--subnet-lease-renew-margin=0"], {}, "0 is not in 1..1439"),
+    (["--iptables-resync=soon"], {}, "'soon' is not an integer"),
+    (["--ip-masq=maybe"], {}, "'maybe' is not a boolean"),
+    (["--no-such-flag"], {}, "No such option"),
+])
+def test_malformed_flags_are_one_line_and_exit_2(make_cluster, flags, env, message):
+    node = make_cluster(1).nodes[0]
+    proc = node.popen([lab._tool("flanneld"), "--etcd-prefix=/flannel-test/never", *flags], "flanneld", env=env)
+    assert proc.wait(30) == 2
+    out = node.log()
+    assert out.count("\n") == 1 and out.startswith("flanneld: error: ") and message in out, out
+    assert "hunter2" not in out
+
+
+def test_node_problems_fail_at_once_in_one_line_before_anything_is_programmed(make_cluster, tmp_path):
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    listener = subprocess.Popen(["ip", "netns", "exec", node.ns, "python3", "-c",
+                                 "import socket,time;s=socket.socket();s.bind(('0.0.0.0',8471));s.listen();"
+                                 "time.sleep(60)"])
+    time.sleep(0.3)
+    try:
+        cases = [
+            (["--healthz-port=8471"], "cannot serve /healthz on 0.0.0.0:8471 (--healthz-ip/--healthz-port): "
+                                      "Address already in use"),
+            (["--healthz-ip=203.0.113.77", "--healthz-port=8472"], "cannot serve /healthz on 203.0.113.77:8472 "
+                                                                   "(--healthz-ip/--healthz-port): Cannot assign"),
+            ([f"--subnet-file={blocker}/sub/subnet.env"], f"cannot write the subnet file {blocker}/sub/subnet.env "
+                                                          "(--subnet-file): Not a directory"),
+        ]
+        for flags, message in cases:
+            path = os.path.join(cluster.lab.dir, f"{node.ns}-flanneld.log")
+            if os.path.exists(path):
+                os.unlink(path)
+            argv = [lab._tool("flanneld"), f"--etcd-endpoints={cluster.endpoint}", f"--etcd-prefix={cluster.prefix}",
+                    *flags]
+            proc = node.popen(argv, "flanneld")
+            assert proc.wait(30) == 1, node.log()
+            lines = [line for line in node.log().splitlines() if " E " in line or "error" in line.lower()]
+            assert len(lines) == 1 and message in lines[0], node.log()
+            no_traceback(node)
+    finally:
+        listener.kill()
+        listener.wait()
+    assert link(node) is None  # nothing programmed
+    assert cluster.registry.list_prefix(leases_prefix(cluster.prefix))[1] == []  # and no lease taken
+
+
+# -- security -----------------------------------------------------------------------------------
+
+
+def test_firewall_flushed_right_after_its_own_repair_is_repaired_again(make_cluster):
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    cluster.start(node, "--ip-masq")
+
+    def masq_rules() -> int:
+        return node.sh("iptables-save", "-t", "nat").stdout.count("-A FLANNEL-POSTRTG")
+
+    node.sh("iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "1")
+    eventually(lambda: masq_rules() == 6, timeout=3, what="deleted rule restored")
+    node.sh("iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG")  # at once, while the daemon may still be listing
+    eventually(lambda: masq_rules() == 6, timeout=3, what="flushed chain restored too")
+    repairs = node.http("/metrics")[1]
+    time.sleep(2.5)
+    assert node.http("/metrics")[1].split("flanneld_firewall_repairs_total")[1] == \
+        repairs.split("flanneld_firewall_repairs_total")[1]  # and no reinstall loop once it is in place
+
+
+def test_no_secret_in_logs_metrics_or_flannelctl_output(make_cluster, own_etcd):
+    server = own_etcd(extra_args=["--auth-token", "simple"])
+    lab.enable_auth(server, "flannel", PASSWORD, "/flannel-test/")
+    cluster = make_cluster(1, NETWORK, etcd=server, etcd_options={"username": "flannel", "password": PASSWORD})
+    node = cluster.nodes[0]
+    cluster.start(node, "--etcd-username=flannel", f"--etcd-password={PASSWORD}", "-v=2")
+    env = {**os.environ, "FLANNELCTL_ETCD_PASSWORD": PASSWORD}
+    outputs = []
+    for args in (["subnets", "list", "-o", "wide"], ["subnets", "list", "-o", "json"], ["config", "get"], ["stats"]):
+        proc = subprocess.run([lab._tool("flannelctl"), f"--etcd-endpoints={server.endpoint}",
+                               f"--etcd-prefix={cluster.prefix}", "--etcd-username=flannel", *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        outputs += [proc.stdout, proc.stderr]
+    wrong = subprocess.run([lab._tool("flannelctl"), f"--etcd-endpoints={server.endpoint}", "--etcd-username=flannel",
+                            f"--etcd-password={PASSWORD}x", "subnets", "list"], capture_output=True, text=True,
+                           timeout=60)
+    assert wrong.returncode == 1 and "authentication failed" in wrong.stderr
+    outputs += [wrong.stdout, wrong.stderr, node.log(), node.http("/metrics")[1]]
+    for text in outputs:
+        assert PASSWORD not in text
