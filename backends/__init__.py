@@ -1,24 +1,27 @@
 """Backends: each turns (own lease, peer leases, config) into a desired kernel state.
 
-Installed as ``flanneld.backends``.
+Installed as ``flanneld.backends``. Importing this package registers every backend of this
+build; the daemon, doctor and flannelctl find them by ``Backend.Type`` (:func:`lookup`).
 """
 
 from __future__ import annotations
 
-from ..config import BackendConfig, ConfigError
-from .base import Backend, External, PeerPlan, Plan, merge
-from .vxlan import VxlanBackend, VxlanOptions
+from . import vxlan  # noqa: F401 - registers itself
+from .base import (
+    Backend,
+    BackendType,
+    External,
+    NodeSettings,
+    PeerPlan,
+    Plan,
+    create_backend,
+    lookup,
+    merge,
+    published_addresses,
+    register,
+    supported,
+    validate_backend,
+)
 
-SUPPORTED = {"vxlan": VxlanOptions}
-
-
-def validate_backend(backend: BackendConfig) -> None:
-    """Check the Backend object of a network config; ConfigError with the reason if unusable."""
-    options = SUPPORTED.get(backend.type)
-    if options is None:
-        raise ConfigError(f"backend type {backend.type!r} is not supported (supported: {', '.join(SUPPORTED)})")
-    options.parse(backend)
-
-
-__all__ = ["SUPPORTED", "Backend", "External", "PeerPlan", "Plan", "VxlanBackend", "VxlanOptions", "merge",
-           "validate_backend"]
+__all__ = ["Backend", "BackendType", "External", "NodeSettings", "PeerPlan", "Plan", "create_backend", "lookup",
+           "merge", "published_addresses", "register", "supported", "validate_backend"]

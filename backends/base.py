@@ -1,14 +1,22 @@
-"""What every backend provides, and the external-interface facts backends plan with."""
+"""What every backend provides, the registry the daemon, doctor and flannelctl find backends in,
+and the external-interface facts backends plan with.
+
+A backend is a small plug-in: a module that registers its ``Backend.Type`` name, an options
+parser and a constructor (upstream's ``backend.Register("vxlan", New)``). Whatever a backend
+publishes in its lease (``BackendData``/``BackendV6Data``), reads back from a previous lease at
+restart, and the devices it wants are its own business: the daemon only holds a :class:`Backend`.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+from ..config import BackendConfig, ConfigError, NetworkConfig
 from ..lease import Lease, LeaseAttrs
-from ..netstate import DesiredState, Fdb, Neigh, Route, VxlanLink
+from ..netstate import DesiredState, Device, Fdb, LinkSpec, Neigh, ObservedLink, Route
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,13 @@ class External:
     ip6: ipaddress.IPv6Address | None = None
     public_ipv6: ipaddress.IPv6Address | None = None
     onlink: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=())  # directly reachable
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Daemon flags some backends plan with."""
+
+    blackhole_route: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,28 +70,102 @@ def merge(base: DesiredState, peers: Iterable[PeerPlan]) -> DesiredState:
                         base.owned_networks)
 
 
+def published_addresses(config: NetworkConfig, ext: External) -> LeaseAttrs:
+    """The public addresses this node publishes, per enabled family (upstream: 0.0.0.0 without IPv4)."""
+    if config.ipv4 is not None and ext.public_ip is None:
+        raise ConfigError(f"interface {ext.name} has no IPv4 address, but the network config enables IPv4")
+    if config.ipv6 is not None and ext.public_ipv6 is None:
+        raise ConfigError(f"interface {ext.name} has no global IPv6 address, but the network config enables IPv6")
+    return LeaseAttrs(
+        public_ip=ext.public_ip if config.ipv4 is not None and ext.public_ip else ipaddress.IPv4Address(0),
+        public_ipv6=ext.public_ipv6 if config.ipv6 is not None else None,
+    )
+
+
 class Backend(Protocol):
-    """A planner plus the device parameters it needs; pure apart from randomness for new MACs."""
+    """A planner plus the devices it needs; pure apart from randomness for new device identities."""
 
     type: str
 
-    def links(self, macs: dict[str, str]) -> tuple[VxlanLink, ...]:
-        """Devices to create, reusing `macs` (device name -> MAC) so peers' entries stay valid."""
+    def adopt(self, lease: Lease | None) -> None:
+        """Our lease (previous at start, current later): identities to keep when (re)creating devices."""
+
+    def links(self) -> tuple[LinkSpec, ...]:
+        """Devices to create or adopt (none for backends without a device)."""
 
     def mtu(self) -> int:
         """FLANNEL_MTU for pods."""
 
-    def lease_attrs(self, macs: dict[str, str]) -> LeaseAttrs:
-        """What we publish in our lease, given the devices' actual MACs."""
+    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
+        """What we publish in our lease, given our devices as they exist."""
 
-    def published_by_us(self, lease: Lease, macs: dict[str, str]) -> bool:
+    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
         """Whether a lease with another public IP was written by this node (its address changed)."""
 
-    def base_state(self, own: Lease, macs: dict[str, str]) -> DesiredState:
+    def base_state(self, own: Lease) -> DesiredState:
         """Everything but peers: devices, our addresses, our own routes."""
 
     def plan_peer(self, peer: Lease) -> PeerPlan:
         """One peer's entries."""
 
-    def plan(self, own: Lease, peers: Iterable[Lease], macs: dict[str, str]) -> Plan:
+    def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
         """Desired kernel state for our lease and every peer lease."""
+
+    def device_problems(self, spec: LinkSpec, link: ObservedLink, own: Lease) -> tuple[list[str], str]:
+        """For flannelctl doctor: what is wrong with one of our devices beyond MTU, state and
+        addresses (which are checked for every kind), and a one-line summary when nothing is."""
+
+    def start(self, own: Lease) -> None:
+        """Once our lease is known and before peers are programmed (hooks, e.g. extension's)."""
+
+    def peer_changed(self, kind: str, peer: Lease) -> None:
+        """A peer lease was added, changed or removed (hooks; the data plane comes from plan_peer)."""
+
+
+@dataclass(frozen=True)
+class BackendType:
+    """A registered backend: its ``Backend.Type``, options parser and constructor."""
+
+    name: str
+    parse: Callable[[BackendConfig], Any]  # raises ConfigError naming the option
+    build: Callable[[NetworkConfig, External, Any, NodeSettings], Backend]
+    # the identity a lease publishes in its BackendData (VTEP MAC, public key ...), for flannelctl
+    describe_data: Callable[[Mapping[str, Any]], str] = lambda _data: ""
+
+
+_REGISTRY: dict[str, BackendType] = {}
+_REFUSED = {
+    "udp": "upstream deprecated the udp backend (slow, userspace); use vxlan",
+    "ipip": "ipip needs the ipip kernel module; use vxlan or host-gw",
+    "ipsec": "ipsec needs strongSwan; use wireguard once it is supported, or vxlan",
+    "wireguard": "wireguard is not supported by this build yet",
+}
+
+
+def register(backend_type: BackendType) -> BackendType:
+    _REGISTRY[backend_type.name] = backend_type
+    return backend_type
+
+
+def lookup(name: str) -> BackendType:
+    """The registered backend for a ``Backend.Type``; ConfigError saying what this build supports."""
+    found = _REGISTRY.get(name)
+    if found is not None:
+        return found
+    why = _REFUSED.get(name, "unknown backend type")
+    raise ConfigError(f"backend type {name!r} is not supported: {why} (this build supports: "
+                      f"{', '.join(sorted(_REGISTRY))})")
+
+
+def validate_backend(backend: BackendConfig) -> None:
+    """Check the Backend object of a network config; ConfigError with the reason if unusable."""
+    lookup(backend.type).parse(backend)
+
+
+def create_backend(config: NetworkConfig, ext: External, settings: NodeSettings) -> Backend:
+    kind = lookup(config.backend.type)
+    return kind.build(config, ext, kind.parse(config.backend), settings)
+
+
+def supported() -> list[str]:
+    return sorted(_REGISTRY)

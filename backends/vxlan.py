@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import BackendConfig, ConfigError, FamilyConfig, NetworkConfig
 from ..lease import Lease, LeaseAttrs, backend_json
-from ..netstate import Address, DesiredState, Fdb, Neigh, Route, VxlanLink
-from .base import External, PeerPlan, Plan, merge
+from ..netstate import Address, DesiredState, Device, Fdb, Neigh, ObservedLink, Route, VxlanLink
+from .base import BackendType, External, PeerPlan, Plan, merge, published_addresses, register
 
 ENCAP_OVERHEAD = {4: 50, 6: 70}
+DEFAULT_PORT = 8472  # the kernel's (Linux's historical VXLAN port), which upstream uses
 BLACKHOLE_METRIC = 4000
 IPV6_ROUTE_METRIC = 1024  # what the kernel assigns IPv6 routes without one: keeps diffs stable
 _NONE_SKIPPED: list[str] = []  # shared by every fully programmed peer; PeerPlan.skip() copies on write
@@ -92,16 +93,28 @@ class VxlanBackend:
         self.ext = ext
         self.options = options
         self.blackhole = blackhole
+        self.publics = published_addresses(config, ext)
         self.families: list[_Family] = []
+        self.macs: dict[str, str] = {}  # device -> the MAC our lease publishes: kept when a device is recreated
         if config.ipv4 is not None:
-            if ext.ip4 is None or ext.public_ip is None:
+            if ext.ip4 is None:
                 raise ConfigError(f"interface {ext.name} has no IPv4 address, but the network config enables IPv4")
-            self.families.append(_Family(4, config.ipv4, f"flannel.{options.vni}", ext.ip4, ext.public_ip))
+            self.families.append(_Family(4, config.ipv4, f"flannel.{options.vni}", ext.ip4, self.publics.public_ip))
         if config.ipv6 is not None:
-            if ext.ip6 is None or ext.public_ipv6 is None:
+            if ext.ip6 is None or self.publics.public_ipv6 is None:
                 raise ConfigError(f"interface {ext.name} has no global IPv6 address, but the network config "
                                   "enables IPv6")
-            self.families.append(_Family(6, config.ipv6, f"flannel-v6.{options.vni}", ext.ip6, ext.public_ipv6))
+            self.families.append(_Family(6, config.ipv6, f"flannel-v6.{options.vni}", ext.ip6,
+                                         self.publics.public_ipv6))
+
+    def adopt(self, lease: Lease | None) -> None:
+        """Remember the VTEP MACs `lease` publishes, so our devices are (re)created with them."""
+        if lease is None:
+            return
+        for f in self.families:
+            mac = normalize_mac((lease.backend if f.version == 4 else lease.backend_v6).get("VtepMAC"))
+            if mac:
+                self.macs[f.device] = mac
 
     def device_mtu(self, version: int) -> int:
         return (self.options.mtu or self.ext.mtu) - ENCAP_OVERHEAD[version]
@@ -109,43 +122,57 @@ class VxlanBackend:
     def mtu(self) -> int:
         return min(self.device_mtu(f.version) for f in self.families)
 
-    def links(self, macs: dict[str, str]) -> tuple[VxlanLink, ...]:
+    def links(self) -> tuple[VxlanLink, ...]:
         o = self.options
         return tuple(
             VxlanLink(f.device, o.vni, str(f.local), self.ext.name, o.port, o.gbp, o.learning,
-                      self.device_mtu(f.version), macs.get(f.device), o.disable_tx_checksum)
+                      self.device_mtu(f.version), self.macs.get(f.device), o.disable_tx_checksum)
             for f in self.families
         )
 
-    def lease_attrs(self, macs: dict[str, str]) -> LeaseAttrs:
+    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
         data: dict[int, str] = {
-            f.version: backend_json({"VNI": self.options.vni, "VtepMAC": macs[f.device]}) for f in self.families
+            f.version: backend_json({"VNI": self.options.vni, "VtepMAC": devices[f.device].mac})
+            for f in self.families
         }
-        v4 = next((f for f in self.families if f.version == 4), None)
-        v6 = next((f for f in self.families if f.version == 6), None)
-        return LeaseAttrs(
-            public_ip=v4.public if v4 else ipaddress.IPv4Address(0),  # type: ignore[arg-type]
-            public_ipv6=v6.public if v6 else None,  # type: ignore[arg-type]
-            backend_type="vxlan",
-            backend_data=data.get(4),
-            backend_v6_data=data.get(6),
-        )
+        return replace(self.publics, backend_type="vxlan", backend_data=data.get(4), backend_v6_data=data.get(6))
 
-    def published_by_us(self, lease: Lease, macs: dict[str, str]) -> bool:
+    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
         """Whether `lease` carries one of our devices' VTEP MACs: proof it is ours when our address changed.
 
         A device keeps its random MAC across restarts (and a recreated one gets it back), so no
         other node can publish it.
         """
-        ours = {mac for mac in macs.values() if mac}
+        ours = {d.mac for d in devices.values() if d.mac}
         return lease.backend_type == "vxlan" and any(
             normalize_mac(data.get("VtepMAC")) in ours for data in (lease.backend, lease.backend_v6))
+
+    def device_problems(self, spec: VxlanLink, link: ObservedLink, own: Lease) -> tuple[list[str], str]:  # type: ignore[override]
+        wrong = []
+        vni, port = link.data.get("IFLA_VXLAN_ID"), link.data.get("IFLA_VXLAN_PORT")
+        if link.kind != "vxlan":
+            wrong.append(f"is a {link.kind or 'plain'} device, not vxlan")
+        if vni is not None and vni != spec.vni:
+            wrong.append(f"VNI {vni}, expected {spec.vni}")
+        want_port = spec.port or DEFAULT_PORT
+        if port is not None and port != want_port:
+            wrong.append(f"UDP port {port}, expected {want_port}")
+        published = normalize_mac((own.backend_v6 if spec.family == 6 else own.backend).get("VtepMAC"))
+        if published and link.mac != published:
+            wrong.append(f"MAC {link.mac} but our lease publishes VtepMAC {published} (peers send to the wrong MAC)")
+        return wrong, f"VNI {spec.vni}, port {want_port}, MTU {spec.mtu}, MAC {link.mac}"
+
+    def start(self, own: Lease) -> None:
+        pass
+
+    def peer_changed(self, kind: str, peer: Lease) -> None:
+        pass
 
     def _direct(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return self.options.direct_routing and any(ip.version == n.version and ip in n for n in self.ext.onlink)
 
-    def base_state(self, own: Lease, macs: dict[str, str]) -> DesiredState:
-        """Devices (to be created with `macs`), our addresses, blackhole routes: everything but peers."""
+    def base_state(self, own: Lease) -> DesiredState:
+        """Devices, our addresses, blackhole routes: everything but peers."""
         addresses: set[Address] = set()
         routes: set[Route] = set()
         for f in self.families:
@@ -155,7 +182,7 @@ class VxlanBackend:
                 if self.blackhole:
                     routes.add(Route(str(mine), blackhole=True, metric=BLACKHOLE_METRIC))
         return DesiredState(
-            links=self.links(macs),
+            links=self.links(),
             addresses=frozenset(addresses),
             routes=frozenset(routes),
             owned_networks=tuple(str(f.fam.network) for f in self.families),
@@ -173,10 +200,10 @@ class VxlanBackend:
                 entries.skip(reason)
         return entries
 
-    def plan(self, own: Lease, peers: Iterable[Lease], macs: dict[str, str]) -> Plan:
+    def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
         """The whole desired state (what a full reconcile enforces)."""
         plans = {p.key: self.plan_peer(p) for p in peers if p.key != own.key}
-        return Plan(merge(self.base_state(own, macs), plans.values()),
+        return Plan(merge(self.base_state(own), plans.values()),
                     tuple((key, why) for key, pp in plans.items() for why in pp.skipped))
 
     def _plan_peer(self, f: _Family, peer: Lease, out: PeerPlan) -> str:
@@ -204,3 +231,15 @@ class VxlanBackend:
         out.fdbs.append(Fdb(f.device, mac, str(public)))
         out.routes.append(Route(str(subnet), gateway=gateway, dev=f.device, onlink=True, metric=metric))
         return ""
+
+
+def _describe(data: Mapping[str, Any]) -> str:
+    mac = normalize_mac(data.get("VtepMAC"))
+    return mac or ""
+
+
+VXLAN = register(BackendType(
+    "vxlan", VxlanOptions.parse,
+    lambda config, ext, options, settings: VxlanBackend(config, ext, options, settings.blackhole_route),
+    _describe,
+))

@@ -16,19 +16,18 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .backends import External, VxlanBackend, VxlanOptions
-from .backends.vxlan import normalize_mac
+from .backends import Backend, External, NodeSettings, create_backend
 from .config import ConfigError, NetworkConfig
 from .ctl_views import human_duration
 from .firewall import NFT_TABLE, FamilyRules, FirewallSpec, iptables_rules, iptables_tool, nft_script
 from .lease import Lease
 from .leases import Listed, Listing
-from .netstate import Fdb, Neigh, Route
+from .netstate import Fdb, Neigh, ObservedLink, Route
 from .nlcodec import IFF_UP, NUD_PERMANENT, RTN_BLACKHOLE, RTN_UNICAST, RTNH_F_ONLINK, RTPROT_KERNEL
 from .subnetenv import SubnetEnv
 
 OK, WARN, PROBLEM = "ok", "warning", "problem"
-DEFAULT_VXLAN_PORT = 8472
+LinkView = ObservedLink  # what read_kernel sees of a device; each backend checks its own kind
 
 
 @dataclass(frozen=True)
@@ -36,20 +35,6 @@ class Finding:
     level: str  # ok | warning | problem
     area: str  # subnet.env, lease, device, neighbour, fdb, route, firewall, peers
     text: str
-
-
-@dataclass(frozen=True)
-class LinkView:
-    name: str
-    index: int
-    kind: str
-    mtu: int
-    mac: str
-    up: bool
-    vni: int | None = None
-    local: str | None = None
-    underlay_index: int | None = None
-    port: int | None = None
 
 
 @dataclass
@@ -90,13 +75,10 @@ def read_kernel(nftables: bool, families: Sequence[int]) -> KernelView:
         for msg in ipr.get_links():
             info = msg.get_attr("IFLA_LINKINFO")
             kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
-            data = info.get_attr("IFLA_INFO_DATA") if info and kind == "vxlan" else None
+            data = info.get_attr("IFLA_INFO_DATA") if info else None
+            attrs = dict(data["attrs"]) if data is not None and not isinstance(data, str | bytes) else {}
             link = LinkView(msg.get_attr("IFLA_IFNAME"), msg["index"], kind, msg.get_attr("IFLA_MTU"),
-                            (msg.get_attr("IFLA_ADDRESS") or "").lower(), bool(msg["flags"] & IFF_UP),
-                            data.get_attr("IFLA_VXLAN_ID") if data else None,
-                            (data.get_attr("IFLA_VXLAN_LOCAL") or data.get_attr("IFLA_VXLAN_LOCAL6")) if data else None,
-                            data.get_attr("IFLA_VXLAN_LINK") if data else None,
-                            data.get_attr("IFLA_VXLAN_PORT") if data else None)
+                            (msg.get_attr("IFLA_ADDRESS") or "").lower(), bool(msg["flags"] & IFF_UP), attrs)
             view.links[link.name] = link
         names = {link.index: link.name for link in view.links.values()}
         for msg in ipr.get_addr():
@@ -165,15 +147,12 @@ def _own_lease(inputs: Inputs) -> Lease | None:
     return listed.lease if listed is not None else None
 
 
-def _external(inputs: Inputs, own: Lease, options: VxlanOptions) -> External:
-    """The underlay as the daemon saw it: the VXLAN device's link, else the interface holding our public IP."""
+def _external(inputs: Inputs, own: Lease) -> External:
+    """The underlay as the daemon saw it: the interface holding our public address."""
     kernel = inputs.kernel
-    device = kernel.links.get(f"flannel.{options.vni}") or kernel.links.get(f"flannel-v6.{options.vni}")
-    underlay = kernel.link_by_index(device.underlay_index) if device else None
-    if underlay is None:
-        publics = {str(own.public_ip), str(own.public_ipv6)}
-        index = next((i for i, addrs in kernel.addresses.items() if any(a[0] in publics for a in addrs)), None)
-        underlay = kernel.link_by_index(index)
+    publics = {str(own.public_ip), str(own.public_ipv6)}
+    index = next((i for i, addrs in kernel.addresses.items() if any(a[0] in publics for a in addrs)), None)
+    underlay = kernel.link_by_index(index)
     addrs = kernel.addresses.get(underlay.index, []) if underlay else []
     ip4 = next((ipaddress.IPv4Address(a[0]) for a in addrs if ":" not in a[0] and a[2] == 0), None)
     ip6 = next((ipaddress.IPv6Address(a[0]) for a in addrs if ":" in a[0] and a[2] == 0), None)
@@ -195,7 +174,7 @@ def _route_text(route: Route) -> str:
     return text + (f" metric {route.metric}" if route.metric else "")
 
 
-def _check_env(inputs: Inputs, own: Lease | None, backend: VxlanBackend | None) -> list[Finding]:
+def _check_env(inputs: Inputs, own: Lease | None, backend: Backend | None) -> list[Finding]:
     env, config = inputs.env, inputs.config
     if env is None:
         return [Finding(PROBLEM, "subnet.env", inputs.env_problem)]
@@ -212,7 +191,8 @@ def _check_env(inputs: Inputs, own: Lease | None, backend: VxlanBackend | None) 
         out.append(Finding(PROBLEM, "lease", f"no lease in etcd for this node's subnet {subnets or '(none)'} "
                                              "(expired or deleted: is flanneld running?)"))
     if backend is not None and env.mtu != backend.mtu():
-        out.append(Finding(PROBLEM, "subnet.env", f"FLANNEL_MTU is {env.mtu} but the VXLAN MTU is {backend.mtu()}"))
+        out.append(Finding(PROBLEM, "subnet.env", f"FLANNEL_MTU is {env.mtu} but the {backend.type.upper()} MTU is "
+                                                  f"{backend.mtu()}"))
     if not out:
         out.append(Finding(OK, "subnet.env", f"subnet {env.subnet or env.ipv6_subnet}, MTU {env.mtu}, "
                                              f"ipmasq {'on' if env.ipmasq else 'off'}"))
@@ -240,32 +220,20 @@ def _check_lease(inputs: Inputs, own: Lease, ext: External) -> list[Finding]:
     return out
 
 
-def _check_devices(inputs: Inputs, own: Lease, backend: VxlanBackend, options: VxlanOptions) -> list[Finding]:
+def _check_devices(inputs: Inputs, own: Lease, backend: Backend) -> list[Finding]:
     out = []
     kernel = inputs.kernel
-    macs = {"flannel.": normalize_mac(own.backend.get("VtepMAC")),
-            "flannel-v6.": normalize_mac(own.backend_v6.get("VtepMAC"))}
-    addresses = backend.base_state(own, {}).addresses
-    for spec in backend.links({}):
+    addresses = backend.base_state(own).addresses
+    for spec in backend.links():
         link = kernel.links.get(spec.name)
         if link is None:
             out.append(Finding(PROBLEM, "device", f"{spec.name} is missing"))
             continue
-        wrong = []
-        if link.kind != "vxlan":
-            wrong.append(f"is a {link.kind or 'plain'} device, not vxlan")
-        if link.vni is not None and link.vni != spec.vni:
-            wrong.append(f"VNI {link.vni}, expected {spec.vni}")
-        port = spec.port or DEFAULT_VXLAN_PORT
-        if link.port is not None and link.port != port:
-            wrong.append(f"UDP port {link.port}, expected {port}")
+        wrong, summary = backend.device_problems(spec, link, own)
         if link.mtu != spec.mtu:
             wrong.append(f"MTU {link.mtu}, expected {spec.mtu}")
         if not link.up:
             wrong.append("is down")
-        want_mac = macs["flannel-v6." if spec.name.startswith("flannel-v6.") else "flannel."]
-        if want_mac and link.mac != want_mac:
-            wrong.append(f"MAC {link.mac} but our lease publishes VtepMAC {want_mac} (peers send to the wrong MAC)")
         have = {f"{ip}/{plen}" for ip, plen, _ in kernel.addresses.get(link.index, [])}
         for addr in sorted(a.cidr for a in addresses if a.dev == spec.name):
             if addr not in have:
@@ -273,15 +241,14 @@ def _check_devices(inputs: Inputs, own: Lease, backend: VxlanBackend, options: V
         if wrong:
             out += [Finding(PROBLEM, "device", f"{spec.name} {w}") for w in wrong]
         else:
-            out.append(Finding(OK, "device", f"{spec.name}: VNI {spec.vni}, port {port}, MTU {spec.mtu}, "
-                                             f"MAC {link.mac}"))
+            out.append(Finding(OK, "device", f"{spec.name}: {summary}"))
     return out
 
 
-def _check_tables(inputs: Inputs, own: Lease, backend: VxlanBackend) -> list[Finding]:
+def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> list[Finding]:
     kernel = inputs.kernel
     peers = [li.lease for key, li in inputs.listing.leases.items() if key != own.key]
-    plan = backend.plan(own, peers, {})
+    plan = backend.plan(own, peers)
     desired = plan.desired
     devices = set(desired.devices)
     nets = [ipaddress.ip_network(n) for n in desired.owned_networks]
@@ -359,24 +326,21 @@ def _check_firewall(inputs: Inputs, own: Lease) -> list[Finding]:
 
 def diagnose(inputs: Inputs) -> list[Finding]:
     """Every finding, problems first within each area."""
-    try:
-        options = VxlanOptions.parse(inputs.config.backend)
-    except ConfigError as exc:
-        return [Finding(PROBLEM, "config", str(exc))]
     own = _own_lease(inputs)
     if own is None:
         return _check_env(inputs, None, None)
-    ext = _external(inputs, own, options)
+    ext = _external(inputs, own)
     # A blackhole route for our own subnet means flanneld runs with --ip-blackhole-route: expect it.
     own_subnets = _own_subnets(own)
     blackhole = any(r.blackhole and r.dst in own_subnets for r in inputs.kernel.routes)
     try:
-        backend = VxlanBackend(inputs.config, ext, options, blackhole)
+        backend = create_backend(inputs.config, ext, NodeSettings(blackhole_route=blackhole))
     except ConfigError as exc:
-        return [*_check_env(inputs, own, None), Finding(PROBLEM, "device", str(exc))]
+        return [*_check_env(inputs, own, None), Finding(PROBLEM, "config", str(exc))]
+    backend.adopt(own)
     findings = _check_env(inputs, own, backend)
     findings += _check_lease(inputs, own, ext)
-    findings += _check_devices(inputs, own, backend, options)
+    findings += _check_devices(inputs, own, backend)
     findings += _check_tables(inputs, own, backend)
     findings += _check_firewall(inputs, own)
     return findings

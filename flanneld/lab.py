@@ -37,6 +37,7 @@ UNDERLAY = "198.51.100"
 UNDERLAY6 = "2001:db8:51"
 OUTSIDE = "203.0.113"
 CTL_IP = f"{UNDERLAY}.2"
+REMOTE_NET, REMOTE_GW = f"{OUTSIDE}.64/26", f"{OUTSIDE}.65"  # a second L2 segment, routed
 ROUTER_IP = f"{UNDERLAY}.1"
 OUTSIDE_HOST_IP = f"{OUTSIDE}.10"
 CLONE_NEWNET = 0x40000000
@@ -382,22 +383,21 @@ class Node:
         self.procs.append(proc)
         return proc
 
-    def add_pod(self, gateway_cidr: str, index: int, bridge: str | None = None, gateway6_cidr: str | None = None,
-                mtu: int | None = None) -> Pod:
-        """A pod namespace wired like the CNI bridge plugin would: veth into a bridge holding the gateway."""
+    def add_pod(self, gateway_cidr: str | None, index: int, bridge: str | None = None,
+                gateway6_cidr: str | None = None, mtu: int | None = None) -> Pod:
+        """A pod namespace wired like the CNI bridge plugin would: veth into a bridge holding the gateway(s).
+
+        `gateway_cidr` is None in an IPv6-only network; the pod's address then is its IPv6 one.
+        """
         p = self.lab.prefix
         bridge = bridge or f"{p}-cni0"
         pod_ns = f"{self.ns}-p{index}"
         self.lab.add_namespace(pod_ns)
-        gw_ip, plen = gateway_cidr.split("/")
-        subnet = ipaddress.ip_interface(gateway_cidr).network
-        pod_ip = f"{subnet.network_address + 10 + index}/{plen}"
         cmds = []
         if ip("link", "show", bridge, ns=self.ns, check=False).returncode != 0:
-            cmds += [f"link add {bridge} type bridge", f"addr add {gateway_cidr} dev {bridge}",
-                     f"link set {bridge} up"]
-            if gateway6_cidr:
-                cmds.append(f"addr add {gateway6_cidr} dev {bridge} nodad")
+            cmds += [f"link add {bridge} type bridge", f"link set {bridge} up"]
+            cmds += [f"addr add {cidr} dev {bridge} nodad" if ":" in cidr else f"addr add {cidr} dev {bridge}"
+                     for cidr in (gateway_cidr, gateway6_cidr) if cidr]
         host_if = f"{p}-v{index}"
         pod_if = f"{p}-eth0"
         cmds += [f"link add {host_if} type veth peer name {pod_if} netns {pod_ns}",
@@ -405,17 +405,22 @@ class Node:
         if mtu:
             cmds.append(f"link set {host_if} mtu {mtu}")
         ipbatch(cmds, ns=self.ns)
-        pod_cmds = [f"addr add {pod_ip} dev {pod_if}", f"link set {pod_if} up",
-                    f"route add default via {gw_ip}"]
+        pod_cmds = [f"link set {pod_if} up"]
+        pod_ip = pod6 = None
+        if gateway_cidr:
+            gw_ip, plen = gateway_cidr.split("/")
+            subnet = ipaddress.ip_interface(gateway_cidr).network
+            pod_ip = f"{subnet.network_address + 10 + index}/{plen}"
+            pod_cmds += [f"addr add {pod_ip} dev {pod_if}", f"route add default via {gw_ip}"]
         if mtu:
             pod_cmds.append(f"link set {pod_if} mtu {mtu}")
-        pod6 = None
         if gateway6_cidr:
             gw6, plen6 = gateway6_cidr.split("/")
-            pod6 = f"{gw6.rstrip('1')}{10 + index:x}/{plen6}"
+            subnet6 = ipaddress.ip_interface(gateway6_cidr).network
+            pod6 = f"{subnet6.network_address + 10 + index}/{plen6}"
             pod_cmds += [f"addr add {pod6} dev {pod_if} nodad", f"route add ::/0 via {gw6}"]
         ipbatch(pod_cmds, ns=pod_ns)
-        pod = Pod(pod_ns, pod_if, pod_ip, pod6)
+        pod = Pod(pod_ns, pod_if, pod_ip or pod6 or "", pod6)
         self.pods.append(pod)
         return pod
 
@@ -495,6 +500,7 @@ class Lab:
         self.namespaces: list[str] = []
         self.nodes: list[Node] = []
         self.ctl = ctl or f"{self.prefix}-ctl"
+        self.remote_route = False
         self.ul = f"{self.prefix}-ul"
         self.out = f"{self.prefix}-out"
 
@@ -547,7 +553,27 @@ class Lab:
         self.nodes.append(node)
         return node
 
+    def add_remote_node(self, i: int) -> Node:
+        """A node on another L2 segment (203.0.113.64/26 behind the underlay router): reachable, not on-link."""
+        p = self.prefix
+        ns = self.add_namespace(f"{p}-n{i}", forwarding=True)
+        ifname = f"{p}-eth0"
+        if ip("link", "show", "br1", ns=self.ul, check=False).returncode != 0:
+            ipbatch(["link add br1 type bridge", f"addr add {REMOTE_GW}/26 dev br1", "link set br1 up"], ns=self.ul)
+            ip("route", "replace", f"{REMOTE_NET}", "via", ROUTER_IP, ns=self.ctl)  # etcd answers it
+            self.remote_route = True
+        node_ip = f"{OUTSIDE}.{65 + i}"
+        ipbatch([f"link add {ifname} netns {ns} type veth peer name {p}-n{i}",
+                 f"link set {p}-n{i} master br1 up"], ns=self.ul)
+        ipbatch([f"addr add {node_ip}/26 dev {ifname}", f"link set {ifname} up",
+                 f"route add default via {REMOTE_GW}"], ns=ns)
+        node = Node(self, i, ns, node_ip, "", ifname)
+        self.nodes.append(node)
+        return node
+
     def close(self) -> None:
+        if self.remote_route:
+            ip("route", "del", REMOTE_NET, ns=self.ctl, check=False)
         for node in self.nodes:
             node.stop_processes()
         if not self.owns_ctl:

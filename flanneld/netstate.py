@@ -9,15 +9,58 @@ longer desired.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+
+class LinkSpec(Protocol):
+    """A device a backend wants: the fields every kind has. Each kind adds its own parameters, and
+    the reconciler creates, adopts and recreates it through that kind's one handler (flanneld.devices)."""
+
+    kind: ClassVar[str]
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def mtu(self) -> int: ...
+
+    @property
+    def family(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device as it exists in the kernel: what a backend may publish about it (e.g. its MAC)."""
+
+    name: str
+    index: int
+    mac: str | None
+
+
+@dataclass(frozen=True)
+class ObservedLink:
+    """A device as an independent reader (flannelctl doctor, via pyroute2) saw it.
+
+    ``data`` holds its kind's attributes under their netlink names (``IFLA_VXLAN_ID`` ...), so the
+    reader needs to know no kind and each backend checks its own.
+    """
+
+    name: str
+    index: int
+    kind: str
+    mtu: int
+    mac: str
+    up: bool
+    data: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class VxlanLink:
     """A VXLAN device and the parameters that make an existing one reusable."""
 
+    kind: ClassVar[str] = "vxlan"
     name: str
     vni: int
     local: str  # VTEP source address (the external interface's address)
@@ -86,7 +129,7 @@ class DesiredState:
     one of them, and addresses in them on the devices listed in ``links``.
     """
 
-    links: tuple[VxlanLink, ...] = ()
+    links: tuple[LinkSpec, ...] = ()
     addresses: frozenset[Address] = frozenset()
     neighs: frozenset[Neigh] = frozenset()
     fdbs: frozenset[Fdb] = frozenset()

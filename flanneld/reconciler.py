@@ -12,51 +12,28 @@ Three ways in, one mechanism ("make actual equal desired"):
   run a full reconcile within milliseconds. Our own writes produce notifications that agree
   with the desired state and are ignored.
 
-What we own: the VXLAN devices we create; permanent neighbours and FDB entries on them;
-addresses inside the overlay networks on them; main-table routes (not kernel-made) whose
-destination lies in an overlay network.
+What we own: the devices the backend asks for (each kind handled by :mod:`flanneld.devices`);
+permanent neighbours and FDB entries on them; addresses inside the overlay networks on them;
+main-table routes (not kernel-made) whose destination lies in an overlay network, whether they
+leave by one of our devices or by the external interface (host-gw, DirectRouting). A backend with
+no devices is the same code with empty device tables.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import nlcodec as nl
 from .backends import PeerPlan
-from .kernel import Kernel, KernelError, LinkInfo, WriteFailure
-from .netstate import Address, DesiredState, Fdb, Neigh, Route, TableDiff, VxlanLink, diff
+from .devices import handler
+from .kernel import Kernel, WriteFailure
+from .netstate import Address, DesiredState, Device, Fdb, LinkSpec, Neigh, Route, TableDiff, diff
 
 log = logging.getLogger(__name__)
-
-
-def random_mac() -> str:
-    """A random locally administered unicast MAC."""
-    raw = bytearray(secrets.token_bytes(6))
-    raw[0] = (raw[0] & 0xFE) | 0x02
-    return bytes(raw).hex(":")
-
-
-def incompatible(link: LinkInfo, spec: VxlanLink, underlay_index: int) -> str:
-    """Why an existing device cannot serve as `spec` ('' if it can), as upstream judges it."""
-    if link.kind != "vxlan" or link.vxlan is None:
-        return f"it is a {link.kind or 'plain'} device, not vxlan"
-    v = link.vxlan
-    if v.vni != spec.vni:
-        return f"its VNI is {v.vni}, want {spec.vni}"
-    if v.underlay and v.underlay != underlay_index:
-        return f"it runs over interface index {v.underlay}, want {spec.underlay} ({underlay_index})"
-    if link.vxlan_local and link.vxlan_local != spec.local:
-        return f"its local address is {link.vxlan_local}, want {spec.local}"
-    if v.port and v.port != (spec.port or 8472):
-        return f"its port is {v.port}, want {spec.port or 8472}"
-    if v.gbp != spec.gbp or v.learning != spec.learning:
-        return f"GBP/learning are {v.gbp}/{v.learning}, want {spec.gbp}/{spec.learning}"
-    return ""
 
 
 @dataclass
@@ -65,7 +42,7 @@ class Report:
 
     full: bool
     created: list[str] = field(default_factory=list)
-    macs: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, Device] = field(default_factory=dict)
     written: int = 0
     deleted: int = 0
     failures: list[WriteFailure] = field(default_factory=list)
@@ -93,11 +70,15 @@ class _OwnedRoutes:
 
 
 class Reconciler:
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, underlay: str, underlay_index: int) -> None:
+        """`underlay`: the external interface chosen by interface selection (routes of host-gw and
+        DirectRouting leave by it; device kinds that need a lower device are created over it)."""
         self.kernel = kernel
+        self.underlay = underlay
+        self.underlay_index = underlay_index
         self.desired: DesiredState | None = None  # devices, addresses, owned networks of the last reconcile
-        self.index: dict[str, int] = {}  # our devices and their underlays by name
-        self._names: dict[int, str] = {}
+        self.index: dict[str, int] = {underlay: underlay_index}  # our devices and the underlay by name
+        self._names: dict[int, str] = {underlay_index: underlay}
         self._owned = _OwnedRoutes(())
         self._neigh_keys: dict[tuple[str, str], Neigh] = {}
         self._fdb_keys: dict[tuple[str, str], Fdb] = {}
@@ -105,26 +86,21 @@ class Reconciler:
 
     # -- devices and addresses ---------------------------------------------------------------
 
-    def ensure_links(self, links: Iterable[VxlanLink], report: Report | None = None) -> dict[str, LinkInfo]:
-        """Create or repair our VXLAN devices; returns them as they now are."""
-        result: dict[str, LinkInfo] = {}
+    def ensure_links(self, links: Iterable[LinkSpec], report: Report | None = None) -> dict[str, Device]:
+        """Create, adopt or repair our devices (each through its kind's handler); returns them as they now are."""
+        result: dict[str, Device] = {}
         for spec in links:
-            underlay = self.kernel.link(spec.underlay)
-            if underlay is None:
-                raise KernelError(f"external interface {spec.underlay} does not exist")
+            kind = handler(spec.kind)
             current = self.kernel.link(spec.name)
-            mac = spec.mac
+            replaced = None
             if current is not None:
-                why = incompatible(current, spec, underlay.index)
+                why = kind.incompatible(current, spec, self.underlay_index)
                 if why:
                     log.warning("%s exists but %s; recreating it", spec.name, why)
-                    mac = mac or current.mac
                     self.kernel.delete_link(current.index)
-                    current = None
+                    replaced, current = current, None
             if current is None:
-                current = self.kernel.create_vxlan(spec, underlay.index, mac or random_mac())
-                log.info("created VXLAN device %s: VNI %d, local %s via %s, MAC %s, MTU %d", spec.name, spec.vni,
-                         spec.local, spec.underlay, current.mac, spec.mtu)
+                current = kind.create(self.kernel, spec, self.underlay_index, replaced)
                 if report is not None:
                     report.created.append(spec.name)
                 if spec.family == 6:
@@ -134,12 +110,9 @@ class Reconciler:
                 self.kernel.set_link(current.index, mtu=spec.mtu)
             if not current.up:
                 self.kernel.set_link(current.index, up=True)
-            if spec.disable_tx_checksum and self.kernel.tx_checksum(spec.name):
-                self.kernel.set_tx_checksum(spec.name, False)
-                log.info("turned off tx checksum offload on %s", spec.name)
+            kind.settle(self.kernel, spec, current)
             self.index[spec.name] = current.index
-            self.index[spec.underlay] = underlay.index
-            result[spec.name] = current
+            result[spec.name] = Device(spec.name, current.index, current.mac)
         self._names = {v: k for k, v in self.index.items()}
         return result
 
@@ -258,8 +231,7 @@ class Reconciler:
         """Full reconcile: devices, addresses and every owned table entry."""
         start = time.perf_counter()
         report = Report(full=True)
-        links = self.ensure_links(desired.links, report)
-        report.macs = {name: info.mac for name, info in links.items() if info.mac}
+        report.devices = self.ensure_links(desired.links, report)
         self._adopt(desired)
         self._ensure_addresses(desired)
         neighs, fdbs, routes = self._actual(desired)

@@ -177,9 +177,12 @@ def _is_auth_expired(exc: BaseException) -> bool:
 
 
 def _is_unreachable(exc: BaseException) -> bool:
-    if isinstance(exc, etcd_exc.ConnectionFailedError | etcd_exc.NoServerAvailableError):
+    """The endpoint did not answer (refused, reset, or no answer in time): another member may."""
+    if isinstance(exc, etcd_exc.ConnectionFailedError | etcd_exc.ConnectionTimeoutError
+                  | etcd_exc.NoServerAvailableError):
         return True
-    return isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() == grpc.StatusCode.UNAVAILABLE
+    return isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 _TLS_ALERTS = {

@@ -110,8 +110,8 @@ class Cluster:
 
     def pod(self, node: lab.Node, index: int = 1) -> lab.Pod:
         env = self.env(node)
-        return node.add_pod(str(env.subnet), index, gateway6_cidr=str(env.ipv6_subnet) if env.ipv6_subnet else None,
-                            mtu=env.mtu)
+        return node.add_pod(str(env.subnet) if env.subnet else None, index,
+                            gateway6_cidr=str(env.ipv6_subnet) if env.ipv6_subnet else None, mtu=env.mtu)
 
     def close(self) -> None:
         self.lab.close()
@@ -170,23 +170,25 @@ def ping(src: lab.Pod, dst: str, count: int = 2, interval: float = 0.2, timeout:
                   timeout=count * interval + timeout + 10)
 
 
-def tcp_exchange(client: lab.Pod, server: lab.Pod, port: int = 5201) -> str:
-    """Open a TCP connection from client to server and echo a message back."""
+def tcp_exchange(client: lab.Pod, server: lab.Pod, port: int = 5201, ipv6: bool = False) -> str:
+    """Open a TCP connection from client to server (over IPv6 if asked) and echo a message back."""
+    addr = server.ip6.split("/")[0] if ipv6 and server.ip6 else server.addr
+    family = "socket.AF_INET6" if ":" in addr else "socket.AF_INET"
     srv = subprocess.Popen(
         ["ip", "netns", "exec", server.name, "python3", "-c",
-         "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
-         f"s.bind(('{server.addr}',{port}));s.listen(1);c,_=s.accept();c.sendall(c.recv(100)[::-1]);c.close()"],
+         f"import socket;s=socket.socket({family});s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+         f"s.bind(('{addr}',{port}));s.listen(1);c,_=s.accept();c.sendall(c.recv(100)[::-1]);c.close()"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for _ in range(100):
             out = lab.sh(["python3", "-c",
                           "import socket,sys;s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=2);"
-                          "s.sendall(b'flannel over tcp');print(s.recv(100).decode())", server.addr, str(port)],
+                          "s.sendall(b'flannel over tcp');print(s.recv(100).decode())", addr, str(port)],
                          ns=client.name, check=False)
             if out.returncode == 0:
                 return out.stdout.strip()
             time.sleep(0.05)
-        raise AssertionError(f"TCP to {server.addr}:{port} failed: {out.stderr}")
+        raise AssertionError(f"TCP to {addr}:{port} failed: {out.stderr}")
     finally:
         srv.kill()
         srv.wait()

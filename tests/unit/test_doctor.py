@@ -35,8 +35,9 @@ def firewall_listing(masq: bool = False, random_fully: bool = True) -> dict[str,
 
 def healthy_kernel() -> doctor.KernelView:
     eth = doctor.LinkView("eth0", 2, "veth", 1500, "02:00:00:00:00:0b", True)
-    vxlan = doctor.LinkView("flannel.1", 5, "vxlan", 1450, OWN_MAC, True, vni=1, local="198.51.100.11",
-                            underlay_index=2, port=8472)
+    vxlan = doctor.LinkView("flannel.1", 5, "vxlan", 1450, OWN_MAC, True,
+                            {"IFLA_VXLAN_ID": 1, "IFLA_VXLAN_LOCAL": "198.51.100.11", "IFLA_VXLAN_LINK": 2,
+                             "IFLA_VXLAN_PORT": 8472})
     return doctor.KernelView(
         links={"eth0": eth, "flannel.1": vxlan},
         addresses={2: [("198.51.100.11", 24, 0)], 5: [("198.18.1.0", 32, 0)]},
@@ -83,8 +84,9 @@ def test_stale_and_wrong_entries():
 
 def test_device_mismatches():
     kernel = healthy_kernel()
-    kernel.links["flannel.1"] = dataclasses.replace(kernel.links["flannel.1"], mtu=1400, up=False,
-                                                    mac="0e:cc:00:00:00:01", port=4789)
+    link = kernel.links["flannel.1"]
+    kernel.links["flannel.1"] = dataclasses.replace(link, mtu=1400, up=False, mac="0e:cc:00:00:00:01",
+                                                    data={**link.data, "IFLA_VXLAN_PORT": 4789})
     kernel.addresses[5] = []
     texts = [t for _, t in problems(doctor.diagnose(inputs(kernel)))]
     assert "flannel.1 MTU 1400, expected 1450" in texts

@@ -4,11 +4,12 @@ import ipaddress
 import json
 
 import pytest
-from flanneld.backends import External, VxlanBackend, VxlanOptions, validate_backend
+from flanneld.backends import External, validate_backend
+from flanneld.backends.vxlan import VxlanBackend, VxlanOptions
 
 from flanneld.config import ConfigError, parse_config
 from flanneld.lease import LeaseAttrs, backend_json
-from flanneld.netstate import Address, Fdb, Neigh, Route
+from flanneld.netstate import Address, Device, Fdb, Neigh, Route
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network
@@ -29,8 +30,9 @@ def peer(n, mac="0e:00:00:00:00:01", public="198.51.100.12", v6=False, btype="vx
 
 def test_upstream_entries_per_peer():
     be = backend()
-    own = peer(1, public="198.51.100.11")
-    plan = be.plan(own, [own, peer(2)], {"flannel.1": "0e:aa:00:00:00:01"})
+    own = peer(1, mac="0e:aa:00:00:00:01", public="198.51.100.11")
+    be.adopt(own)  # devices are (re)created with the MAC our lease publishes
+    plan = be.plan(own, [own, peer(2)])
     d = plan.desired
     assert d.links[0].name == "flannel.1" and d.links[0].mtu == 1450 and d.links[0].mac == "0e:aa:00:00:00:01"
     assert d.addresses == {Address("flannel.1", "198.18.1.0/32")}
@@ -46,14 +48,14 @@ def test_peer_backend_data_in_another_case_is_programmed():
     be = backend()
     odd = LeaseAttrs(A("198.51.100.12"), None, "vxlan", '{"vni":1,"VtepMac":"0E:00:00:00:00:02"}').lease(
         N("198.18.2.0/24"), None)
-    plan = be.plan(peer(1, public="198.51.100.11"), [odd], {"flannel.1": "0e:aa:00:00:00:01"})
+    plan = be.plan(peer(1, public="198.51.100.11"), [odd])
     assert plan.skipped == ()
     assert plan.desired.fdbs == {Fdb("flannel.1", "0e:00:00:00:00:02", "198.51.100.12")}
 
 
 def test_lease_attrs_publish_vtep_mac_and_mtu():
     be = backend()
-    attrs = be.lease_attrs({"flannel.1": "0e:aa:00:00:00:01"})
+    attrs = be.lease_attrs({"flannel.1": Device("flannel.1", 5, "0e:aa:00:00:00:01")})
     assert attrs.backend_type == "vxlan" and attrs.backend_data == '{"VNI":1,"VtepMAC":"0e:aa:00:00:00:01"}'
     assert str(attrs.public_ip) == "198.51.100.11" and attrs.public_ipv6 is None
     assert be.mtu() == 1450
@@ -63,7 +65,7 @@ def test_lease_attrs_publish_vtep_mac_and_mtu():
 def test_direct_routing_for_peers_on_our_l2_only():
     be = backend(options=VxlanOptions(direct_routing=True))
     own = peer(1, public="198.51.100.11")
-    d = be.plan(own, [peer(2), peer(3, mac="0e:00:00:00:00:03", public="203.0.113.9")], {}).desired
+    d = be.plan(own, [peer(2), peer(3, mac="0e:00:00:00:00:03", public="203.0.113.9")]).desired
     assert Route("198.18.2.0/24", "198.51.100.12", "eth0") in d.routes
     assert Route("198.18.3.0/24", "198.18.3.0", "flannel.1", onlink=True) in d.routes
     assert {f.dst for f in d.fdbs} == {"203.0.113.9"}
@@ -72,7 +74,7 @@ def test_direct_routing_for_peers_on_our_l2_only():
 def test_dual_stack_uses_two_devices_and_ipv6_overhead():
     be = backend({"EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56"})
     own = peer(1, public="198.51.100.11", v6=True)
-    d = be.plan(own, [peer(2, v6=True)], {}).desired
+    d = be.plan(own, [peer(2, v6=True)]).desired
     assert [(link.name, link.mtu, link.local) for link in d.links] == [
         ("flannel.1", 1450, "198.51.100.11"), ("flannel-v6.1", 1430, "2001:db8:51::11")]
     assert be.mtu() == 1430
@@ -82,7 +84,7 @@ def test_dual_stack_uses_two_devices_and_ipv6_overhead():
 
 
 def test_blackhole_route_has_a_low_priority():
-    d = backend(blackhole=True).plan(peer(1, public="198.51.100.11"), [], {}).desired
+    d = backend(blackhole=True).plan(peer(1, public="198.51.100.11"), []).desired
     assert Route("198.18.1.0/24", blackhole=True, metric=4000) in d.routes
 
 
@@ -94,7 +96,7 @@ def test_blackhole_route_has_a_low_priority():
     (peer(2, public="0.0.0.0"), "no IPv4 public address"),
 ])
 def test_unusable_peers_are_skipped_with_a_reason(lease, reason):
-    plan = backend().plan(peer(1, public="198.51.100.11"), [lease, peer(3, mac="0e:00:00:00:00:03")], {})
+    plan = backend().plan(peer(1, public="198.51.100.11"), [lease, peer(3, mac="0e:00:00:00:00:03")])
     assert [k for k, _ in plan.skipped] == [lease.key] and reason in plan.skipped[0][1]
     assert len(plan.desired.routes) == 1  # the good peer is still programmed
 

@@ -1,0 +1,245 @@
+"""The running overlay of one node: its lease, its peers and the kernel state they imply.
+
+Owned by the daemon's loop thread, which alone calls these methods. Lease events become
+incremental kernel changes; drift, timers and failed writes become full reconciles; our own
+lease being deleted, modified or expired is repaired here (re-acquisition). Which backend runs
+is not this module's business: it holds a :class:`~flanneld.backends.Backend`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import subnetenv
+from .backends import Backend, PeerPlan, merge
+from .config import NetworkConfig
+from .firewall import FamilyRules, Firewall, FirewallError, FirewallSpec
+from .health import Metrics
+from .kernel import KernelError
+from .lease import Lease, LeaseAttrs, leases_prefix
+from .leases import LeaseError, LeaseEvent, LeaseManager
+from .netstate import Device
+from .reconciler import Reconciler, Report
+from .registry import RegistryError
+
+log = logging.getLogger("flanneld")
+
+
+def retry(what: str, fn: Callable[[], object], stop: threading.Event, delay: float = 1.0,
+          max_delay: float = 10.0) -> object:
+    """Call fn until it succeeds or `stop` is set (then None); log each distinct failure once."""
+    last = ""
+    while not stop.is_set():
+        try:
+            return fn()
+        except (RegistryError, LeaseError, KernelError) as exc:
+            if str(exc) != last:
+                log.warning("%s: %s (retrying)", what, exc)
+                last = str(exc)
+            stop.wait(delay)
+            delay = min(delay * 2, max_delay)
+    return None
+
+
+@dataclass(frozen=True)
+class OverlaySettings:
+    prefix: str  # etcd key prefix
+    subnet_file: str
+    ip_masq: bool
+    masq_random_fully: bool
+    forward_rules: bool
+
+
+def firewall_spec(config: NetworkConfig, own: Lease, s: OverlaySettings) -> FirewallSpec:
+    fams = [FamilyRules(fam.network, pod) for fam, pod in ((config.ipv4, own.subnet), (config.ipv6, own.subnet6))
+            if fam is not None and pod is not None]
+    return FirewallSpec(tuple(fams), s.ip_masq, s.forward_rules, s.masq_random_fully, config.enable_nftables)
+
+
+@dataclass
+class Overlay:
+    config: NetworkConfig
+    backend: Backend
+    reconciler: Reconciler
+    leases: LeaseManager
+    settings: OverlaySettings
+    metrics: Metrics
+    stop: threading.Event
+    devices: dict[str, Device]
+    own: Lease = field(init=False)
+    firewall: Firewall = field(init=False)
+    peers: dict[str, PeerPlan] = field(default_factory=dict)
+    _skip_logged: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    _misfit_logged: dict[str, str] = field(default_factory=dict)
+
+    # -- our lease ---------------------------------------------------------------------------
+
+    def adopt_lease(self, own: Lease) -> None:
+        self.own = own
+        self.backend.adopt(own)
+        left = self.leases.seconds_until_renewal()
+        self.metrics.set("flanneld_lease_expiry_seconds",
+                         -1 if left is None else round(left + self.leases.renew_margin))
+
+    def install_firewall(self) -> None:
+        self.firewall = Firewall(firewall_spec(self.config, self.own, self.settings))
+        self.firewall.remove_other_mode()
+        self.firewall.apply()
+
+    def write_subnet_env(self) -> None:
+        env = subnetenv.for_lease(self.own, self.config.ipv4.network if self.config.ipv4 else None,  # type: ignore[arg-type]
+                                  self.config.ipv6.network if self.config.ipv6 else None,  # type: ignore[arg-type]
+                                  self.backend.mtu(), self.settings.ip_masq)
+        subnetenv.write(self.settings.subnet_file, env)
+        log.info("wrote %s (%s, MTU %d)", self.settings.subnet_file, self.own.describe(), env.mtu)
+
+    def _attrs(self) -> LeaseAttrs:
+        return self.backend.lease_attrs(self.devices)
+
+    def _republish(self) -> bool:
+        if not self.leases.republish(self._attrs()):
+            return False
+        if self.leases.own is not None:
+            self.adopt_lease(self.leases.own.lease)
+        return True
+
+    def reacquire(self) -> str:
+        got = retry("re-acquiring a subnet lease", lambda: self.leases.acquire(self._attrs()), self.stop)
+        if got is None:
+            return ""
+        changed = got.lease.key != self.own.key  # type: ignore[attr-defined]
+        self.adopt_lease(got.lease)  # type: ignore[attr-defined]
+        if changed:
+            log.warning("our subnet changed to %s", self.own.describe())
+            self.peers.pop(self.own.key, None)
+            self.firewall = Firewall(firewall_spec(self.config, self.own, self.settings))
+            self.firewall.apply()
+            self.write_subnet_env()
+        return "own lease re-acquired"
+
+    def renew(self) -> str:
+        ok = retry("renewing our lease", self.leases.renew, self.stop)
+        if ok is False:
+            return self.reacquire()
+        self.metrics.inc("flanneld_lease_renewals_total")
+        self.adopt_lease(self.own)
+        return ""
+
+    def _own_lease_event(self, ev: LeaseEvent) -> str:
+        if ev.kind == "removed":
+            log.warning("our lease %s was deleted from etcd; re-acquiring", self.own.describe())
+            return self.reacquire()
+        if LeaseAttrs.of(ev.lease) != LeaseAttrs.of(self.own):
+            log.warning("our lease %s was modified in etcd; restoring our attributes", self.own.describe())
+            if not retry("restoring our lease", self._republish, self.stop):
+                return self.reacquire()
+        return ""
+
+    # -- peers -------------------------------------------------------------------------------
+
+    def apply_lease_events(self, events: list[LeaseEvent], incremental: bool) -> str:
+        """Fold lease events into the peer plans; write the change. Returns a reason for a full reconcile."""
+        added, removed = PeerPlan(), PeerPlan()
+        full_reason = ""
+        for ev in events:
+            self.metrics.inc("flanneld_lease_events_total", kind=ev.kind)
+            key = ev.key
+            if key == self.own.key:
+                full_reason = self._own_lease_event(ev) or full_reason
+                continue
+            lease = ev.lease  # decoded once here, dropped after planning
+            old = self.peers.pop(key, None)
+            if old is not None:
+                _extend(removed, old)
+            if ev.kind != "removed":
+                plan = self.backend.plan_peer(lease)
+                self.peers[key] = plan
+                _extend(added, plan)
+                self._log_skips(key, plan)
+                self._log_misfit(key, lease)
+            else:
+                self._skip_logged.pop(key, None)
+                self._misfit_logged.pop(key, None)
+            self.backend.peer_changed(ev.kind, lease)
+            if incremental:  # the initial listing is summarised, not logged lease by lease
+                public = lease.public_ip if lease.subnet else lease.public_ipv6
+                log.info("lease %s %s (%s)", ev.kind, lease.describe(), public)
+        self.metrics.set("flanneld_peers", len(self.peers))
+        self.metrics.set("flanneld_skipped_leases", sum(1 for p in self.peers.values() if p.skipped))
+        if incremental and not full_reason and (added.neighs or added.fdbs or added.routes or removed.neighs
+                                                or removed.fdbs or removed.routes):
+            report = self.reconciler.change(added, removed)
+            self._account(report, "lease")
+            if report.failures:
+                return "failed writes"
+        return full_reason
+
+    def _log_skips(self, key: str, plan: PeerPlan) -> None:
+        reasons = tuple(plan.skipped)
+        if not reasons:
+            self._skip_logged.pop(key, None)
+        elif self._skip_logged.get(key) != reasons:
+            log.warning("not programming all of lease %s: %s", key, "; ".join(reasons))
+            self._skip_logged[key] = reasons
+
+    def _log_misfit(self, key: str, lease: Lease) -> None:
+        """Warn once per lease whose subnet departs from the config (it is programmed all the same)."""
+        reasons = [f"IPv{fam.version} subnet {subnet}: {why}"
+                   for fam, subnet in ((self.config.ipv4, lease.subnet), (self.config.ipv6, lease.subnet6))
+                   if fam is not None and subnet is not None and subnet.subnet_of(fam.network)  # type: ignore[arg-type]
+                   and (why := fam.misfit(subnet))]
+        text = "; ".join(reasons)
+        if text and self._misfit_logged.get(key) != text:
+            log.warning("lease %s%s does not fit the network config (%s); programming it anyway: its node routes "
+                        "its pods there (a node started with another config?)", leases_prefix(self.settings.prefix),
+                        key, text)
+        if text:
+            self._misfit_logged[key] = text
+        else:
+            self._misfit_logged.pop(key, None)
+
+    # -- the kernel --------------------------------------------------------------------------
+
+    def full_reconcile(self, trigger: str) -> Report | None:
+        desired = merge(self.backend.base_state(self.own), self.peers.values())
+        try:
+            report = self.reconciler.reconcile(desired)
+        except KernelError as exc:
+            log.warning("full reconcile (%s) failed: %s; retrying", trigger, exc)
+            return None
+        self._account(report, trigger)
+        if trigger in ("drift", "periodic", "retry") and report.changed:
+            self.metrics.inc("flanneld_drift_repairs_total")
+            log.warning("repaired drift (%s): %d entries written, %d deleted%s", trigger, report.written,
+                        report.deleted, f", recreated {', '.join(report.created)}" if report.created else "")
+        elif report.changed:
+            log.info("full reconcile (%s): %d entries written, %d deleted in %.0f ms", trigger, report.written,
+                     report.deleted, report.seconds * 1000)
+        self.devices = report.devices
+        if LeaseAttrs.of(self.own) != self._attrs():
+            log.warning("our devices no longer match our lease (%s); republishing it",
+                        ", ".join(f"{d.name} {d.mac}" for d in self.devices.values()))
+            retry("republishing our lease", self._republish, self.stop)
+        return report
+
+    def _account(self, report: Report, trigger: str) -> None:
+        self.metrics.inc("flanneld_reconciles_total", kind="full" if report.full else "incremental", trigger=trigger)
+        self.metrics.inc("flanneld_reconcile_seconds_total", report.seconds)
+        self.metrics.inc("flanneld_netlink_writes_total", report.written + report.deleted)
+        self.metrics.inc("flanneld_netlink_write_failures_total", len(report.failures))
+
+    def check_firewall(self) -> None:
+        try:
+            if not self.firewall.check():
+                self.metrics.inc("flanneld_firewall_repairs_total")
+        except FirewallError as exc:
+            log.warning("firewall check failed: %s", exc)
+
+
+def _extend(into: PeerPlan, plan: PeerPlan) -> None:
+    into.neighs += plan.neighs
+    into.fdbs += plan.fdbs
+    into.routes += plan.routes

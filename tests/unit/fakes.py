@@ -1,0 +1,209 @@
+"""In-memory stand-ins for the kernel tables and the etcd registry, for unit tests without root.
+
+The fake kernel speaks the daemon's own netlink bytes: writes are parsed with the codec and kept
+as table entries keyed the way the kernel keys them, dumps answer with the same payloads, and
+every write is also queued as a notification (what the netlink monitor would see). The fake
+registry keeps revisions like etcd: every put/delete bumps the revision, a listing reports it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from flanneld import nlcodec as nl
+from flanneld.kernel import KernelError, LinkInfo, WriteFailure
+from flanneld.netstate import VxlanLink
+from flanneld.registry import KeyValue
+
+
+class FakeBulk:
+    def __init__(self) -> None:
+        self.neighs: dict[tuple[int, int, bytes], bytes] = {}  # (family, ifindex, dst)
+        self.fdbs: dict[tuple[int, bytes], bytes] = {}  # (ifindex, mac)
+        self.routes: dict[tuple[int, bytes, int, int], bytes] = {}  # (family, dst, dst_len, metric)
+        self.notifications: list[tuple[int, bytes]] = []
+        self.refuse: set[bytes] = set()  # destinations whose writes fail (EINVAL)
+        self.writes = 0
+        self._seq = 0
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def write(self, items: Sequence[tuple[bytes, object]], ignore_on_delete: bool = True) -> list[WriteFailure]:
+        failures = []
+        for message, item in items:
+            kind = nl.HDR.unpack_from(message)[1]
+            payload = memoryview(message)[16:]
+            self.writes += 1
+            if kind in (nl.RTM_NEWNEIGH, nl.RTM_DELNEIGH):
+                rec = nl.parse_neigh(payload)
+                if rec.dst in self.refuse:
+                    failures.append(WriteFailure(item, 22, "Invalid argument"))
+                    continue
+                table, key = ((self.fdbs, (rec.ifindex, rec.lladdr)) if rec.family == nl.AF_BRIDGE
+                              else (self.neighs, (rec.family, rec.ifindex, rec.dst)))
+            else:
+                rec_r = nl.parse_route(payload)
+                if rec_r.dst in self.refuse:
+                    failures.append(WriteFailure(item, 22, "Invalid argument"))
+                    continue
+                table, key = self.routes, (rec_r.family, rec_r.dst, rec_r.dst_len, rec_r.metric)
+            if kind in (nl.RTM_NEWNEIGH, nl.RTM_NEWROUTE):
+                table[key] = bytes(payload)  # type: ignore[index]
+            else:
+                table.pop(key, None)  # type: ignore[arg-type]
+            self.notifications.append((kind, bytes(payload)))
+        return failures
+
+    def dump(self, request: bytes) -> Iterator[tuple[int, memoryview]]:
+        kind = nl.HDR.unpack_from(request)[1]
+        body = memoryview(request)[16:]
+        if kind == nl.RTM_GETNEIGH:
+            family, ifindex = struct.unpack_from("=Bxxxi", body)
+            if family == nl.AF_BRIDGE:
+                found = [p for (ix, _mac), p in self.fdbs.items() if ix == ifindex]
+            else:
+                ifindex = nl.U32.unpack_from(body, nl.NDMSG.size + 4)[0]
+                found = [p for (fam, ix, _dst), p in self.neighs.items() if fam == family and ix == ifindex]
+            yield from ((nl.RTM_NEWNEIGH, memoryview(p)) for p in found)
+        elif kind == nl.RTM_GETROUTE:
+            family = body[0]
+            yield from ((nl.RTM_NEWROUTE, memoryview(p)) for (fam, *_rest), p in self.routes.items() if fam == family)
+
+    def delete_route(self, dst: str) -> None:
+        """What `ip route del` would do (and the notification it would cause)."""
+        import ipaddress
+
+        net = ipaddress.ip_network(dst)
+        for key, payload in list(self.routes.items()):
+            if key[1] == net.network_address.packed and key[2] == net.prefixlen:
+                del self.routes[key]
+                self.notifications.append((nl.RTM_DELROUTE, payload))
+
+
+@dataclass
+class FakeKernel:
+    bulk: FakeBulk = field(default_factory=FakeBulk)
+    links_by_name: dict[str, LinkInfo] = field(default_factory=dict)
+    addrs: dict[int, set[tuple[str, int]]] = field(default_factory=dict)
+    sysctls: dict[str, str] = field(default_factory=dict)
+    tx_csum: dict[str, bool] = field(default_factory=dict)
+    _next_index: int = 10
+
+    def add_plain(self, name: str, index: int, mtu: int = 1500) -> None:
+        self.links_by_name[name] = LinkInfo(index, name, None, mtu, True, "02:00:00:00:00:01", None)
+
+    def link(self, name: str) -> LinkInfo | None:
+        return self.links_by_name.get(name)
+
+    def create_vxlan(self, spec: VxlanLink, underlay_index: int, mac: str | None) -> LinkInfo:
+        if spec.name in self.links_by_name:
+            raise KernelError(f"creating VXLAN device {spec.name}: File exists", 17)
+        self._next_index += 1
+        info = nl.VxlanInfo(spec.vni, underlay_index, nl.ip_bytes(spec.local), spec.port or 8472, spec.learning,
+                            spec.gbp)
+        link = LinkInfo(self._next_index, spec.name, "vxlan", 1500, False, mac, info)
+        self.links_by_name[spec.name] = link
+        self.tx_csum[spec.name] = True
+        return link
+
+    def delete_link(self, index: int) -> None:
+        for name, link in list(self.links_by_name.items()):
+            if link.index == index:
+                del self.links_by_name[name]
+                self.addrs.pop(index, None)
+                for table in (self.bulk.neighs, self.bulk.fdbs):
+                    for key in [k for k in table if index in k]:
+                        del table[key]
+
+    def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None) -> None:
+        from dataclasses import replace
+
+        for name, link in self.links_by_name.items():
+            if link.index == index:
+                self.links_by_name[name] = replace(link, mtu=mtu if mtu is not None else link.mtu,
+                                                   up=up if up is not None else link.up)
+
+    def addresses(self, index: int | None = None):  # type: ignore[no-untyped-def]
+        from flanneld.kernel import AddrInfo
+
+        return [AddrInfo(ix, ip, plen, 0, True) for ix, entries in self.addrs.items() for ip, plen in entries
+                if index is None or ix == index]
+
+    def add_address(self, index: int, ip: str, prefixlen: int) -> None:
+        self.addrs.setdefault(index, set()).add((ip, prefixlen))
+
+    def del_address(self, index: int, ip: str, prefixlen: int) -> None:
+        self.addrs.get(index, set()).discard((ip, prefixlen))
+
+    def sysctl(self, path: str, value: str) -> None:
+        self.sysctls[path] = value
+
+    def tx_checksum(self, name: str) -> bool:
+        return self.tx_csum.get(name, True)
+
+    def set_tx_checksum(self, name: str, enabled: bool) -> None:
+        self.tx_csum[name] = enabled
+
+
+class FakeRegistry:
+    """etcd's revision semantics for one prefix: get, put, delete, listing at a revision."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, KeyValue] = {}
+        self.revision = 1
+        self.etcd_leases: dict[int, int] = {}  # id -> TTL
+
+    def grant(self, ttl: int) -> int:
+        lease_id = 0x1000 + len(self.etcd_leases)
+        self.etcd_leases[lease_id] = ttl
+        return lease_id
+
+    def keepalive(self, lease_id: int) -> int:
+        return self.etcd_leases.get(lease_id, 0)
+
+    def revoke(self, lease_id: int) -> None:
+        self.etcd_leases.pop(lease_id, None)
+        for key in [k for k, kv in self.data.items() if kv.lease_id == lease_id]:
+            self.delete(key)
+
+    def put(self, key: str, value: bytes, lease_id: int = 0) -> int:
+        self.revision += 1
+        old = self.data.get(key)
+        self.data[key] = KeyValue(key, value, self.revision, old.create_revision if old else self.revision,
+                                  (old.version + 1) if old else 1, lease_id)
+        return self.revision
+
+    def delete(self, key: str) -> bool:
+        if key not in self.data:
+            return False
+        self.revision += 1
+        del self.data[key]
+        return True
+
+    def get(self, key: str) -> KeyValue | None:
+        return self.data.get(key)
+
+    def list_prefix(self, prefix: str, revision: int | None = None) -> tuple[int, list[KeyValue]]:
+        return self.revision, [kv for key, kv in sorted(self.data.items()) if key.startswith(prefix)]
+
+    def txn(self, compares, puts=(), deletes=()) -> bool:  # type: ignore[no-untyped-def]
+        """Single-key compares (version/mod) as etcd evaluates them; ranges are not modelled."""
+        import operator
+
+        ops = {"==": operator.eq, "<": operator.lt, ">": operator.gt, "!=": operator.ne}
+        for c in compares:
+            if c.range_end is not None:
+                continue
+            kv = self.data.get(c.key)
+            have = (kv.version if kv else 0) if c.target == "version" else (kv.mod_revision if kv else 0)
+            if not ops[c.op](have, c.value):
+                return False
+        for key, value, lease_id in puts:
+            self.put(key, value, lease_id)
+        for key in deletes:
+            self.delete(key)
+        return True

@@ -1,0 +1,165 @@
+"""The daemon's event handling (flanneld.overlay) on the in-memory kernel and registry, without root."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import threading
+
+import pytest
+from fakes import FakeKernel, FakeRegistry
+from flanneld.backends import External, NodeSettings, create_backend, published_addresses
+
+from flanneld import nlcodec as nl
+from flanneld.config import parse_config
+from flanneld.health import Metrics
+from flanneld.lease import leases_prefix
+from flanneld.leases import LeaseEvent, LeaseManager, LeaseWatcher
+from flanneld.overlay import Overlay, OverlaySettings
+from flanneld.reconciler import Reconciler
+from flanneld.registry import KeyValue, WatchBatch, WatchEvent
+
+A = ipaddress.ip_address
+PREFIX = "/test/network"
+HEAD = leases_prefix(PREFIX)
+CONFIG = parse_config('{"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}')
+EXT = External("eth0", 2, 1500, A("198.51.100.11"), A("198.51.100.11"), onlink=(ipaddress.ip_network(
+    "198.51.100.0/24"),))
+
+
+def value(n: int, mac: str | None = None, case: str = "VtepMAC") -> bytes:
+    return json.dumps({"PublicIP": f"198.51.100.{10 + n}", "PublicIPv6": None, "BackendType": "vxlan",
+                       "BackendData": {"VNI": 1, case: mac or f"0e:00:00:00:00:{n:02x}"}},
+                      separators=(",", ":")).encode()
+
+
+def event(kind: str, n: int, raw: bytes | None = None) -> LeaseEvent:
+    return LeaseEvent(kind, f"198.18.{n}.0-24", raw or value(n))
+
+
+@pytest.fixture
+def node(tmp_path):
+    kernel, registry = FakeKernel(), FakeRegistry()
+    kernel.add_plain("eth0", 2)
+    backend = create_backend(CONFIG, EXT, NodeSettings())
+    reconciler = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
+    leases = LeaseManager(registry, CONFIG, PREFIX)  # type: ignore[arg-type]
+    devices = reconciler.ensure_links(backend.links())
+    own = leases.acquire(backend.lease_attrs(devices))
+    overlay = Overlay(CONFIG, backend, reconciler, leases,
+                      OverlaySettings(PREFIX, str(tmp_path / "subnet.env"), False, True, True), Metrics(),
+                      threading.Event(), devices)
+    overlay.adopt_lease(own.lease)
+    overlay.full_reconcile("start")
+    return overlay, kernel, registry
+
+
+def fdbs(kernel: FakeKernel) -> dict[str, str]:
+    return {nl.mac_text(mac): nl.ip_text(nl.parse_neigh(memoryview(p)).dst) for (_ix, mac), p in
+            kernel.bulk.fdbs.items()}
+
+
+def routes(kernel: FakeKernel) -> set[str]:
+    return {f"{nl.ip_text(key[1])}/{key[2]}" for key in kernel.bulk.routes}
+
+
+def test_peers_come_change_and_go_incrementally(node):
+    overlay, kernel, _ = node
+    assert overlay.apply_lease_events([event("added", 2), event("added", 3)], incremental=True) == ""
+    assert routes(kernel) == {"198.18.2.0/24", "198.18.3.0/24"} and len(overlay.peers) == 2
+    overlay.apply_lease_events([event("changed", 2, value(2, "0e:00:00:00:00:99"))], incremental=True)
+    assert fdbs(kernel) == {"0e:00:00:00:00:99": "198.51.100.12", "0e:00:00:00:00:03": "198.51.100.13"}
+    overlay.apply_lease_events([event("removed", 3)], incremental=True)
+    assert routes(kernel) == {"198.18.2.0/24"} and list(overlay.peers) == ["198.18.2.0-24"]
+    assert overlay.metrics.get("flanneld_peers") == 1
+
+
+def test_a_peer_spelling_vtepmac_otherwise_is_programmed(node):
+    overlay, kernel, _ = node
+    overlay.apply_lease_events([event("added", 4, value(4, case="VtepMac"))], incremental=True)
+    assert "198.18.4.0/24" in routes(kernel) and not overlay.peers["198.18.4.0-24"].skipped
+
+
+def test_skips_and_misfits_are_logged_once(node, caplog):
+    overlay, kernel, _ = node
+    caplog.set_level(logging.WARNING, "flanneld")
+    bad = json.dumps({"PublicIP": "198.51.100.15", "BackendType": "vxlan"}).encode()
+    wide = value(6)
+    for _ in range(3):
+        overlay.apply_lease_events([event("changed", 5, bad), LeaseEvent("changed", "198.18.32.0-20", wide)],
+                                   incremental=True)
+    assert caplog.text.count("not programming all of lease 198.18.5.0-24") == 1
+    assert caplog.text.count("198.18.32.0-20 does not fit the network config") == 1
+    assert "198.18.32.0/20" in routes(kernel) and "198.18.5.0/24" not in routes(kernel)
+
+
+def test_failed_writes_ask_for_a_full_reconcile(node):
+    overlay, kernel, _ = node
+    kernel.bulk.refuse.add(A("198.18.7.0").packed)
+    assert overlay.apply_lease_events([event("added", 7)], incremental=True) == "failed writes"
+    kernel.bulk.refuse.clear()
+    report = overlay.full_reconcile("retry")
+    assert not report.failures and "198.18.7.0/24" in routes(kernel)
+
+
+def test_our_lease_deleted_or_modified_is_repaired(node):
+    overlay, _, registry = node
+    key = HEAD + overlay.own.key
+    subnet = overlay.own.subnet
+    hijacked = json.loads(registry.get(key).value)
+    hijacked["PublicIP"] = "198.51.100.99"
+    registry.put(key, json.dumps(hijacked).encode(), registry.get(key).lease_id)
+    assert overlay.apply_lease_events([LeaseEvent("changed", overlay.own.key, registry.get(key).value)],
+                                      incremental=True) == ""
+    assert json.loads(registry.get(key).value)["PublicIP"] == "198.51.100.11"
+    registry.delete(key)
+    reason = overlay.apply_lease_events([LeaseEvent("removed", overlay.own.key, b"{}")], incremental=True)
+    assert reason == "own lease re-acquired" and registry.get(key) is not None and overlay.own.subnet == subnet
+
+
+def test_a_recreated_device_keeps_the_published_mac(node):
+    overlay, kernel, registry = node
+    mac = overlay.devices["flannel.1"].mac
+    kernel.delete_link(kernel.link("flannel.1").index)
+    report = overlay.full_reconcile("drift")
+    assert report.created == ["flannel.1"] and kernel.link("flannel.1").mac == mac
+    assert mac in registry.get(HEAD + overlay.own.key).value.decode()
+
+
+def test_probe_addresses_follow_the_enabled_families():
+    attrs = published_addresses(parse_config('{"EnableIPv4": false, "EnableIPv6": true, '
+                                             '"IPv6Network": "2001:db8:1800::/56"}'),
+                                External("eth0", 2, 1500, A("198.51.100.11"), A("198.51.100.11"),
+                                         A("2001:db8:51::11"), A("2001:db8:51::11")))
+    assert int(attrs.public_ip) == 0 and str(attrs.public_ipv6) == "2001:db8:51::11"
+
+
+# -- the watcher's state transitions -----------------------------------------------------------
+
+
+def kv(key: str, raw: bytes, rev: int) -> KeyValue:
+    return KeyValue(HEAD + key, raw, rev, rev, 1, 0)
+
+
+def test_watcher_lists_applies_and_diffs_after_compaction():
+    registry = FakeRegistry()
+    registry.put(HEAD + "198.18.2.0-24", value(2))
+    registry.put(HEAD + "junk", b"{")
+    watcher = LeaseWatcher(registry, PREFIX)  # type: ignore[arg-type]
+    assert [(e.kind, e.key) for e in watcher.resync()] == [("added", "198.18.2.0-24")]
+    rev = registry.revision
+    batch = WatchBatch(rev + 2, [WatchEvent(False, kv("198.18.3.0-24", value(3), rev + 1)),
+                                 WatchEvent(False, kv("198.18.2.0-24", b"{broken", rev + 2))])
+    assert [(e.kind, e.key) for e in watcher.apply(batch)] == [("added", "198.18.3.0-24")]
+    assert watcher.revision == rev + 2 and watcher.known["198.18.2.0-24"][0] == value(2)  # last good value kept
+    assert watcher.apply(WatchBatch(rev + 9, [])) == [] and watcher.revision == rev + 9  # progress notification
+    removed = watcher.apply(WatchBatch(rev + 10, [WatchEvent(True, kv("198.18.3.0-24", b"", rev + 10))]))
+    assert [(e.kind, e.value) for e in removed] == [("removed", value(3))]  # DELETE carries the last value
+    # after a compaction: list again and synthesise what the missed events would have said
+    registry.put(HEAD + "198.18.2.0-24", value(2, "0e:00:00:00:00:22"))
+    registry.put(HEAD + "198.18.4.0-24", value(4))
+    assert sorted((e.kind, e.key) for e in watcher.resync()) == [("added", "198.18.4.0-24"),
+                                                                ("changed", "198.18.2.0-24")]
+    registry.delete(HEAD + "198.18.4.0-24")
+    assert [(e.kind, e.key) for e in watcher.resync()] == [("removed", "198.18.4.0-24")]

@@ -1,0 +1,113 @@
+"""The reconciler against the in-memory kernel: full, incremental and drift paths, in milliseconds."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from fakes import FakeKernel
+from flanneld.backends import PeerPlan, merge
+
+from flanneld import nlcodec as nl
+from flanneld.netstate import Address, DesiredState, Fdb, Neigh, Route, VxlanLink
+from flanneld.reconciler import Reconciler
+
+LINK = VxlanLink("flannel.1", 1, "198.51.100.11", "eth0", 0, False, False, 1450, "0e:aa:00:00:00:01")
+NET = "198.18.0.0/16"
+
+
+def peer(n: int, mac: str | None = None) -> PeerPlan:
+    mac = mac or f"0e:00:00:00:00:{n:02x}"
+    gw = f"198.18.{n}.0"
+    return PeerPlan([Neigh("flannel.1", gw, mac)], [Fdb("flannel.1", mac, f"198.51.100.{10 + n}")],
+                    [Route(f"198.18.{n}.0/24", gw, "flannel.1", onlink=True)])
+
+
+def desired(*peers: PeerPlan, links=(LINK,)) -> DesiredState:
+    base = DesiredState(links=links, addresses=frozenset({Address("flannel.1", "198.18.1.0/32")} if links else ()),
+                        owned_networks=(NET,))
+    return merge(base, peers)
+
+
+def setup(*peers: PeerPlan):
+    kernel = FakeKernel()
+    kernel.add_plain("eth0", 2)
+    rec = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
+    report = rec.reconcile(desired(*peers))
+    return kernel, rec, report
+
+
+def routes(kernel: FakeKernel) -> set[str]:
+    return {f"{nl.ip_text(key[1])}/{key[2]}" for key in kernel.bulk.routes}
+
+
+def test_full_reconcile_creates_programs_and_is_then_idempotent():
+    kernel, rec, report = setup(peer(2), peer(3))
+    dev = kernel.link("flannel.1")
+    assert dev is not None and dev.mac == "0e:aa:00:00:00:01" and dev.up and dev.mtu == 1450
+    assert report.created == ["flannel.1"] and report.devices["flannel.1"].mac == "0e:aa:00:00:00:01"
+    assert kernel.addrs[dev.index] == {("198.18.1.0", 32)}
+    assert routes(kernel) == {"198.18.2.0/24", "198.18.3.0/24"} and len(kernel.bulk.fdbs) == 2
+    again = rec.reconcile(desired(peer(2), peer(3)))
+    assert not again.changed and again.written == again.deleted == 0
+
+
+def test_stale_entries_in_owned_space_go_and_others_stay():
+    kernel, rec, _ = setup(peer(2), peer(3))
+    foreign = nl.route(1, False, ipaddress.ip_address("203.0.113.0").packed, 24, None, 2, False)
+    kernel.bulk.write([(foreign, "someone else's route")])
+    report = rec.reconcile(desired(peer(2)))  # peer 3 left while we were down
+    assert routes(kernel) == {"198.18.2.0/24", "203.0.113.0/24"}
+    assert report.deleted == 3 and len(kernel.bulk.neighs) == 1 and len(kernel.bulk.fdbs) == 1
+
+
+def test_incremental_change_touches_only_the_peer_and_keeps_shared_keys():
+    kernel, rec, _ = setup(peer(2))
+    before = kernel.bulk.writes
+    report = rec.change(peer(4), PeerPlan())
+    assert kernel.bulk.writes - before == 3 and report.written == 3 and "198.18.4.0/24" in routes(kernel)
+    moved = peer(4, mac="0e:00:00:00:00:44")  # the same peer with a new MAC
+    rec.change(moved, peer(4))
+    assert {nl.mac_text(mac) for _ix, mac in kernel.bulk.fdbs} == {"0e:00:00:00:00:02", "0e:00:00:00:00:44"}
+    rec.change(PeerPlan(), moved)
+    assert routes(kernel) == {"198.18.2.0/24"} and len(kernel.bulk.neighs) == 1
+
+
+def test_own_writes_are_not_drift_but_a_deleted_route_is():
+    kernel, rec, _ = setup(peer(2))
+    notes = kernel.bulk.notifications
+    assert notes and not any(rec.is_drift(kind, payload) for kind, payload in notes)
+    kernel.bulk.notifications = []
+    kernel.bulk.delete_route("198.18.2.0/24")
+    assert [rec.is_drift(kind, payload) for kind, payload in kernel.bulk.notifications] == [True]
+    report = rec.reconcile(desired(peer(2)))
+    assert report.written == 1 and "198.18.2.0/24" in routes(kernel)
+
+
+def test_an_incompatible_device_is_recreated_with_its_mac():
+    kernel, rec, _ = setup(peer(2))
+    old = kernel.link("flannel.1")
+    other = VxlanLink("flannel.1", 7, "198.51.100.11", "eth0", 0, False, False, 1450, None)
+    report = rec.reconcile(desired(peer(2), links=(other,)))
+    new = kernel.link("flannel.1")
+    assert report.created == ["flannel.1"] and new.index != old.index and new.mac == old.mac
+    assert new.vxlan.vni == 7 and "198.18.2.0/24" in routes(kernel)  # tables replayed on the new device
+
+
+def test_failed_writes_are_reported_per_entry():
+    kernel, rec, _ = setup(peer(2))
+    kernel.bulk.refuse.add(ipaddress.ip_address("198.18.5.0").packed)
+    report = rec.change(peer(5), PeerPlan())
+    assert {type(f.item).__name__ for f in report.failures} == {"Neigh", "Route"}
+    assert "198.18.5.0/24" not in routes(kernel)
+
+
+def test_a_backend_without_devices_routes_over_the_underlay():
+    kernel = FakeKernel()
+    kernel.add_plain("eth0", 2)
+    rec = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
+    via = PeerPlan(routes=[Route("198.18.2.0/24", "198.51.100.12", "eth0")])
+    report = rec.reconcile(desired(via, links=()))
+    assert report.created == [] and report.devices == {} and routes(kernel) == {"198.18.2.0/24"}
+    payload = next(iter(kernel.bulk.routes.values()))
+    assert nl.parse_route(memoryview(payload)).oif == 2
+    assert not any(rec.is_drift(k, p) for k, p in kernel.bulk.notifications)
