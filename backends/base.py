@@ -70,6 +70,19 @@ def merge(base: DesiredState, peers: Iterable[PeerPlan]) -> DesiredState:
                         base.owned_networks)
 
 
+IPV6_ROUTE_METRIC = 1024  # what the kernel gives IPv6 routes without one: keeps diffs stable
+BLACKHOLE_METRIC = 4000  # low priority: never shadows the pod bridge's connected route (see README)
+
+
+def own_routes(own: Lease, config: NetworkConfig, blackhole: bool) -> frozenset[Route]:
+    """Routes for our own subnets: the optional blackhole (--ip-blackhole-route)."""
+    if not blackhole:
+        return frozenset()
+    return frozenset(Route(str(mine), blackhole=True, metric=BLACKHOLE_METRIC)
+                     for fam, mine in ((config.ipv4, own.subnet), (config.ipv6, own.subnet6))
+                     if fam is not None and mine is not None)
+
+
 def published_addresses(config: NetworkConfig, ext: External) -> LeaseAttrs:
     """The public addresses this node publishes, per enabled family (upstream: 0.0.0.0 without IPv4)."""
     if config.ipv4 is not None and ext.public_ip is None:
@@ -115,6 +128,9 @@ class Backend(Protocol):
         """For flannelctl doctor: what is wrong with one of our devices beyond MTU, state and
         addresses (which are checked for every kind), and a one-line summary when nothing is."""
 
+    def prepare(self) -> None:
+        """Once at start-up, before our lease is acquired (extension's PreStartupCommand)."""
+
     def start(self, own: Lease) -> None:
         """Once our lease is known and before peers are programmed (hooks, e.g. extension's)."""
 
@@ -135,10 +151,10 @@ class BackendType:
 
 _REGISTRY: dict[str, BackendType] = {}
 _REFUSED = {
-    "udp": "upstream deprecated the udp backend (slow, userspace); use vxlan",
-    "ipip": "ipip needs the ipip kernel module; use vxlan or host-gw",
-    "ipsec": "ipsec needs strongSwan; use wireguard once it is supported, or vxlan",
-    "wireguard": "wireguard is not supported by this build yet",
+    "udp": "upstream deprecated the udp backend (a userspace data path); use vxlan",
+    "ipip": "not implemented by this build; use vxlan, or host-gw on one L2 segment",
+    "ipsec": "not implemented by this build; use vxlan",
+    "wireguard": "not supported by this build yet",
 }
 
 

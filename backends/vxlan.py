@@ -20,12 +20,20 @@ from typing import Any
 from ..config import BackendConfig, ConfigError, FamilyConfig, NetworkConfig
 from ..lease import Lease, LeaseAttrs, backend_json
 from ..netstate import Address, DesiredState, Device, Fdb, Neigh, ObservedLink, Route, VxlanLink
-from .base import BackendType, External, PeerPlan, Plan, merge, published_addresses, register
+from .base import (
+    IPV6_ROUTE_METRIC,
+    BackendType,
+    External,
+    PeerPlan,
+    Plan,
+    merge,
+    own_routes,
+    published_addresses,
+    register,
+)
 
 ENCAP_OVERHEAD = {4: 50, 6: 70}
 DEFAULT_PORT = 8472  # the kernel's (Linux's historical VXLAN port), which upstream uses
-BLACKHOLE_METRIC = 4000
-IPV6_ROUTE_METRIC = 1024  # what the kernel assigns IPv6 routes without one: keeps diffs stable
 _NONE_SKIPPED: list[str] = []  # shared by every fully programmed peer; PeerPlan.skip() copies on write
 _MAC_RE = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}")
 
@@ -162,6 +170,9 @@ class VxlanBackend:
             wrong.append(f"MAC {link.mac} but our lease publishes VtepMAC {published} (peers send to the wrong MAC)")
         return wrong, f"VNI {spec.vni}, port {want_port}, MTU {spec.mtu}, MAC {link.mac}"
 
+    def prepare(self) -> None:
+        pass
+
     def start(self, own: Lease) -> None:
         pass
 
@@ -173,18 +184,12 @@ class VxlanBackend:
 
     def base_state(self, own: Lease) -> DesiredState:
         """Devices, our addresses, blackhole routes: everything but peers."""
-        addresses: set[Address] = set()
-        routes: set[Route] = set()
-        for f in self.families:
-            mine = own.subnet if f.version == 4 else own.subnet6
-            if mine is not None:
-                addresses.add(Address(f.device, f"{mine.network_address}/{mine.max_prefixlen}"))
-                if self.blackhole:
-                    routes.add(Route(str(mine), blackhole=True, metric=BLACKHOLE_METRIC))
+        addresses = frozenset(Address(f.device, f"{mine.network_address}/{mine.max_prefixlen}") for f in self.families
+                              if (mine := own.subnet if f.version == 4 else own.subnet6) is not None)
         return DesiredState(
             links=self.links(),
-            addresses=frozenset(addresses),
-            routes=frozenset(routes),
+            addresses=addresses,
+            routes=own_routes(own, self.config, self.blackhole),
             owned_networks=tuple(str(f.fam.network) for f in self.families),
         )
 

@@ -203,7 +203,7 @@ def setup_logging(verbosity: int) -> None:
 @click.option("-v", "--v", "verbosity", type=GoInt(0, 10), default=0, help="Log verbosity (2: debug).")
 @click.option("--version", "-version", "show_version", is_flag=True, help="Print the version and exit.")
 def flanneld_command(show_version: bool, verbosity: int, **kw: Any) -> None:
-    """flanneld: the per-node overlay network daemon (etcd v3, VXLAN)."""
+    """flanneld: the per-node overlay network daemon (etcd v3; vxlan, host-gw, alloc, extension)."""
     if show_version:
         click.echo(__version__)
         return

@@ -99,6 +99,7 @@ def start(registry: Registry, kernel: Kernel, s: StartSettings, metrics: Metrics
         return None
     backend.adopt(existing)  # type: ignore[arg-type]
     devices.update(reconciler.ensure_links(backend.links()))
+    backend.prepare()
 
     phase("acquiring a subnet lease")
     own = retry("acquiring a subnet lease", lambda: leases.acquire(backend.lease_attrs(devices)), stop)

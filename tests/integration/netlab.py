@@ -14,7 +14,7 @@ from typing import Any
 
 from flanneld import lab
 from flanneld.etcd_options import EtcdOptions
-from flanneld.lease import decode_lease, leases_prefix
+from flanneld.lease import decode_lease, leases_prefix, subnet_key
 from flanneld.registry import Registry
 from flanneld.subnetenv import SubnetEnv, read
 
@@ -99,14 +99,20 @@ class Cluster:
         return env
 
     def subnet(self, node: lab.Node) -> str:
-        return str(self.env(node).lease_subnet)
+        """The node's IPv4 subnet (its IPv6 one in an IPv6-only network)."""
+        env = self.env(node)
+        return str(env.lease_subnet or env.lease_subnet6)
+
+    def subnet6(self, node: lab.Node) -> str:
+        return str(self.env(node).lease_subnet6)
 
     def lease_key(self, node: lab.Node) -> str:
-        return leases_prefix(self.prefix) + self.subnet(node).replace("/", "-")
+        env = self.env(node)
+        return leases_prefix(self.prefix) + subnet_key(env.lease_subnet, env.lease_subnet6)
 
     def lease(self, node: lab.Node):
         kv = self.registry.get(self.lease_key(node))
-        return decode_lease(self.subnet(node).replace("/", "-"), kv.value) if kv else None
+        return decode_lease(self.lease_key(node)[len(leases_prefix(self.prefix)):], kv.value) if kv else None
 
     def pod(self, node: lab.Node, index: int = 1) -> lab.Pod:
         env = self.env(node)

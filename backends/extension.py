@@ -1,0 +1,194 @@
+"""The extension backend: upstream's hooks, run as commands on lease events; no data path of our own.
+
+Options (upstream's names): ``PreStartupCommand`` (its stdout becomes our BackendData, a JSON
+string), ``PostStartupCommand``, ``SubnetAddCommand`` and ``SubnetRemoveCommand`` (a peer's
+BackendData on stdin), plus ours, ``CommandTimeout`` (seconds, 10). Environment, as upstream:
+``NETWORK``, ``SUBNET``, ``PUBLIC_IP``, and their IPv6 forms ``IPV6_NETWORK``, ``IPV6_SUBNET``,
+``PUBLIC_IPV6`` when the family is enabled.
+
+Commands run without a shell (as upstream since v0.28): split like a shell would (shlex), with
+``$NAME``/``${NAME}`` in an argument replaced by the hook's environment, so upstream's simple
+examples (``ip route add $SUBNET via $PUBLIC_IP``) work, while lease contents can never become
+shell syntax. Write ``sh -c '...'`` for pipes and ``&&``. Each command has a timeout; a failing,
+hanging or missing command is logged with its exit status and stderr and never stops the
+daemon. Peer hooks run in order on one worker thread, so a slow hook never stalls the daemon's
+loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shlex
+import string
+import subprocess
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..config import BackendConfig, ConfigError, NetworkConfig
+from ..lease import Lease, LeaseAttrs, compact_json
+from ..netstate import DesiredState, Device, LinkSpec, ObservedLink
+from .base import BackendType, External, PeerPlan, Plan, published_addresses, register
+
+log = logging.getLogger("flanneld.extension")
+COMMANDS = ("PreStartupCommand", "PostStartupCommand", "SubnetAddCommand", "SubnetRemoveCommand")
+
+
+@dataclass(frozen=True)
+class ExtensionOptions:
+    pre_startup: str = ""
+    post_startup: str = ""
+    subnet_add: str = ""
+    subnet_remove: str = ""
+    timeout: float = 10.0
+
+    @classmethod
+    def parse(cls, backend: BackendConfig) -> ExtensionOptions:
+        values = []
+        for name in COMMANDS:
+            value = backend.get(name, "")
+            if not isinstance(value, str):
+                raise ConfigError(f"Backend.{name} must be a string, got {json.dumps(value)}")
+            try:
+                shlex.split(value)
+            except ValueError as exc:
+                raise ConfigError(f"Backend.{name} cannot be split into arguments: {exc}") from None
+            values.append(value)
+        timeout = backend.get("CommandTimeout", 10)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0.1 <= timeout <= 3600:
+            raise ConfigError(f"Backend.CommandTimeout must be a number of seconds in 0.1..3600, got {timeout!r}")
+        return cls(*values, timeout=float(timeout))
+
+
+def argv_for(command: str, env: Mapping[str, str]) -> list[str]:
+    """The command's arguments with $NAME / ${NAME} replaced from `env` (unknown names stay as written)."""
+    return [string.Template(arg).safe_substitute(env) for arg in shlex.split(command)]
+
+
+def run_hook(name: str, command: str, env: Mapping[str, str], stdin: str, timeout: float) -> str | None:
+    """Run one hook; its stdout (stripped), or None when it failed (logged, never raised)."""
+    try:
+        argv = argv_for(command, env)
+        proc = subprocess.run(argv, input=stdin + "\n", capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env})
+    except subprocess.TimeoutExpired:
+        log.error("%s %r timed out after %gs and was killed", name, command, timeout)
+        return None
+    except (OSError, ValueError) as exc:
+        log.error("%s %r could not run: %s", name, command, getattr(exc, "strerror", None) or exc)
+        return None
+    if proc.returncode != 0:
+        log.error("%s %r failed with exit status %d: %s", name, command, proc.returncode,
+                  proc.stderr.strip()[-500:] or "(no stderr)")
+        return None
+    log.info("%s %r ran%s", name, command, f": {proc.stdout.strip()[:200]}" if proc.stdout.strip() else "")
+    return proc.stdout.strip()
+
+
+class ExtensionBackend:
+    type = "extension"
+
+    def __init__(self, config: NetworkConfig, ext: External, options: ExtensionOptions) -> None:
+        self.config = config
+        self.ext = ext
+        self.options = options
+        self.publics = published_addresses(config, ext)
+        self.data: str | None = None  # our BackendData: PreStartupCommand's output as a JSON string
+        self._jobs: queue.Queue[tuple[str, str, dict[str, str], str] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    def adopt(self, lease: Lease | None) -> None:
+        pass
+
+    def links(self) -> tuple[LinkSpec, ...]:
+        return ()
+
+    def mtu(self) -> int:
+        return self.ext.mtu
+
+    def prepare(self) -> None:
+        """PreStartupCommand, before the lease is acquired: its output is what we publish."""
+        if self.options.pre_startup:
+            output = run_hook("PreStartupCommand", self.options.pre_startup, {}, "", self.options.timeout)
+            self.data = compact_json(json.dumps(output or "", ensure_ascii=False))
+
+    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
+        return replace(self.publics, backend_type="extension", backend_data=self.data)
+
+    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
+        return False
+
+    def device_problems(self, spec: LinkSpec, link: ObservedLink, own: Lease) -> tuple[list[str], str]:
+        return [], ""
+
+    def _env(self, lease: Lease, with_networks: bool) -> dict[str, str]:
+        env: dict[str, str] = {}
+        if self.config.ipv4 is not None:
+            if with_networks:
+                env["NETWORK"] = str(self.config.ipv4.network)
+            if lease.subnet is not None:
+                env["SUBNET"] = str(lease.subnet)
+            env["PUBLIC_IP"] = str(lease.public_ip)
+        if self.config.ipv6 is not None:
+            if with_networks:
+                env["IPV6_NETWORK"] = str(self.config.ipv6.network)
+            if lease.subnet6 is not None:
+                env["IPV6_SUBNET"] = str(lease.subnet6)
+            if lease.public_ipv6 is not None:
+                env["PUBLIC_IPV6"] = str(lease.public_ipv6)
+        return env
+
+    def start(self, own: Lease) -> None:
+        self._worker = threading.Thread(target=self._work, name="extension-hooks", daemon=True)
+        self._worker.start()
+        if self.options.post_startup:
+            self._jobs.put(("PostStartupCommand", self.options.post_startup, self._env(own, True), ""))
+
+    def peer_changed(self, kind: str, peer: Lease) -> None:
+        command = self.options.subnet_remove if kind == "removed" else self.options.subnet_add
+        if not command or peer.backend_type != "extension":
+            return
+        stdin = ""
+        if peer.backend_data is not None:
+            try:
+                decoded = json.loads(peer.backend_data)
+            except ValueError:
+                decoded = None
+            if not isinstance(decoded, str):
+                log.error("lease %s: its BackendData is not a JSON string; not running the %s hook", peer.describe(),
+                          "remove" if kind == "removed" else "add")
+                return
+            stdin = decoded
+        name = "SubnetRemoveCommand" if kind == "removed" else "SubnetAddCommand"
+        self._jobs.put((name, command, self._env(peer, False), stdin))
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            run_hook(*job, timeout=self.options.timeout)
+
+    def base_state(self, own: Lease) -> DesiredState:
+        return DesiredState()  # the hooks own the data path; we own nothing in the kernel
+
+    def plan_peer(self, peer: Lease) -> PeerPlan:
+        plan = PeerPlan()
+        if peer.backend_type != "extension":
+            plan.skip(f"backend type {peer.backend_type or 'none'!r} is not extension")
+        return plan
+
+    def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
+        return Plan(DesiredState(), tuple((p.key, why) for p in peers if p.key != own.key
+                                          for why in self.plan_peer(p).skipped))
+
+
+def _describe(data: Mapping[str, Any]) -> str:
+    return ""
+
+
+EXTENSION = register(BackendType(
+    "extension", ExtensionOptions.parse,
+    lambda config, ext, options, _settings: ExtensionBackend(config, ext, options), _describe,
+))

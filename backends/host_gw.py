@@ -1,0 +1,133 @@
+"""The host-gw backend, pure: per peer a route ``<peer subnet> via <peer PublicIP> dev <external iface>``.
+
+No device and no encapsulation: the external interface carries pod traffic as plain IP, so every
+peer must be on our L2 segment (directly reachable). A peer that is not is skipped with one
+warning naming it, while every other peer works (upstream's route network fails the route add
+and retries forever). IPv4 and IPv6 are the same code (IPv6 via the peer's PublicIPv6). MTU is the
+interface's. The lease is upstream's: ``BackendType:"host-gw"`` and no BackendData.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..config import BackendConfig, ConfigError, NetworkConfig
+from ..lease import Lease, LeaseAttrs
+from ..netstate import DesiredState, Device, LinkSpec, ObservedLink, Route
+from .base import (
+    IPV6_ROUTE_METRIC,
+    BackendType,
+    External,
+    PeerPlan,
+    Plan,
+    merge,
+    own_routes,
+    published_addresses,
+    register,
+)
+
+_NONE_SKIPPED: list[str] = []
+
+
+@dataclass(frozen=True)
+class HostGwOptions:
+    """host-gw has no options of its own."""
+
+    @classmethod
+    def parse(cls, backend: BackendConfig) -> HostGwOptions:
+        return cls()
+
+
+class HostGwBackend:
+    type = "host-gw"
+
+    def __init__(self, config: NetworkConfig, ext: External, blackhole: bool = False) -> None:
+        self.config = config
+        self.ext = ext
+        self.blackhole = blackhole
+        self.publics = published_addresses(config, ext)
+        local = {str(a) for a in (ext.ip4, ext.ip6) if a is not None}
+        for public in (self.publics.public_ip if config.ipv4 else None, self.publics.public_ipv6):
+            if public is not None and str(public) not in local:
+                raise ConfigError(f"public address {public} is not an address of {ext.name}: host-gw cannot work "
+                                  "behind NAT (peers route to the public address directly)")
+
+    def adopt(self, lease: Lease | None) -> None:
+        pass  # no device identity to keep
+
+    def links(self) -> tuple[LinkSpec, ...]:
+        return ()
+
+    def mtu(self) -> int:
+        return self.ext.mtu
+
+    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
+        return replace(self.publics, backend_type="host-gw")
+
+    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
+        return False  # nothing in a host-gw lease identifies a node but its address
+
+    def device_problems(self, spec: LinkSpec, link: ObservedLink, own: Lease) -> tuple[list[str], str]:
+        return [], ""
+
+    def prepare(self) -> None:
+        pass
+
+    def start(self, own: Lease) -> None:
+        pass
+
+    def peer_changed(self, kind: str, peer: Lease) -> None:
+        pass
+
+    def base_state(self, own: Lease) -> DesiredState:
+        return DesiredState(routes=own_routes(own, self.config, self.blackhole),
+                            owned_networks=tuple(str(f.network) for f in self.config.families()))
+
+    def plan_peer(self, peer: Lease) -> PeerPlan:
+        out = PeerPlan(skipped=_NONE_SKIPPED)
+        if peer.backend_type != "host-gw":
+            out.skip(f"backend type {peer.backend_type or 'none'!r} is not host-gw")
+            return out
+        for fam, subnet, public, ours in ((self.config.ipv4, peer.subnet, peer.public_ip, self.publics.public_ip),
+                                          (self.config.ipv6, peer.subnet6, peer.public_ipv6,
+                                           self.publics.public_ipv6)):
+            if fam is None or subnet is None:
+                continue  # a single-stack peer in a dual-stack cluster: nothing for this family
+            if not subnet.subnet_of(fam.network):  # type: ignore[arg-type]
+                out.skip(f"subnet {subnet} is outside the network {fam.network}")
+            elif public is None or int(public) == 0:
+                out.skip(f"no IPv{fam.version} public address")
+            elif public == ours:
+                out.skip(f"it has our own public address {public} (a stale lease of this node?)")
+            elif not self._on_link(public):
+                out.skip(f"its public address {public} is not on our L2 segment ({self._segments(fam.version)}): "
+                         "host-gw needs every node directly reachable; use vxlan across routers")
+            else:
+                out.routes.append(Route(str(subnet), gateway=str(public), dev=self.ext.name,
+                                        metric=IPV6_ROUTE_METRIC if fam.version == 6 else 0))
+        return out
+
+    def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
+        plans = {p.key: self.plan_peer(p) for p in peers if p.key != own.key}
+        return Plan(merge(self.base_state(own), plans.values()),
+                    tuple((key, why) for key, pp in plans.items() for why in pp.skipped))
+
+    def _on_link(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(ip.version == n.version and ip in n for n in self.ext.onlink)
+
+    def _segments(self, version: int) -> str:
+        return ", ".join(str(n) for n in self.ext.onlink if n.version == version) or "none"
+
+
+def _describe(_data: Mapping[str, Any]) -> str:
+    return ""
+
+
+HOST_GW = register(BackendType(
+    "host-gw", HostGwOptions.parse,
+    lambda config, ext, _options, settings: HostGwBackend(config, ext, settings.blackhole_route),
+    _describe,
+))
