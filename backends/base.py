@@ -70,7 +70,6 @@ def merge(base: DesiredState, peers: Iterable[PeerPlan]) -> DesiredState:
                         base.owned_networks)
 
 
-IPV6_ROUTE_METRIC = 1024  # what the kernel gives IPv6 routes without one: keeps diffs stable
 BLACKHOLE_METRIC = 4000  # low priority: never shadows the pod bridge's connected route (see README)
 
 
@@ -79,8 +78,7 @@ def own_routes(own: Lease, config: NetworkConfig, blackhole: bool) -> frozenset[
     if not blackhole:
         return frozenset()
     return frozenset(Route(str(mine), blackhole=True, metric=BLACKHOLE_METRIC)
-                     for fam, mine in ((config.ipv4, own.subnet), (config.ipv6, own.subnet6))
-                     if fam is not None and mine is not None)
+                     for fc in config.families() if (mine := fc.family.subnet(own)) is not None)
 
 
 def published_addresses(config: NetworkConfig, ext: External) -> LeaseAttrs:

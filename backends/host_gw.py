@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import BackendConfig, ConfigError, NetworkConfig
+from ..family import Family
 from ..lease import Lease, LeaseAttrs
 from ..netstate import DesiredState, Device, LinkSpec, ObservedLink, Route
 from .base import (
-    IPV6_ROUTE_METRIC,
     BackendType,
     External,
     PeerPlan,
@@ -91,23 +91,23 @@ class HostGwBackend:
         if peer.backend_type != "host-gw":
             out.skip(f"backend type {peer.backend_type or 'none'!r} is not host-gw")
             return out
-        for fam, subnet, public, ours in ((self.config.ipv4, peer.subnet, peer.public_ip, self.publics.public_ip),
-                                          (self.config.ipv6, peer.subnet6, peer.public_ipv6,
-                                           self.publics.public_ipv6)):
-            if fam is None or subnet is None:
+        for fc in self.config.families():
+            fam = fc.family
+            subnet, public, ours = fam.subnet(peer), fam.public(peer), fam.public(self.publics)
+            if subnet is None:
                 continue  # a single-stack peer in a dual-stack cluster: nothing for this family
-            if not subnet.subnet_of(fam.network):  # type: ignore[arg-type]
-                out.skip(f"subnet {subnet} is outside the network {fam.network}")
-            elif public is None or int(public) == 0:
-                out.skip(f"no IPv{fam.version} public address")
+            if not subnet.subnet_of(fc.network):  # type: ignore[arg-type]
+                out.skip(f"subnet {subnet} is outside the network {fc.network}")
+            elif public is None:
+                out.skip(f"no {fam} public address")
             elif public == ours:
                 out.skip(f"it has our own public address {public} (a stale lease of this node?)")
             elif not self._on_link(public):
-                out.skip(f"its public address {public} is not on our L2 segment ({self._segments(fam.version)}): "
+                out.skip(f"its public address {public} is not on our L2 segment ({self._segments(fam)}): "
                          "host-gw needs every node directly reachable; use vxlan across routers")
             else:
                 out.routes.append(Route(str(subnet), gateway=str(public), dev=self.ext.name,
-                                        metric=IPV6_ROUTE_METRIC if fam.version == 6 else 0))
+                                        metric=fam.route_metric))
         return out
 
     def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
@@ -118,8 +118,8 @@ class HostGwBackend:
     def _on_link(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(ip.version == n.version and ip in n for n in self.ext.onlink)
 
-    def _segments(self, version: int) -> str:
-        return ", ".join(str(n) for n in self.ext.onlink if n.version == version) or "none"
+    def _segments(self, fam: Family) -> str:
+        return ", ".join(str(n) for n in self.ext.onlink if n.version == fam.version) or "none"
 
 
 def _describe(_data: Mapping[str, Any]) -> str:

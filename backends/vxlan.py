@@ -18,10 +18,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import BackendConfig, ConfigError, FamilyConfig, NetworkConfig
+from ..family import IPV4, IPV6, Family, family_of
 from ..lease import Lease, LeaseAttrs, backend_json
 from ..netstate import Address, DesiredState, Device, Fdb, Neigh, ObservedLink, Route, VxlanLink
 from .base import (
-    IPV6_ROUTE_METRIC,
     BackendType,
     External,
     PeerPlan,
@@ -86,7 +86,9 @@ class VxlanOptions:
 
 @dataclass(frozen=True)
 class _Family:
-    version: int
+    """One enabled family's VXLAN device: the same code serves IPv4 and IPv6."""
+
+    family: Family
     fam: FamilyConfig
     device: str
     local: ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -107,12 +109,13 @@ class VxlanBackend:
         if config.ipv4 is not None:
             if ext.ip4 is None:
                 raise ConfigError(f"interface {ext.name} has no IPv4 address, but the network config enables IPv4")
-            self.families.append(_Family(4, config.ipv4, f"flannel.{options.vni}", ext.ip4, self.publics.public_ip))
+            self.families.append(_Family(IPV4, config.ipv4, f"flannel.{options.vni}", ext.ip4,
+                                         self.publics.public_ip))
         if config.ipv6 is not None:
             if ext.ip6 is None or self.publics.public_ipv6 is None:
                 raise ConfigError(f"interface {ext.name} has no global IPv6 address, but the network config "
                                   "enables IPv6")
-            self.families.append(_Family(6, config.ipv6, f"flannel-v6.{options.vni}", ext.ip6,
+            self.families.append(_Family(IPV6, config.ipv6, f"flannel-v6.{options.vni}", ext.ip6,
                                          self.publics.public_ipv6))
 
     def adopt(self, lease: Lease | None) -> None:
@@ -120,27 +123,27 @@ class VxlanBackend:
         if lease is None:
             return
         for f in self.families:
-            mac = normalize_mac((lease.backend if f.version == 4 else lease.backend_v6).get("VtepMAC"))
+            mac = normalize_mac(f.family.backend_data(lease).get("VtepMAC"))
             if mac:
                 self.macs[f.device] = mac
 
     def device_mtu(self, version: int) -> int:
-        return (self.options.mtu or self.ext.mtu) - ENCAP_OVERHEAD[version]
+        return (self.options.mtu or self.ext.mtu) - ENCAP_OVERHEAD[version]  # outer IP header differs
 
     def mtu(self) -> int:
-        return min(self.device_mtu(f.version) for f in self.families)
+        return min(self.device_mtu(f.family.version) for f in self.families)
 
     def links(self) -> tuple[VxlanLink, ...]:
         o = self.options
         return tuple(
             VxlanLink(f.device, o.vni, str(f.local), self.ext.name, o.port, o.gbp, o.learning,
-                      self.device_mtu(f.version), self.macs.get(f.device), o.disable_tx_checksum)
+                      self.device_mtu(f.family.version), self.macs.get(f.device), o.disable_tx_checksum)
             for f in self.families
         )
 
     def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
         data: dict[int, str] = {
-            f.version: backend_json({"VNI": self.options.vni, "VtepMAC": devices[f.device].mac})
+            f.family.version: backend_json({"VNI": self.options.vni, "VtepMAC": devices[f.device].mac})
             for f in self.families
         }
         return replace(self.publics, backend_type="vxlan", backend_data=data.get(4), backend_v6_data=data.get(6))
@@ -165,7 +168,7 @@ class VxlanBackend:
         want_port = spec.port or DEFAULT_PORT
         if port is not None and port != want_port:
             wrong.append(f"UDP port {port}, expected {want_port}")
-        published = normalize_mac((own.backend_v6 if spec.family == 6 else own.backend).get("VtepMAC"))
+        published = normalize_mac(family_of(spec.family).backend_data(own).get("VtepMAC"))
         if published and link.mac != published:
             wrong.append(f"MAC {link.mac} but our lease publishes VtepMAC {published} (peers send to the wrong MAC)")
         return wrong, f"VNI {spec.vni}, port {want_port}, MTU {spec.mtu}, MAC {link.mac}"
@@ -185,7 +188,7 @@ class VxlanBackend:
     def base_state(self, own: Lease) -> DesiredState:
         """Devices, our addresses, blackhole routes: everything but peers."""
         addresses = frozenset(Address(f.device, f"{mine.network_address}/{mine.max_prefixlen}") for f in self.families
-                              if (mine := own.subnet if f.version == 4 else own.subnet6) is not None)
+                              if (mine := f.family.subnet(own)) is not None)
         return DesiredState(
             links=self.links(),
             addresses=addresses,
@@ -213,24 +216,23 @@ class VxlanBackend:
 
     def _plan_peer(self, f: _Family, peer: Lease, out: PeerPlan) -> str:
         """Add one family's entries for a peer; return why it was skipped, or ''."""
-        subnet = peer.subnet if f.version == 4 else peer.subnet6
-        public = peer.public_ip if f.version == 4 else peer.public_ipv6
+        fam = f.family
+        subnet, public = fam.subnet(peer), fam.public(peer)
         if subnet is None:
             return ""  # a single-stack peer in a dual-stack cluster: nothing for this family
         if not subnet.subnet_of(f.fam.network):  # type: ignore[arg-type]
             return f"subnet {subnet} is outside the network {f.fam.network}"
-        if public is None or int(public) == 0:
-            return f"no IPv{f.version} public address"
+        if public is None:
+            return f"no {fam} public address"
         if public == f.public:
             return f"it has our own public address {public} (a stale lease of this node?)"
-        metric = IPV6_ROUTE_METRIC if f.version == 6 else 0
+        metric = fam.route_metric
         if self._direct(public):
             out.routes.append(Route(str(subnet), gateway=str(public), dev=self.ext.name, metric=metric))
             return ""
-        data = peer.backend if f.version == 4 else peer.backend_v6
-        mac = normalize_mac(data.get("VtepMAC"))
+        mac = normalize_mac(fam.backend_data(peer).get("VtepMAC"))
         if mac is None:
-            return f"its BackendData has no valid IPv{f.version} VtepMAC"
+            return f"its BackendData has no valid {fam} VtepMAC"
         gateway = str(subnet.network_address)
         out.neighs.append(Neigh(f.device, gateway, mac))
         out.fdbs.append(Fdb(f.device, mac, str(public)))

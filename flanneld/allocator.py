@@ -9,7 +9,6 @@ subnet can never be handed out twice (upstream weak point 4).
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from bisect import bisect_right
 from collections.abc import Iterable
@@ -51,7 +50,6 @@ def free_subnets(family: FamilyConfig, taken: Iterable[IPNetwork], limit: int = 
     """Up to `limit` subnets of the range, in order, that overlap nothing taken."""
     occupied = _Taken(n for n in taken if n.version == family.version)
     size = family.subnet_size()
-    cls = ipaddress.IPv4Network if family.version == 4 else ipaddress.IPv6Network
     cursor, last = int(family.subnet_min), int(family.subnet_max)
     found: list[IPNetwork] = []
     while cursor <= last and len(found) < limit:
@@ -61,7 +59,7 @@ def free_subnets(family: FamilyConfig, taken: Iterable[IPNetwork], limit: int = 
             free_from = occupied.next_free(cursor, end)
             cursor = max(cursor + size, (free_from + size - 1) // size * size)
             continue
-        found.append(cls((cursor, family.subnet_len)))
+        found.append(family.family.network(cursor, family.subnet_len))
         cursor += size
     return found
 

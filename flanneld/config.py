@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .family import Family, family_of
 from .gofields import GoObject, lookup
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,6 +44,10 @@ class FamilyConfig:
     @property
     def version(self) -> int:
         return self.network.version
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.network.version)
 
     def subnet_size(self) -> int:
         return 1 << (self.network.max_prefixlen - self.subnet_len)
@@ -103,7 +108,12 @@ class NetworkConfig:
         return self.ipv6 is not None
 
     def families(self) -> list[FamilyConfig]:
+        """The enabled families' configs, IPv4 first: what every per-family loop runs over."""
         return [f for f in (self.ipv4, self.ipv6) if f is not None]
+
+    def of(self, family: Family) -> FamilyConfig | None:
+        """This config's half for `family` (None when the family is not enabled)."""
+        return self.ipv4 if family.version == 4 else self.ipv6
 
 
 def _bool(doc: Mapping[str, Any], name: str, default: bool) -> bool:

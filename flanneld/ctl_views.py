@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import FamilyConfig, NetworkConfig
+from .family import family_of as family
 from .lease import Lease
 
 if TYPE_CHECKING:  # leases.py pulls in gRPC: flannelctl --help and completion do without it
@@ -273,7 +274,7 @@ def find(listing: Listing, query: str) -> list[Listed]:
 
 def family_of(config: NetworkConfig, subnet: IPNetwork) -> FamilyConfig | None:
     """The config half that leases subnets of `subnet`'s family (None when that family is off)."""
-    return config.ipv4 if subnet.version == 4 else config.ipv6
+    return config.of(family(subnet.version))
 
 
 def reservation_problem(subnet: IPNetwork, public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
@@ -291,7 +292,7 @@ def reservation_problem(subnet: IPNetwork, public_ip: ipaddress.IPv4Address | ip
         return f"an IPv4 reservation needs an IPv4 public IP, not {public_ip}"
     for listed in listing.leases.values():
         lease = listed.lease
-        held = lease.subnet if subnet.version == 4 else lease.subnet6
+        held = family(subnet.version).subnet(lease)
         if held is not None and held.overlaps(subnet):
             who = _public_ip(lease) or _text(lease.public_ipv6) or "no public IP"
             what = "reserved for" if listed.reserved else "leased by"
@@ -360,7 +361,7 @@ def stats(config: NetworkConfig, rows_: Sequence[Row]) -> list[FamilyStats]:
     for fam in config.families():
         leased = reserved = outside = 0
         for row in rows_:
-            subnet = row.lease.subnet if fam.version == 4 else row.lease.subnet6
+            subnet = fam.family.subnet(row.lease)
             if subnet is None:
                 continue
             if not fam.fits(subnet):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .backends import Backend, External, NodeSettings, create_backend
 from .config import ConfigError, NetworkConfig
 from .ctl_views import human_duration
-from .firewall import NFT_TABLE, FamilyRules, FirewallSpec, iptables_rules, iptables_tool, nft_script
+from .firewall import NFT_TABLE, FirewallSpec, iptables_rules, iptables_tool, nft_script
 from .lease import Lease
 from .leases import Listed, Listing
 from .netstate import Fdb, Neigh, ObservedLink, Route
@@ -292,11 +292,7 @@ def _normalize_rule(text: str) -> str:
 
 def _check_firewall(inputs: Inputs, own: Lease) -> list[Finding]:
     env, config = inputs.env, inputs.config
-    fams = []
-    for fam, pod in ((config.ipv4, own.subnet), (config.ipv6, own.subnet6)):
-        if fam is not None and pod is not None:
-            fams.append(FamilyRules(fam.network, pod))
-    spec = FirewallSpec(tuple(fams), bool(env and env.ipmasq), inputs.forward_rules, True, config.enable_nftables)
+    spec = FirewallSpec.for_lease(config, own, bool(env and env.ipmasq), inputs.forward_rules)
     out = []
     for fam in spec.families:
         version = fam.network.version

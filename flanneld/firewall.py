@@ -18,12 +18,15 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .config import NetworkConfig
+from .family import FAMILIES, Family, family_of
+from .lease import Lease
+
 log = logging.getLogger(__name__)
 
 MASQ_CHAIN, FWD_CHAIN = "FLANNEL-POSTRTG", "FLANNEL-FWD"
 MASQ_COMMENT, FWD_COMMENT = "flanneld masq", "flanneld forward"
-MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
-NFT_TABLE = {4: ("ip", "flannel-ipv4"), 6: ("ip6", "flannel-ipv6")}
+NFT_TABLE = {f.version: (f.nft_family, f.nft_table) for f in FAMILIES}
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
@@ -38,6 +41,10 @@ class FamilyRules:
     network: Network
     pod: Network  # our lease
 
+    @property
+    def family(self) -> Family:
+        return family_of(self.network.version)
+
 
 @dataclass(frozen=True)
 class FirewallSpec:
@@ -47,11 +54,19 @@ class FirewallSpec:
     random_fully: bool = True
     nftables: bool = False
 
+    @classmethod
+    def for_lease(cls, config: NetworkConfig, own: Lease, masq: bool, forward: bool,
+                  random_fully: bool = True) -> FirewallSpec:
+        """Our rules for each family the config enables and our lease holds."""
+        fams = tuple(FamilyRules(fc.network, pod) for fc in config.families()
+                     if (pod := fc.family.subnet(own)) is not None)
+        return cls(fams, masq, forward, random_fully, config.enable_nftables)
+
 
 def _masq_rules(fam: FamilyRules, random_fully: bool) -> list[str]:
     c = f'-m comment --comment "{MASQ_COMMENT}"'
     rnd = " --random-fully" if random_fully else ""
-    net, pod, mcast = fam.network, fam.pod, MULTICAST[fam.network.version]
+    net, pod, mcast = fam.network, fam.pod, fam.family.multicast
     return [
         f"-A {MASQ_CHAIN} -m mark --mark 0x4000/0x4000 {c} -j RETURN",
         f"-A {MASQ_CHAIN} -s {pod} -d {net} {c} -j RETURN",
@@ -93,9 +108,9 @@ def nft_script(spec: FirewallSpec, fam: FamilyRules) -> str | None:
     """The nftables table for one family (None when neither feature is on)."""
     if not (spec.masq or spec.forward):
         return None
-    kind, name = NFT_TABLE[fam.network.version]
-    ip = "ip" if fam.network.version == 4 else "ip6"
-    net, pod, mcast = fam.network, fam.pod, MULTICAST[fam.network.version]
+    kind, name = fam.family.nft_family, fam.family.nft_table
+    ip = fam.family.nft_family
+    net, pod, mcast = fam.network, fam.pod, fam.family.multicast
     rnd = " fully-random" if spec.random_fully else ""
     lines = [f"table {kind} {name} {{"]
     if spec.masq:
@@ -135,7 +150,7 @@ def _run(argv: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[
 
 def iptables_tool(version: int, what: str) -> str:
     """iptables-save, ip6tables-restore, ..."""
-    return f"{'ip6tables' if version == 6 else 'iptables'}-{what}"
+    return f"{family_of(version).iptables}-{what}"
 
 
 class Firewall:

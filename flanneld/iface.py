@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from .backends import External
+from .family import IPV4, IPV6
 from .kernel import AddrInfo, Kernel, KernelError
 from .nlcodec import RT_SCOPE_UNIVERSE
 
@@ -138,6 +139,6 @@ def select(kernel: Kernel, opts: IfaceOptions, need_v4: bool, need_v6: bool) -> 
             reach = kernel.route_get(opts.can_reach)
         except KernelError as exc:
             raise IfaceError(f"--iface-can-reach {opts.can_reach}: {exc}") from None
-    default = kernel.default_route_oif(4 if need_v4 else 6)
+    default = kernel.default_route_oif(IPV4 if need_v4 else IPV6)
     iface, why = choose(interfaces, opts, default, reach)
     return external(iface, opts, need_v4, need_v6), why

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from . import nlcodec as nl
+from .family import Family
 from .netstate import VxlanLink
 
 log = logging.getLogger(__name__)
@@ -291,11 +292,10 @@ class Kernel:
         self._request(lambda seq: nl.address(seq, True, index, nl.ip_bytes(ip), prefixlen),
                       f"removing address {ip}/{prefixlen}", absent_ok=(errno.EADDRNOTAVAIL, errno.ENODEV))
 
-    def default_route_oif(self, family: int) -> int | None:
+    def default_route_oif(self, family: Family) -> int | None:
         """The interface of the main table's default route of this family (lowest metric)."""
         best: tuple[int, int] | None = None
-        fam = nl.AF_INET6 if family == 6 else nl.AF_INET
-        for _kind, payload in self.bulk.dump(nl.dump_routes(self.bulk.next_seq(), fam)):
+        for _kind, payload in self.bulk.dump(nl.dump_routes(self.bulk.next_seq(), family.af)):
             rec = nl.parse_route(payload)
             if rec.dst_len == 0 and rec.table == nl.RT_TABLE_MAIN and rec.oif is not None and \
                     (best is None or rec.metric < best[0]):

@@ -241,8 +241,8 @@ class LeaseManager:
             log.info("trying the previous subnet %s from the subnet file", shown)
         else:
             try:
-                subnet = pick_subnet(self.config.ipv4, taken, self.rng) if self.config.ipv4 else None
-                subnet6 = pick_subnet(self.config.ipv6, taken, self.rng) if self.config.ipv6 else None
+                picked = {fc.version: pick_subnet(fc, taken, self.rng) for fc in self.config.families()}
+                subnet, subnet6 = picked.get(4), picked.get(6)
             except OutOfSubnets as exc:
                 raise LeaseError(str(exc)) from None
         lease = attrs.lease(subnet, subnet6)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from . import subnetenv
 from .backends import Backend, PeerPlan, merge
 from .config import NetworkConfig
-from .firewall import FamilyRules, Firewall, FirewallError, FirewallSpec
+from .firewall import Firewall, FirewallError, FirewallSpec
 from .health import Metrics
 from .kernel import KernelError
 from .lease import Lease, LeaseAttrs, leases_prefix
@@ -54,9 +54,7 @@ class OverlaySettings:
 
 
 def firewall_spec(config: NetworkConfig, own: Lease, s: OverlaySettings) -> FirewallSpec:
-    fams = [FamilyRules(fam.network, pod) for fam, pod in ((config.ipv4, own.subnet), (config.ipv6, own.subnet6))
-            if fam is not None and pod is not None]
-    return FirewallSpec(tuple(fams), s.ip_masq, s.forward_rules, s.masq_random_fully, config.enable_nftables)
+    return FirewallSpec.for_lease(config, own, s.ip_masq, s.forward_rules, s.masq_random_fully)
 
 
 @dataclass
@@ -187,10 +185,10 @@ class Overlay:
 
     def _log_misfit(self, key: str, lease: Lease) -> None:
         """Warn once per lease whose subnet departs from the config (it is programmed all the same)."""
-        reasons = [f"IPv{fam.version} subnet {subnet}: {why}"
-                   for fam, subnet in ((self.config.ipv4, lease.subnet), (self.config.ipv6, lease.subnet6))
-                   if fam is not None and subnet is not None and subnet.subnet_of(fam.network)  # type: ignore[arg-type]
-                   and (why := fam.misfit(subnet))]
+        reasons = [f"{fc.family} subnet {subnet}: {why}" for fc in self.config.families()
+                   if (subnet := fc.family.subnet(lease)) is not None
+                   and subnet.subnet_of(fc.network)  # type: ignore[arg-type]
+                   and (why := fc.misfit(subnet))]
         text = "; ".join(reasons)
         if text and self._misfit_logged.get(key) != text:
             log.warning("lease %s%s does not fit the network config (%s); programming it anyway: its node routes "

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from . import nlcodec as nl
 from .backends import PeerPlan
 from .devices import handler
+from .family import family_of
 from .kernel import Kernel, WriteFailure
 from .netstate import Address, DesiredState, Device, Fdb, LinkSpec, Neigh, Route, TableDiff, diff
 
@@ -143,7 +144,7 @@ class Reconciler:
         fdbs: set[Fdb] = set()
         for link in desired.links:
             index = self.index[link.name]
-            family = nl.AF_INET6 if link.family == 6 else nl.AF_INET
+            family = family_of(link.family).af
             for _kind, payload in bulk.dump(nl.dump_neighs(bulk.next_seq(), family, index)):
                 rec = nl.parse_neigh(payload)
                 if rec.ifindex == index and rec.state & nl.NUD_PERMANENT and rec.dst and rec.lladdr:
@@ -153,7 +154,7 @@ class Reconciler:
                 if rec.ifindex == index and rec.state & nl.NUD_PERMANENT and rec.dst and rec.lladdr:
                     fdbs.add(Fdb(link.name, nl.mac_text(rec.lladdr), nl.ip_text(rec.dst)))
         routes: set[Route] = set()
-        families = {nl.AF_INET6 if ":" in n else nl.AF_INET for n in desired.owned_networks}
+        families = {family_of(ipaddress.ip_network(n).version).af for n in desired.owned_networks}
         for family in sorted(families):
             for _kind, payload in bulk.dump(nl.dump_routes(bulk.next_seq(), family)):
                 rec = nl.parse_route(payload)

@@ -23,7 +23,8 @@ from flanneld.registry import KeyValue, WatchBatch, WatchEvent
 A = ipaddress.ip_address
 PREFIX = "/test/network"
 HEAD = leases_prefix(PREFIX)
-CONFIG = parse_config('{"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}')
+# our own lease comes from 198.18.100.0 up: the peers below never collide with it
+CONFIG = parse_config('{"Network": "198.18.0.0/16", "SubnetMin": "198.18.100.0", "Backend": {"Type": "vxlan"}}')
 EXT = External("eth0", 2, 1500, A("198.51.100.11"), A("198.51.100.11"), onlink=(ipaddress.ip_network(
     "198.51.100.0/24"),))
 
