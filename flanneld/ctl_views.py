@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import FamilyConfig, NetworkConfig
+from .backends import lookup
+from .config import ConfigError, FamilyConfig, NetworkConfig
 from .family import family_of as family
 from .lease import Lease
 
@@ -91,9 +92,12 @@ def expires_text(row: Row) -> str:
     return human_duration(row.ttl)
 
 
-def _mac(data: dict[str, Any]) -> str:
-    mac = data.get("VtepMAC")
-    return mac if isinstance(mac, str) else ""
+def _identity(lease: Lease, data: dict[str, Any]) -> str:
+    """What the lease's backend publishes as its node's identity (VXLAN: the VTEP MAC), per the backend itself."""
+    try:
+        return lookup(lease.backend_type).describe_data(data)
+    except ConfigError:  # a type this build does not run has no describer: show nothing
+        return ""
 
 
 def _vni(data: dict[str, Any]) -> str:
@@ -116,10 +120,11 @@ WIDE_COLUMNS = (*TABLE_COLUMNS, "PUBLIC IPV6", "VNI", "IPV6 VTEP MAC", "ETCD LEA
 def table_cells(row: Row, wide: bool = False) -> list[str]:
     lease = row.lease
     cells = [_text(lease.subnet) or "-", _text(lease.subnet6) or "-", _public_ip(lease) or "-",
-             lease.backend_type or "-", _mac(lease.backend) or _mac(lease.backend_v6) or "-", expires_text(row)]
+             lease.backend_type or "-", _identity(lease, lease.backend) or _identity(lease, lease.backend_v6) or "-",
+             expires_text(row)]
     if wide:
         cells += [_text(lease.public_ipv6) or "-", _vni(lease.backend) or _vni(lease.backend_v6) or "-",
-                  _mac(lease.backend_v6) or "-",
+                  _identity(lease, lease.backend_v6) or "-",
                   f"{row.listed.kv.lease_id:x}" if row.listed.kv.lease_id else "-",
                   str(row.listed.kv.mod_revision), ",".join(name for name, _ in lease.extra) or "-"]
     return cells
@@ -168,7 +173,7 @@ def show_lines(row: Row) -> list[tuple[str, str]]:
     lease = row.lease
     backend = lease.backend_type or "-"
     details = [f"{name} {value}" for data in (lease.backend, lease.backend_v6) for name, value in
-               (("VNI", _vni(data)), ("VtepMAC", _mac(data))) if value]
+               (("VNI", _vni(data)), ("VtepMAC", _identity(lease, data))) if value]
     if details:
         backend += f" ({', '.join(dict.fromkeys(details))})"
     if row.ttl is None:
