@@ -6,14 +6,13 @@ nothing in the kernel, so nothing in the overlay networks is ever deleted on thi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ..config import BackendConfig, NetworkConfig
 from ..lease import Lease, LeaseAttrs
-from ..netstate import DesiredState, Device, LinkSpec, ObservedLink
-from .base import BackendType, External, PeerPlan, Plan, published_addresses, register
+from ..netstate import DesiredState, Device
+from .base import BackendBase, BackendType, External, PeerPlan, published_addresses, register
 
 
 @dataclass(frozen=True)
@@ -23,18 +22,12 @@ class AllocOptions:
         return cls()
 
 
-class AllocBackend:
+class AllocBackend(BackendBase):
     type = "alloc"
 
     def __init__(self, config: NetworkConfig, ext: External) -> None:
         self.ext = ext
         self.publics = published_addresses(config, ext)
-
-    def adopt(self, lease: Lease | None) -> None:
-        pass
-
-    def links(self) -> tuple[LinkSpec, ...]:
-        return ()
 
     def mtu(self) -> int:
         return self.ext.mtu
@@ -42,34 +35,12 @@ class AllocBackend:
     def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
         return self.publics
 
-    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
-        return False
-
-    def device_problems(self, spec: LinkSpec, link: ObservedLink, own: Lease) -> tuple[list[str], str]:
-        return [], ""
-
-    def prepare(self) -> None:
-        pass
-
-    def start(self, own: Lease) -> None:
-        pass
-
-    def peer_changed(self, kind: str, peer: Lease) -> None:
-        pass
-
     def base_state(self, own: Lease) -> DesiredState:
         return DesiredState()
 
     def plan_peer(self, peer: Lease) -> PeerPlan:
         return PeerPlan()
 
-    def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
-        return Plan(DesiredState())
-
-
-def _describe(_data: Mapping[str, Any]) -> str:
-    return ""
-
 
 ALLOC = register(BackendType("alloc", AllocOptions.parse,
-                             lambda config, ext, _options, _settings: AllocBackend(config, ext), _describe))
+                             lambda config, ext, _options, _settings: AllocBackend(config, ext)))

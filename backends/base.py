@@ -46,6 +46,11 @@ class Plan:
     skipped: tuple[tuple[str, str], ...] = ()  # (lease key, why) for peers we cannot program
 
 
+# why a peer is not (fully) programmed, as a metric label
+SKIP_KINDS = ("backend-type", "outside-network", "no-public-address", "own-address", "backend-data",
+              "not-on-segment")
+
+
 @dataclass(slots=True)
 class PeerPlan:
     """One peer's entries (cached by the daemon until the peer's lease changes, so kept small)."""
@@ -54,9 +59,11 @@ class PeerPlan:
     fdbs: list[Fdb] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    skipped_kinds: list[str] = field(default_factory=list)  # one of SKIP_KINDS per reason, for /metrics
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, kind: str) -> None:
         self.skipped = [*self.skipped, reason]
+        self.skipped_kinds = [*self.skipped_kinds, kind]
 
 
 def merge(base: DesiredState, peers: Iterable[PeerPlan]) -> DesiredState:
@@ -134,6 +141,43 @@ class Backend(Protocol):
 
     def peer_changed(self, kind: str, peer: Lease) -> None:
         """A peer lease was added, changed or removed (hooks; the data plane comes from plan_peer)."""
+
+
+class BackendBase:
+    """What most backends do not need, done once: no device identity, no devices, no hooks, and
+    the whole plan as the base state plus every peer's entries."""
+
+    def adopt(self, lease: Lease | None) -> None:
+        pass
+
+    def links(self) -> tuple[LinkSpec, ...]:
+        return ()
+
+    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
+        return False  # nothing but the public address identifies a node
+
+    def device_problems(self, spec: LinkSpec, link: ObservedLink, own: Lease) -> tuple[list[str], str]:
+        return [], ""
+
+    def prepare(self) -> None:
+        pass
+
+    def start(self, own: Lease) -> None:
+        pass
+
+    def peer_changed(self, kind: str, peer: Lease) -> None:
+        pass
+
+    def base_state(self, own: Lease) -> DesiredState:
+        raise NotImplementedError
+
+    def plan_peer(self, peer: Lease) -> PeerPlan:
+        raise NotImplementedError
+
+    def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
+        plans = {p.key: self.plan_peer(p) for p in peers if p.key != own.key}
+        return Plan(merge(self.base_state(own), plans.values()),
+                    tuple((key, why) for key, pp in plans.items() for why in pp.skipped))
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,13 @@ import shlex
 import string
 import subprocess
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 from ..config import BackendConfig, ConfigError, NetworkConfig
 from ..lease import Lease, LeaseAttrs, compact_json
-from ..netstate import DesiredState, Device, LinkSpec, ObservedLink
-from .base import BackendType, External, PeerPlan, Plan, published_addresses, register
+from ..netstate import DesiredState, Device
+from .base import BackendBase, BackendType, External, PeerPlan, published_addresses, register
 
 log = logging.getLogger("flanneld.extension")
 COMMANDS = ("PreStartupCommand", "PostStartupCommand", "SubnetAddCommand", "SubnetRemoveCommand")
@@ -89,7 +88,7 @@ def run_hook(name: str, command: str, env: Mapping[str, str], stdin: str, timeou
     return proc.stdout.strip()
 
 
-class ExtensionBackend:
+class ExtensionBackend(BackendBase):
     type = "extension"
 
     def __init__(self, config: NetworkConfig, ext: External, options: ExtensionOptions) -> None:
@@ -100,12 +99,6 @@ class ExtensionBackend:
         self.data: str | None = None  # our BackendData: PreStartupCommand's output as a JSON string
         self._jobs: queue.Queue[tuple[str, str, dict[str, str], str] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
-
-    def adopt(self, lease: Lease | None) -> None:
-        pass
-
-    def links(self) -> tuple[LinkSpec, ...]:
-        return ()
 
     def mtu(self) -> int:
         return self.ext.mtu
@@ -118,12 +111,6 @@ class ExtensionBackend:
 
     def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
         return replace(self.publics, backend_type="extension", backend_data=self.data)
-
-    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
-        return False
-
-    def device_problems(self, spec: LinkSpec, link: ObservedLink, own: Lease) -> tuple[list[str], str]:
-        return [], ""
 
     def _env(self, lease: Lease, with_networks: bool) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -176,19 +163,11 @@ class ExtensionBackend:
     def plan_peer(self, peer: Lease) -> PeerPlan:
         plan = PeerPlan()
         if peer.backend_type != "extension":
-            plan.skip(f"backend type {peer.backend_type or 'none'!r} is not extension")
+            plan.skip(f"backend type {peer.backend_type or 'none'!r} is not extension", "backend-type")
         return plan
-
-    def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
-        return Plan(DesiredState(), tuple((p.key, why) for p in peers if p.key != own.key
-                                          for why in self.plan_peer(p).skipped))
-
-
-def _describe(data: Mapping[str, Any]) -> str:
-    return ""
 
 
 EXTENSION = register(BackendType(
     "extension", ExtensionOptions.parse,
-    lambda config, ext, options, _settings: ExtensionBackend(config, ext, options), _describe,
+    lambda config, ext, options, _settings: ExtensionBackend(config, ext, options),
 ))

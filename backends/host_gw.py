@@ -10,20 +10,18 @@ interface's. The lease is upstream's: ``BackendType:"host-gw"`` and no BackendDa
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 from ..config import BackendConfig, ConfigError, NetworkConfig
 from ..family import Family
 from ..lease import Lease, LeaseAttrs
-from ..netstate import DesiredState, Device, LinkSpec, ObservedLink, Route
+from ..netstate import DesiredState, Device, Route
 from .base import (
+    BackendBase,
     BackendType,
     External,
     PeerPlan,
-    Plan,
-    merge,
     own_routes,
     published_addresses,
     register,
@@ -41,7 +39,7 @@ class HostGwOptions:
         return cls()
 
 
-class HostGwBackend:
+class HostGwBackend(BackendBase):
     type = "host-gw"
 
     def __init__(self, config: NetworkConfig, ext: External, blackhole: bool = False) -> None:
@@ -55,41 +53,20 @@ class HostGwBackend:
                 raise ConfigError(f"public address {public} is not an address of {ext.name}: host-gw cannot work "
                                   "behind NAT (peers route to the public address directly)")
 
-    def adopt(self, lease: Lease | None) -> None:
-        pass  # no device identity to keep
-
-    def links(self) -> tuple[LinkSpec, ...]:
-        return ()
-
     def mtu(self) -> int:
         return self.ext.mtu
 
     def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
         return replace(self.publics, backend_type="host-gw")
 
-    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
-        return False  # nothing in a host-gw lease identifies a node but its address
-
-    def device_problems(self, spec: LinkSpec, link: ObservedLink, own: Lease) -> tuple[list[str], str]:
-        return [], ""
-
-    def prepare(self) -> None:
-        pass
-
-    def start(self, own: Lease) -> None:
-        pass
-
-    def peer_changed(self, kind: str, peer: Lease) -> None:
-        pass
-
     def base_state(self, own: Lease) -> DesiredState:
         return DesiredState(routes=own_routes(own, self.config, self.blackhole),
                             owned_networks=tuple(str(f.network) for f in self.config.families()))
 
     def plan_peer(self, peer: Lease) -> PeerPlan:
-        out = PeerPlan(skipped=_NONE_SKIPPED)
+        out = PeerPlan(skipped=_NONE_SKIPPED, skipped_kinds=_NONE_SKIPPED)
         if peer.backend_type != "host-gw":
-            out.skip(f"backend type {peer.backend_type or 'none'!r} is not host-gw")
+            out.skip(f"backend type {peer.backend_type or 'none'!r} is not host-gw", "backend-type")
             return out
         for fc in self.config.families():
             fam = fc.family
@@ -97,23 +74,18 @@ class HostGwBackend:
             if subnet is None:
                 continue  # a single-stack peer in a dual-stack cluster: nothing for this family
             if not subnet.subnet_of(fc.network):  # type: ignore[arg-type]
-                out.skip(f"subnet {subnet} is outside the network {fc.network}")
+                out.skip(f"subnet {subnet} is outside the network {fc.network}", "outside-network")
             elif public is None:
-                out.skip(f"no {fam} public address")
+                out.skip(f"no {fam} public address", "no-public-address")
             elif public == ours:
-                out.skip(f"it has our own public address {public} (a stale lease of this node?)")
+                out.skip(f"it has our own public address {public} (a stale lease of this node?)", "own-address")
             elif not self._on_link(public):
                 out.skip(f"its public address {public} is not on our L2 segment ({self._segments(fam)}): "
-                         "host-gw needs every node directly reachable; use vxlan across routers")
+                         "host-gw needs every node directly reachable; use vxlan across routers", "not-on-segment")
             else:
                 out.routes.append(Route(str(subnet), gateway=str(public), dev=self.ext.name,
                                         metric=fam.route_metric))
         return out
-
-    def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
-        plans = {p.key: self.plan_peer(p) for p in peers if p.key != own.key}
-        return Plan(merge(self.base_state(own), plans.values()),
-                    tuple((key, why) for key, pp in plans.items() for why in pp.skipped))
 
     def _on_link(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return any(ip.version == n.version and ip in n for n in self.ext.onlink)
@@ -122,12 +94,7 @@ class HostGwBackend:
         return ", ".join(str(n) for n in self.ext.onlink if n.version == fam.version) or "none"
 
 
-def _describe(_data: Mapping[str, Any]) -> str:
-    return ""
-
-
 HOST_GW = register(BackendType(
     "host-gw", HostGwOptions.parse,
     lambda config, ext, _options, settings: HostGwBackend(config, ext, settings.blackhole_route),
-    _describe,
 ))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,11 +22,10 @@ from ..family import IPV4, IPV6, Family, family_of
 from ..lease import Lease, LeaseAttrs, backend_json
 from ..netstate import Address, DesiredState, Device, Fdb, Neigh, ObservedLink, Route, VxlanLink
 from .base import (
+    BackendBase,
     BackendType,
     External,
     PeerPlan,
-    Plan,
-    merge,
     own_routes,
     published_addresses,
     register,
@@ -95,7 +94,7 @@ class _Family:
     public: ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class VxlanBackend:
+class VxlanBackend(BackendBase):
     type = "vxlan"
 
     def __init__(self, config: NetworkConfig, ext: External, options: VxlanOptions, blackhole: bool = False):
@@ -173,15 +172,6 @@ class VxlanBackend:
             wrong.append(f"MAC {link.mac} but our lease publishes VtepMAC {published} (peers send to the wrong MAC)")
         return wrong, f"VNI {spec.vni}, port {want_port}, MTU {spec.mtu}, MAC {link.mac}"
 
-    def prepare(self) -> None:
-        pass
-
-    def start(self, own: Lease) -> None:
-        pass
-
-    def peer_changed(self, kind: str, peer: Lease) -> None:
-        pass
-
     def _direct(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return self.options.direct_routing and any(ip.version == n.version and ip in n for n in self.ext.onlink)
 
@@ -198,46 +188,40 @@ class VxlanBackend:
 
     def plan_peer(self, peer: Lease) -> PeerPlan:
         """Entries for one peer lease, and why parts of it were skipped."""
-        entries = PeerPlan(skipped=_NONE_SKIPPED)
+        entries = PeerPlan(skipped=_NONE_SKIPPED, skipped_kinds=_NONE_SKIPPED)
         if peer.backend_type != "vxlan":
-            entries.skip(f"backend type {peer.backend_type or 'none'!r} is not vxlan")
+            entries.skip(f"backend type {peer.backend_type or 'none'!r} is not vxlan", "backend-type")
             return entries
         for f in self.families:
-            reason = self._plan_peer(f, peer, entries)
-            if reason:
-                entries.skip(reason)
+            skipped = self._plan_peer(f, peer, entries)
+            if skipped:
+                entries.skip(*skipped)
         return entries
 
-    def plan(self, own: Lease, peers: Iterable[Lease]) -> Plan:
-        """The whole desired state (what a full reconcile enforces)."""
-        plans = {p.key: self.plan_peer(p) for p in peers if p.key != own.key}
-        return Plan(merge(self.base_state(own), plans.values()),
-                    tuple((key, why) for key, pp in plans.items() for why in pp.skipped))
-
-    def _plan_peer(self, f: _Family, peer: Lease, out: PeerPlan) -> str:
-        """Add one family's entries for a peer; return why it was skipped, or ''."""
+    def _plan_peer(self, f: _Family, peer: Lease, out: PeerPlan) -> tuple[str, str] | None:
+        """Add one family's entries for a peer; return why (and the kind of why) it was skipped, or None."""
         fam = f.family
         subnet, public = fam.subnet(peer), fam.public(peer)
         if subnet is None:
-            return ""  # a single-stack peer in a dual-stack cluster: nothing for this family
+            return None  # a single-stack peer in a dual-stack cluster: nothing for this family
         if not subnet.subnet_of(f.fam.network):  # type: ignore[arg-type]
-            return f"subnet {subnet} is outside the network {f.fam.network}"
+            return f"subnet {subnet} is outside the network {f.fam.network}", "outside-network"
         if public is None:
-            return f"no {fam} public address"
+            return f"no {fam} public address", "no-public-address"
         if public == f.public:
-            return f"it has our own public address {public} (a stale lease of this node?)"
+            return f"it has our own public address {public} (a stale lease of this node?)", "own-address"
         metric = fam.route_metric
         if self._direct(public):
             out.routes.append(Route(str(subnet), gateway=str(public), dev=self.ext.name, metric=metric))
-            return ""
+            return None
         mac = normalize_mac(fam.backend_data(peer).get("VtepMAC"))
         if mac is None:
-            return f"its BackendData has no valid {fam} VtepMAC"
+            return f"its BackendData has no valid {fam} VtepMAC", "backend-data"
         gateway = str(subnet.network_address)
         out.neighs.append(Neigh(f.device, gateway, mac))
         out.fdbs.append(Fdb(f.device, mac, str(public)))
         out.routes.append(Route(str(subnet), gateway=gateway, dev=f.device, onlink=True, metric=metric))
-        return ""
+        return None
 
 
 def _describe(data: Mapping[str, Any]) -> str:

@@ -6,6 +6,10 @@ line. Baselines, measured in the same run: `etcdctl get --prefix` of the same ke
 without TTLs), and the lease-TTL lookup through grpcio alone instead of the pipelined HTTP/2 path.
 Budget (issue "flannelctl"): `subnets list` over 5000 leases in under 1 s.
 
+Both HTTP/2 paths are measured in the same run: our own framing (flanneld.h2_unary) and the same
+pipelined calls on python-hyper's h2 library (bench/h2_library.py), in process and end to end
+(`subnets list` with the h2-library session swapped in).
+
     sudo .venv/bin/python bench/ctl.py [--leases 5000] [--runs 5]
 """
 
@@ -19,9 +23,10 @@ import subprocess
 import sys
 import time
 
+import h2_library
 from benchlib import etcd_in_namespace, report
 
-from flanneld import lab, registry
+from flanneld import h2_unary, lab, registry
 from flanneld.etcd_options import EtcdOptions
 from flanneld.lease import leases_prefix
 from flanneld.registry import Registry
@@ -49,7 +54,9 @@ def timed(argv: list[str], env: dict[str, str], runs: int, lines: int) -> float:
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(argv[:3])} failed: {proc.stderr[-1500:]}")
         samples.append(time.perf_counter() - start)
         if proc.stdout.count("\n") < lines:
             raise SystemExit(f"{argv[0]} printed {proc.stdout.count(chr(10))} lines, expected {lines}")
@@ -80,10 +87,23 @@ def main() -> int:
                "FLANNELCTL_ETCD_PREFIX": PREFIX, "ETCDCTL_API": "3"}
         ctl = lab._tool("flannelctl")
         list_s = timed([ctl, "subnets", "list"], env, args.runs, args.leases)
+        swapped = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import h2_library; from flanneld import h2_unary; "
+                   "h2_unary.call_many = h2_library.call_many_h2; from flanneld.ctl import main; "
+                   "sys.argv[0] = 'flannelctl'; main()")
+        list_h2lib_s = timed([sys.executable, "-c", swapped, os.path.dirname(os.path.abspath(__file__)), "subnets",
+                              "list"], env, args.runs, args.leases)
         json_s = timed([ctl, "subnets", "list", "-o", "json"], env, args.runs, args.leases)
         etcdctl_s = timed(["etcdctl", f"--endpoints={server.endpoint}", "get", "--prefix", leases_prefix(PREFIX)],
                           env, args.runs, args.leases)
+        if len(reg._pipelined_ttls(ids)) != len(ids):
+            raise SystemExit("our pipelined lookup left calls unanswered")
         pipelined_s = ttl_lookup(reg, ids, args.runs)
+        own_call_many = h2_unary.call_many
+        h2_unary.call_many = h2_library.call_many_h2
+        if len(reg._pipelined_ttls(ids)) != len(ids):
+            raise SystemExit("the h2-library lookup left calls unanswered (the timing would be grpcio's)")
+        pipelined_h2lib_s = ttl_lookup(reg, ids, args.runs)
+        h2_unary.call_many = own_call_many
         registry.PIPELINE_MIN_CALLS = len(ids) + 1  # the same lookup through grpcio alone
         grpcio_s = ttl_lookup(reg, ids, args.runs)
         reg.close()
@@ -92,18 +112,22 @@ def main() -> int:
         "bench": "ctl",
         "leases": args.leases,
         "subnets_list_s": round(list_s, 3),
+        "subnets_list_h2_library_s": round(list_h2lib_s, 3),
         "subnets_list_json_s": round(json_s, 3),
         "baseline_etcdctl_get_prefix_s": round(etcdctl_s, 3),
         "ttl_lookup_pipelined_s": round(pipelined_s, 3),
+        "ttl_lookup_pipelined_h2_library_s": round(pipelined_h2lib_s, 3),
         "baseline_ttl_lookup_grpcio_s": round(grpcio_s, 3),
         "budget_s": BUDGET_S,
         "within_budget": list_s < BUDGET_S,
     }
     rows = [
         (f"flannelctl subnets list ({args.leases} leases, median of {args.runs})", f"{list_s:.3f} s"),
+        ("flannelctl subnets list, TTLs via the h2 library", f"{list_h2lib_s:.3f} s"),
         ("flannelctl subnets list -o json", f"{json_s:.3f} s"),
         ("baseline: etcdctl get --prefix (no TTLs)", f"{etcdctl_s:.3f} s"),
-        ("lease TTLs: pipelined HTTP/2 (in process)", f"{pipelined_s:.3f} s"),
+        ("lease TTLs: pipelined HTTP/2, our framing (in process)", f"{pipelined_s:.3f} s"),
+        ("lease TTLs: pipelined HTTP/2, h2 library (in process)", f"{pipelined_h2lib_s:.3f} s"),
         ("baseline: lease TTLs through grpcio alone", f"{grpcio_s:.3f} s"),
         ("budget: subnets list", f"< {BUDGET_S:.1f} s ({'met' if list_s < BUDGET_S else 'MISSED'})"),
     ]

@@ -8,9 +8,11 @@ The command line wins over the environment; an empty environment value counts as
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -166,12 +168,29 @@ def etcd_options(kw: dict[str, Any]) -> EtcdOptions:
     )
 
 
-def setup_logging(verbosity: int) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbosity >= 2 else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the structured fields a call gave."""
+
+    FIELDS = ("lease", "peer", "event", "trigger", "key", "device")
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        for name in self.FIELDS:
+            if name in record.__dict__:
+                doc[name] = record.__dict__[name]
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(verbosity: int, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else logging.INFO, handlers=[handler])
     if verbosity < 4:  # gRPC internals only at -v=4
         logging.getLogger("grpc").setLevel(logging.WARNING)
 
@@ -201,8 +220,10 @@ def setup_logging(verbosity: int) -> None:
 @flag("reconcile-interval", type=GoInt(1, 86400), default=30, show_default=True,
       help="Seconds between full kernel-state reconciles (drift is also repaired on netlink events).")
 @click.option("-v", "--v", "verbosity", type=GoInt(0, 10), default=0, help="Log verbosity (2: debug).")
+@flag("log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+      help="Log lines as text, or one JSON object per line (time, level, logger, message, fields).")
 @click.option("--version", "-version", "show_version", is_flag=True, help="Print the version and exit.")
-def flanneld_command(show_version: bool, verbosity: int, **kw: Any) -> None:
+def flanneld_command(show_version: bool, verbosity: int, log_format: str, **kw: Any) -> None:
     """flanneld: the per-node overlay network daemon (etcd v3; vxlan, host-gw, alloc, extension)."""
     if show_version:
         click.echo(__version__)
@@ -211,7 +232,7 @@ def flanneld_command(show_version: bool, verbosity: int, **kw: Any) -> None:
     from .daemon import Daemon, DaemonOptions  # keeps --help and --version fast
     from .iface import IfaceOptions
 
-    setup_logging(verbosity)
+    setup_logging(verbosity, log_format)
     etcd = etcd_options(kw)
     options = DaemonOptions(
         etcd=etcd,
@@ -241,6 +262,11 @@ def main() -> None:
         from .cni.install import install_command
 
         install_command(args=sys.argv[2:], prog_name="flanneld install-cni")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "install-unit":
+        from .unit import install_unit_command
+
+        install_unit_command(args=sys.argv[2:], prog_name="flanneld install-unit")
         return
     try:
         flanneld_command.main(prog_name="flanneld", standalone_mode=False)

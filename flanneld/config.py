@@ -62,11 +62,13 @@ class FamilyConfig:
         )
 
     def misfit(self, subnet: IPNetwork) -> str:
-        """How a peer's leased subnet of this family departs from the config ('' when it fits)."""
+        """How a peer's leased subnet of this family departs from the config ('' when it fits).
+
+        Only the size counts: SubnetMin..SubnetMax bound what *we* allocate, and leases outside it
+        (an older range, an operator's reservation) are ordinary, not worth a line each.
+        """
         if subnet.prefixlen != self.subnet_len:
             return f"it is a /{subnet.prefixlen} but the network config's SubnetLen is {self.subnet_len}"
-        if not self.subnet_min <= subnet.network_address <= self.subnet_max:
-            return f"it lies outside SubnetMin..SubnetMax ({self.subnet_min}..{self.subnet_max})"
         return ""
 
     def subnet_count(self) -> int:

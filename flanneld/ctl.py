@@ -530,10 +530,12 @@ def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output:
     own = doc.own_listed(listing, env)
     ttls = obj.ttls(listing, [own] if own is not None else [])
     kernel = doc.read_kernel(config.enable_nftables, [f.version for f in config.families()])
-    findings = doc.diagnose(doc.Inputs(config, env, env_problem, listing, ttls, kernel, iptables_forward_rules))
+    inputs = doc.Inputs(config, env, env_problem, listing, ttls, kernel, iptables_forward_rules)
+    findings = doc.diagnose(inputs)
     ok = doc.healthy(findings)
     if output == "json":
-        click.echo(json.dumps({"healthy": ok, "findings": [f.__dict__ for f in findings]}, indent=2))
+        summary = {"healthy": ok, "peers": doc.peer_summary(inputs), "findings": [f.__dict__ for f in findings]}
+        click.echo(json.dumps(summary, indent=2))
     else:
         for f in findings:
             label, colour = LEVEL_STYLE[f.level]

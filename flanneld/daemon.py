@@ -29,10 +29,11 @@ from .config_monitor import ConfigMonitor
 from .etcd_options import EtcdOptions
 from .events import Event, LeaseBatch, NetlinkBatch, Stop
 from .firewall import FirewallError
-from .health import HealthServer, Metrics, sd_notify
+from .health import HealthServer, sd_notify
 from .iface import IfaceError, IfaceOptions
 from .kernel import Kernel, KernelError, Monitor
 from .leases import SUBNET_TTL, LeaseEvent, LeaseWatcher
+from .metrics import Metrics
 from .overlay import Overlay, OverlaySettings
 from .registry import Registry, RegistryError
 from .startup import StartSettings, start, validate
@@ -69,8 +70,7 @@ class Daemon:
         self.opts = options
         self.stop_event = threading.Event()
         self.events: queue.Queue[Event] = queue.Queue()
-        self.metrics = Metrics()
-        self._describe_metrics()
+        self.metrics = Metrics(__version__)
         self.phase = "starting"
         self.ready = False
         self.loop_heartbeat = time.monotonic()
@@ -83,28 +83,6 @@ class Daemon:
         self.overlay: Overlay | None = None
 
     # -- observability -----------------------------------------------------------------------
-
-    def _describe_metrics(self) -> None:
-        m = self.metrics
-        for name, kind, text in [
-            ("flanneld_info", "gauge", "Build information"),
-            ("flanneld_ready", "gauge", "1 once subnet.env is written and rules are installed"),
-            ("flanneld_etcd_watch_connected", "gauge", "1 while the lease watch stream is up"),
-            ("flanneld_peers", "gauge", "Peer leases currently programmed"),
-            ("flanneld_skipped_leases", "gauge", "Peer leases that cannot be programmed (see log)"),
-            ("flanneld_lease_events_total", "counter", "Lease events received, by kind"),
-            ("flanneld_reconciles_total", "counter", "Reconciles, by kind and trigger"),
-            ("flanneld_reconcile_seconds_total", "counter", "Time spent reconciling"),
-            ("flanneld_netlink_writes_total", "counter", "Table entries written or deleted"),
-            ("flanneld_netlink_write_failures_total", "counter", "Table writes the kernel refused"),
-            ("flanneld_drift_repairs_total", "counter", "Full reconciles that found and repaired drift"),
-            ("flanneld_firewall_repairs_total", "counter", "Firewall reinstalls after drift"),
-            ("flanneld_lease_renewals_total", "counter", "Successful lease renewals"),
-            ("flanneld_lease_expiry_seconds", "gauge", "Seconds until our lease expires (-1: reservation)"),
-        ]:
-            m.describe(name, kind, text)
-        m.set("flanneld_info", 1, version=__version__)
-        m.set("flanneld_ready", 0)
 
     def health(self) -> tuple[bool, str]:
         if self.registry is None:
@@ -148,7 +126,7 @@ class Daemon:
     def _serve_health(self) -> None:
         host, port = self.opts.healthz_ip, self.opts.healthz_port
         try:
-            self.health_server = HealthServer(host, port, self.health, self.readiness, self.metrics)
+            self.health_server = HealthServer(host, port, self.health, self.readiness, self.metrics.render)
         except OSError as exc:
             raise FatalError(f"cannot serve /healthz on {host}:{port} (--healthz-ip/--healthz-port): "
                              f"{exc.strerror or exc}") from None
@@ -180,7 +158,8 @@ class Daemon:
         overlay = self.overlay
         self.ready = True
         self.phase = "ready"
-        self.metrics.set("flanneld_ready", 1)
+        self.metrics.ready.set(1)
+        self.metrics.watch(self.watcher)
         sd_notify(f"READY=1\nSTATUS=lease {overlay.own.describe()}, {len(overlay.peers)} peers")
         log.info("ready: lease %s, %d peers, subnet file %s", overlay.own.describe(), len(overlay.peers),
                  o.subnet_file)
@@ -197,7 +176,7 @@ class Daemon:
     # -- threads feeding the loop ------------------------------------------------------------
 
     def _on_leases(self, events: list[LeaseEvent]) -> None:
-        self.events.put(LeaseBatch(events))
+        self.events.put(LeaseBatch(events, time.monotonic()))
 
     def _watch_netlink(self) -> None:
         """Forward raw notification batches: deciding what is drift is the loop's business."""
@@ -238,7 +217,7 @@ class Daemon:
         retry_full_at: float | None = None
         while not self.stop_event.is_set():
             self.loop_heartbeat = now = time.monotonic()
-            self.metrics.set("flanneld_etcd_watch_connected", int(self.watcher.connected if self.watcher else 0))
+            self.metrics.watch_connected.set(int(self.watcher.connected if self.watcher else 0))
             renew_in = overlay.leases.seconds_until_renewal()
             deadlines = [next_fw, next_full] + ([now + renew_in] if renew_in is not None else [])
             if retry_full_at is not None:
@@ -250,10 +229,15 @@ class Daemon:
             if drift:  # a burst of changes (someone flushing a table) is repaired once, after it
                 time.sleep(DRIFT_DEBOUNCE)
                 items += self._collect(0)
-            lease_events = [ev for e in items if isinstance(e, LeaseBatch) for ev in e.events]
+            batches = [e for e in items if isinstance(e, LeaseBatch)]
+            lease_events = [ev for e in batches for ev in e.events]
             full_reason = ""
             if lease_events:
                 full_reason = overlay.apply_lease_events(lease_events, incremental=True)
+                done = time.monotonic()  # the kernel has ACKed every entry of these events
+                for batch in batches:
+                    for _ in batch.events:
+                        self.metrics.event_programmed.observe(done - batch.received)
                 if len(lease_events) > 1000:
                     release_memory()
             now = time.monotonic()

@@ -320,20 +320,40 @@ def _check_firewall(inputs: Inputs, own: Lease) -> list[Finding]:
     return out
 
 
+def _backend(inputs: Inputs, own: Lease, ext: External) -> Backend:
+    """The backend as the daemon runs it (ConfigError when the config cannot run here)."""
+    # A blackhole route for our own subnet means flanneld runs with --ip-blackhole-route: expect it.
+    own_subnets = _own_subnets(own)
+    blackhole = any(r.blackhole and r.dst in own_subnets for r in inputs.kernel.routes)
+    backend = create_backend(inputs.config, ext, NodeSettings(blackhole_route=blackhole))
+    backend.adopt(own)
+    return backend
+
+
+def peer_summary(inputs: Inputs) -> dict[str, int]:
+    """Peer leases and how many the node cannot (fully) program: what /metrics reports as
+    flanneld_peers and flanneld_skipped_leases, so the two can be compared."""
+    own = _own_lease(inputs)
+    if own is None:
+        return {}
+    try:
+        backend = _backend(inputs, own, _external(inputs, own))
+    except ConfigError:
+        return {}
+    plan = backend.plan(own, [li.lease for key, li in inputs.listing.leases.items() if key != own.key])
+    return {"leases": len(inputs.listing.leases) - 1, "skipped": len({key for key, _ in plan.skipped})}
+
+
 def diagnose(inputs: Inputs) -> list[Finding]:
     """Every finding, problems first within each area."""
     own = _own_lease(inputs)
     if own is None:
         return _check_env(inputs, None, None)
     ext = _external(inputs, own)
-    # A blackhole route for our own subnet means flanneld runs with --ip-blackhole-route: expect it.
-    own_subnets = _own_subnets(own)
-    blackhole = any(r.blackhole and r.dst in own_subnets for r in inputs.kernel.routes)
     try:
-        backend = create_backend(inputs.config, ext, NodeSettings(blackhole_route=blackhole))
+        backend = _backend(inputs, own, ext)
     except ConfigError as exc:
         return [*_check_env(inputs, own, None), Finding(PROBLEM, "config", str(exc))]
-    backend.adopt(own)
     findings = _check_env(inputs, own, backend)
     findings += _check_lease(inputs, own, ext)
     findings += _check_devices(inputs, own, backend)

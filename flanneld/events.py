@@ -14,6 +14,7 @@ from .leases import LeaseEvent
 @dataclass(frozen=True, slots=True)
 class LeaseBatch:
     events: list[LeaseEvent]
+    received: float  # time.monotonic() when the watcher got them from etcd: event → kernel latency
 
 
 @dataclass(frozen=True, slots=True)

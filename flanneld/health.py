@@ -1,4 +1,4 @@
-"""Observability: /healthz, /readyz, /metrics (Prometheus text) and systemd notification.
+"""Health endpoints: /healthz, /readyz, /metrics (prometheus-client's exposition) and systemd notification.
 
 ``/healthz`` tells the truth (upstream always answers 200): 503 with the reason while etcd or
 the lease watch is down or the event loop is stuck. ``/readyz`` is 503 until subnet.env is
@@ -19,61 +19,15 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
-class Metrics:
-    """A minimal thread-safe registry of counters and gauges with labels."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._meta: dict[str, tuple[str, str]] = {}
-        self._values: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-
-    def describe(self, name: str, kind: str, text: str) -> None:
-        with self._lock:
-            self._meta[name] = (kind, text)
-            self._values.setdefault(name, {})
-
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._values.setdefault(name, {})
-            series[key] = series.get(key, 0.0) + amount
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._values.setdefault(name, {})[tuple(sorted(labels.items()))] = float(value)
-
-    def get(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
-
-    def render(self) -> str:
-        lines: list[str] = []
-        with self._lock:
-            for name in sorted(self._values):
-                kind, text = self._meta.get(name, ("untyped", ""))
-                if text:
-                    lines.append(f"# HELP {name} {text}")
-                lines.append(f"# TYPE {name} {kind}")
-                for labels, value in sorted(self._values[name].items()):
-                    label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                    shown = int(value) if value.is_integer() else value
-                    lines.append(f"{name}{{{label_text}}} {shown}" if label_text else f"{name} {shown}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 class HealthServer:
     """Serves the three endpoints (GET only, HTTP/1.0) from a background thread.
 
-    Built on socketserver rather than http.server, which would drag in the email and
-    http.client packages: a couple of MB of RSS for three fixed routes.
+    A few lines on socketserver: three fixed routes need no web framework, and /metrics is
+    rendered by prometheus-client itself.
     """
 
     def __init__(self, host: str, port: int, health: Callable[[], tuple[bool, str]],
-                 readiness: Callable[[], tuple[bool, str]], metrics: Metrics) -> None:
+                 readiness: Callable[[], tuple[bool, str]], metrics: Callable[[], str]) -> None:
         self.health, self.readiness, self.metrics = health, readiness, metrics
         outer = self
 
@@ -119,7 +73,7 @@ class HealthServer:
             ok, why = self.readiness()
             return (200, "ready\n", text) if ok else (503, f"not ready: {why}\n", text)
         if path == "/metrics":
-            return 200, self.metrics.render(), "text/plain; version=0.0.4"
+            return 200, self.metrics(), "text/plain; version=0.0.4; charset=utf-8"
         return 404, "not found: try /healthz, /readyz or /metrics\n", text
 
     @property

@@ -382,6 +382,10 @@ class LeaseWatcher:
         self.revision = 0
         self.connected = False
         self.last_error = ""
+        # read by /metrics at scrape time; written only by the watcher's own thread
+        self.reconnects = 0
+        self.relists = 0
+        self.last_response = time.monotonic()
         self._warned: set[tuple[str, int]] = set()
         self._stop = threading.Event()
         self._watch = None
@@ -484,6 +488,7 @@ class LeaseWatcher:
                         break
                     self._watch = watch
                 for batch in watch:
+                    self.last_response = time.monotonic()
                     if not self.connected:
                         self.connected = True
                         self.last_error = ""
@@ -496,6 +501,7 @@ class LeaseWatcher:
                     raise RegistryError("etcd closed the watch stream")
             except Compacted as exc:
                 log.warning("lease watch fell behind compaction (%s); re-listing", exc)
+                self.relists += 1
                 need_list = True
             except RegistryError as exc:
                 if self._stop.is_set():
@@ -504,6 +510,7 @@ class LeaseWatcher:
                     log.warning("lease watch interrupted: %s; resuming from revision %d", exc, self.revision + 1)
                 self.connected = False
                 self.last_error = str(exc)
+                self.reconnects += 1
                 self._stop.wait(backoff * self._jitter.uniform(0.8, 1.2))  # nodes must not retry in step
                 backoff = min(backoff * 2, WATCH_RETRY_MAX)
             finally:

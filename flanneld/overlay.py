@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import subnetenv
 from .backends import Backend, PeerPlan, merge
+from .backends.base import SKIP_KINDS
 from .config import NetworkConfig
 from .firewall import Firewall, FirewallError, FirewallSpec
-from .health import Metrics
 from .kernel import KernelError
 from .lease import Lease, LeaseAttrs, leases_prefix
 from .leases import LeaseError, LeaseEvent, LeaseManager
+from .metrics import Metrics
 from .netstate import Device
 from .reconciler import Reconciler, Report
 from .registry import RegistryError
@@ -70,6 +72,8 @@ class Overlay:
     own: Lease = field(init=False)
     firewall: Firewall = field(init=False)
     peers: dict[str, PeerPlan] = field(default_factory=dict)
+    peer_types: dict[str, str] = field(default_factory=dict)  # each peer lease's BackendType, for /metrics
+    _types_shown: set[str] = field(default_factory=set)
     _skip_logged: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _misfit_logged: dict[str, str] = field(default_factory=dict)
 
@@ -79,8 +83,7 @@ class Overlay:
         self.own = own
         self.backend.adopt(own)
         left = self.leases.seconds_until_renewal()
-        self.metrics.set("flanneld_lease_expiry_seconds",
-                         -1 if left is None else round(left + self.leases.renew_margin))
+        self.metrics.lease_expiry.set(-1 if left is None else round(left + self.leases.renew_margin))
 
     def install_firewall(self) -> None:
         self.firewall = Firewall(firewall_spec(self.config, self.own, self.settings))
@@ -122,7 +125,7 @@ class Overlay:
         ok = retry("renewing our lease", self.leases.renew, self.stop)
         if ok is False:
             return self.reacquire()
-        self.metrics.inc("flanneld_lease_renewals_total")
+        self.metrics.renewals.inc()
         self.adopt_lease(self.own)
         return ""
 
@@ -143,18 +146,20 @@ class Overlay:
         added, removed = PeerPlan(), PeerPlan()
         full_reason = ""
         for ev in events:
-            self.metrics.inc("flanneld_lease_events_total", kind=ev.kind)
+            self.metrics.lease_events.labels(kind=ev.kind).inc()
             key = ev.key
             if key == self.own.key:
                 full_reason = self._own_lease_event(ev) or full_reason
                 continue
             lease = ev.lease  # decoded once here, dropped after planning
             old = self.peers.pop(key, None)
+            self.peer_types.pop(key, None)
             if old is not None:
                 _extend(removed, old)
             if ev.kind != "removed":
                 plan = self.backend.plan_peer(lease)
                 self.peers[key] = plan
+                self.peer_types[key] = lease.backend_type
                 _extend(added, plan)
                 self._log_skips(key, plan)
                 self._log_misfit(key, lease)
@@ -164,9 +169,9 @@ class Overlay:
             self.backend.peer_changed(ev.kind, lease)
             if incremental:  # the initial listing is summarised, not logged lease by lease
                 public = lease.public_ip if lease.subnet else lease.public_ipv6
-                log.info("lease %s %s (%s)", ev.kind, lease.describe(), public)
-        self.metrics.set("flanneld_peers", len(self.peers))
-        self.metrics.set("flanneld_skipped_leases", sum(1 for p in self.peers.values() if p.skipped))
+                log.info("lease %s %s (%s)", ev.kind, lease.describe(), public,
+                         extra={"lease": lease.describe(), "peer": str(public), "event": ev.kind})
+        self._count_peers()
         if incremental and not full_reason and (added.neighs or added.fdbs or added.routes or removed.neighs
                                                 or removed.fdbs or removed.routes):
             report = self.reconciler.change(added, removed)
@@ -175,12 +180,25 @@ class Overlay:
                 return "failed writes"
         return full_reason
 
+    def _count_peers(self) -> None:
+        m = self.metrics
+        m.peers.set(len(self.peers))
+        m.skipped.set(sum(1 for p in self.peers.values() if p.skipped))
+        kinds = Counter(kind for p in self.peers.values() for kind in set(p.skipped_kinds))
+        for kind in SKIP_KINDS:
+            m.skipped_by_reason.labels(reason=kind).set(kinds.get(kind, 0))
+        for backend, count in Counter(self.peer_types.values()).items():
+            m.peers_by_backend.labels(backend=backend or "none").set(count)
+        for gone in self._types_shown - set(self.peer_types.values()):
+            m.peers_by_backend.labels(backend=gone or "none").set(0)
+        self._types_shown = set(self.peer_types.values())
+
     def _log_skips(self, key: str, plan: PeerPlan) -> None:
         reasons = tuple(plan.skipped)
         if not reasons:
             self._skip_logged.pop(key, None)
         elif self._skip_logged.get(key) != reasons:
-            log.warning("not programming all of lease %s: %s", key, "; ".join(reasons))
+            log.warning("not programming all of lease %s: %s", key, "; ".join(reasons), extra={"key": key})
             self._skip_logged[key] = reasons
 
     def _log_misfit(self, key: str, lease: Lease) -> None:
@@ -210,12 +228,13 @@ class Overlay:
             return None
         self._account(report, trigger)
         if trigger in ("drift", "periodic", "retry") and report.changed:
-            self.metrics.inc("flanneld_drift_repairs_total")
+            self.metrics.drift_repairs.inc()
             log.warning("repaired drift (%s): %d entries written, %d deleted%s", trigger, report.written,
-                        report.deleted, f", recreated {', '.join(report.created)}" if report.created else "")
+                        report.deleted, f", recreated {', '.join(report.created)}" if report.created else "",
+                        extra={"trigger": trigger})
         elif report.changed:
             log.info("full reconcile (%s): %d entries written, %d deleted in %.0f ms", trigger, report.written,
-                     report.deleted, report.seconds * 1000)
+                     report.deleted, report.seconds * 1000, extra={"trigger": trigger})
         self.devices = report.devices
         if LeaseAttrs.of(self.own) != self._attrs():
             log.warning("our devices no longer match our lease (%s); republishing it",
@@ -224,15 +243,19 @@ class Overlay:
         return report
 
     def _account(self, report: Report, trigger: str) -> None:
-        self.metrics.inc("flanneld_reconciles_total", kind="full" if report.full else "incremental", trigger=trigger)
-        self.metrics.inc("flanneld_reconcile_seconds_total", report.seconds)
-        self.metrics.inc("flanneld_netlink_writes_total", report.written + report.deleted)
-        self.metrics.inc("flanneld_netlink_write_failures_total", len(report.failures))
+        m = self.metrics
+        m.reconciles.labels(kind="full" if report.full else "incremental", trigger=trigger).inc()
+        m.reconcile_seconds.inc(report.seconds)
+        if report.full:
+            m.full_reconcile.observe(report.seconds)
+        m.netlink_writes.inc(report.written + report.deleted)
+        m.netlink_failures.inc(len(report.failures))
 
     def check_firewall(self) -> None:
         try:
+            self.metrics.firewall_checks.inc()
             if not self.firewall.check():
-                self.metrics.inc("flanneld_firewall_repairs_total")
+                self.metrics.firewall_repairs.inc()
         except FirewallError as exc:
             log.warning("firewall check failed: %s", exc)
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from . import subnetenv
 from .backends import NodeSettings, create_backend, published_addresses, validate_backend
 from .config import ConfigError, NetworkConfig, parse_config
-from .health import Metrics
 from .iface import IfaceOptions
 from .iface import select as select_iface
 from .kernel import Kernel
 from .leases import LeaseManager, LeaseWatcher
+from .metrics import Metrics
 from .netstate import Device
 from .overlay import Overlay, OverlaySettings, retry
 from .reconciler import Reconciler

@@ -47,7 +47,8 @@ FLANNELD_ETCD_ENDPOINTS=$ETCD
 FLANNELD_IFACE=$NODE_IP
 FLANNELD_IP_MASQ=true
 CONF
-install -m 0644 "$HERE/flanneld.service" /etc/systemd/system/flanneld.service
+# the hardened unit shipped with the package (ExecStart: this venv's flanneld)
+/opt/flanneld/venv/bin/flanneld install-unit --force
 systemctl daemon-reload
 systemctl enable flanneld >/dev/null 2>&1
 systemctl restart flanneld  # Type=notify: returns once the lease, data plane and subnet.env are in place

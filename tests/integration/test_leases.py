@@ -43,30 +43,36 @@ def manager(registry, cfg=None, **kw):
                         **kw)
 
 
-def test_100_concurrent_acquirers_get_distinct_subnets(etcd, registry, etcd_prefix):
-    cfg = config()
-    barrier = threading.Barrier(100)
+def acquire_concurrently(etcd, prefix: str, cfg, attrs_of, count: int) -> dict[int, object]:
+    """`count` nodes, each with its own registry, acquiring at the same moment; their leases by node."""
+    barrier = threading.Barrier(count)
     results: dict[int, object] = {}
 
     def node(n: int) -> None:
-        reg = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=etcd_prefix))
+        reg = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=prefix))
         try:
-            mgr = LeaseManager(reg, cfg, etcd_prefix, rng=random.Random(n))
+            mgr = LeaseManager(reg, cfg, prefix, rng=random.Random(n))
             barrier.wait()
-            results[n] = mgr.acquire(attrs(n)).lease.subnet
+            results[n] = mgr.acquire(attrs_of(n)).lease
         except Exception as exc:  # recorded and asserted below
             results[n] = exc
         finally:
             reg.close()
 
-    threads = [threading.Thread(target=node, args=(n,)) for n in range(100)]
+    threads = [threading.Thread(target=node, args=(n,)) for n in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     errors = [r for r in results.values() if isinstance(r, Exception)]
     assert not errors, errors[:3]
-    subnets = list(results.values())
+    return results
+
+
+def test_100_concurrent_acquirers_get_distinct_subnets(etcd, registry, etcd_prefix):
+    cfg = config()
+    results = acquire_concurrently(etcd, etcd_prefix, cfg, attrs, 100)
+    subnets = [lease.subnet for lease in results.values()]  # type: ignore[attr-defined]
     assert len(subnets) == 100 and len(set(subnets)) == 100
     listing = list_leases(registry, etcd_prefix)
     assert len(listing.leases) == 100
@@ -76,34 +82,17 @@ def test_100_concurrent_acquirers_get_distinct_subnets(etcd, registry, etcd_pref
 
 def test_50_concurrent_acquirers_in_an_ipv6_only_network(etcd, registry, etcd_prefix):
     cfg = parse_config('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "2001:db8:1800::/56"}')
-    barrier = threading.Barrier(50)
-    results: dict[int, object] = {}
 
-    def node(n: int) -> None:
-        reg = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=etcd_prefix))
-        try:
-            mgr = LeaseManager(reg, cfg, etcd_prefix, rng=random.Random(n))
-            barrier.wait()
-            public6 = ipaddress.IPv6Address(f"2001:db8:51::{0x100 + n:x}")
-            results[n] = mgr.acquire(LeaseAttrs(ipaddress.IPv4Address(0), public6, "vxlan")).lease
-        except Exception as exc:  # recorded and asserted below
-            results[n] = exc
-        finally:
-            reg.close()
+    def attrs6(n: int) -> LeaseAttrs:
+        return LeaseAttrs(ipaddress.IPv4Address(0), ipaddress.IPv6Address(f"2001:db8:51::{0x100 + n:x}"), "vxlan")
 
-    threads = [threading.Thread(target=node, args=(n,)) for n in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    errors = [r for r in results.values() if isinstance(r, Exception)]
-    assert not errors, errors[:3]
+    results = acquire_concurrently(etcd, etcd_prefix, cfg, attrs6, 50)
     subnets = [lease.subnet6 for lease in results.values()]  # type: ignore[union-attr]
     assert len(set(subnets)) == 50 and all(cfg.ipv6.fits(s) for s in subnets)
     assert all(lease.subnet is None for lease in results.values())  # type: ignore[union-attr]
     # each node finds its own lease again by its public IPv6 (upstream's IPv6-only mode reuses one lease for all)
     mgr = LeaseManager(registry, cfg, etcd_prefix)
-    again = mgr.acquire(LeaseAttrs(ipaddress.IPv4Address(0), ipaddress.IPv6Address("2001:db8:51::107"), "vxlan"))
+    again = mgr.acquire(attrs6(7))
     assert again.lease.subnet6 == results[7].subnet6  # type: ignore[union-attr]
 
 

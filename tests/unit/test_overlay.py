@@ -13,9 +13,9 @@ from flanneld.backends import External, NodeSettings, create_backend, published_
 
 from flanneld import nlcodec as nl
 from flanneld.config import parse_config
-from flanneld.health import Metrics
 from flanneld.lease import leases_prefix
 from flanneld.leases import LeaseEvent, LeaseManager, LeaseWatcher
+from flanneld.metrics import Metrics, parse
 from flanneld.overlay import Overlay, OverlaySettings
 from flanneld.reconciler import Reconciler
 from flanneld.registry import KeyValue, WatchBatch, WatchEvent
@@ -49,7 +49,7 @@ def node(tmp_path):
     devices = reconciler.ensure_links(backend.links())
     own = leases.acquire(backend.lease_attrs(devices))
     overlay = Overlay(CONFIG, backend, reconciler, leases,
-                      OverlaySettings(PREFIX, str(tmp_path / "subnet.env"), False, True, True), Metrics(),
+                      OverlaySettings(PREFIX, str(tmp_path / "subnet.env"), False, True, True), Metrics("test"),
                       threading.Event(), devices)
     overlay.adopt_lease(own.lease)
     overlay.full_reconcile("start")
@@ -73,7 +73,9 @@ def test_peers_come_change_and_go_incrementally(node):
     assert fdbs(kernel) == {"0e:00:00:00:00:99": "198.51.100.12", "0e:00:00:00:00:03": "198.51.100.13"}
     overlay.apply_lease_events([event("removed", 3)], incremental=True)
     assert routes(kernel) == {"198.18.2.0/24"} and list(overlay.peers) == ["198.18.2.0-24"]
-    assert overlay.metrics.get("flanneld_peers") == 1
+    samples = parse(overlay.metrics.render())
+    assert samples[("flanneld_peers", ())] == 1
+    assert samples[("flanneld_peer_leases", (("backend", "vxlan"),))] == 1
 
 
 def test_a_peer_spelling_vtepmac_otherwise_is_programmed(node):
@@ -93,6 +95,7 @@ def test_skips_and_misfits_are_logged_once(node, caplog):
     assert caplog.text.count("not programming all of lease 198.18.5.0-24") == 1
     assert caplog.text.count("198.18.32.0-20 does not fit the network config") == 1
     assert "198.18.32.0/20" in routes(kernel) and "198.18.5.0/24" not in routes(kernel)
+    assert parse(overlay.metrics.render())[("flanneld_skipped_peers", (("reason", "backend-data"),))] == 1
 
 
 def test_failed_writes_ask_for_a_full_reconcile(node):
