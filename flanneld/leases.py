@@ -153,6 +153,9 @@ class LeaseManager:
         # Whether a lease was published by this node even though its public IP is not ours (the
         # backend's own evidence, e.g. our VTEP MAC): a node whose address changed keeps its subnet.
         self.recognizes = recognizes
+        # renew up to a tenth of the margin (at most a minute) early, differently on every node:
+        # nodes started together (a rolling upgrade, a power event) do not all renew together
+        self.renew_jitter = self.rng.uniform(0, min(60.0, renew_margin / 10))
 
     def full_key(self, key: str) -> str:
         return leases_prefix(self.prefix) + key
@@ -313,7 +316,7 @@ class LeaseManager:
         """None for reservations (nothing to renew)."""
         if self.own is None or self.own.expires_at is None:
             return None
-        return max(0.0, self.own.expires_at - self.renew_margin - time.monotonic())
+        return max(0.0, self.own.expires_at - self.renew_margin - self.renew_jitter - time.monotonic())
 
     def renew(self) -> bool:
         """Keep our etcd lease alive; False when it is gone (the key went with it)."""
@@ -400,8 +403,13 @@ class LeaseWatcher:
             log.warning("ignoring malformed lease entry %s: %s", key, reason)
 
     def resync(self) -> list[LeaseEvent]:
-        """List everything, diff against what we know, adopt the listing."""
-        revision, kvs = self.registry.list_prefix(self.head)
+        """List everything, diff against what we know, adopt the listing.
+
+        The listing is serializable: a restart storm of N nodes costs the leader nothing and a
+        gRPC proxy can answer from its cache. Nothing is missed: the watch starts right after the
+        revision the listing reflects, however far behind the answering member was.
+        """
+        revision, kvs = self.registry.list_prefix(self.head, serializable=True)
         bad_keys = set()
         events: list[LeaseEvent] = []
         fresh: dict[str, tuple[bytes, int]] = {}

@@ -333,7 +333,10 @@ class Registry:
                     self._reset_client(client)
                     continue
                 if failovers > 0 and _is_unreachable(exc) and not isinstance(exc, etcd_exc.NoServerAvailableError):
-                    failovers -= 1  # pyetcd marked the endpoint failed: the next call uses another
+                    failovers -= 1
+                    if isinstance(exc, grpc.RpcError) and client.endpoint_in_use is not None:
+                        client.endpoint_in_use.fail()  # our own streams (keepalive) bypass pyetcd's marking
+                        client._clear_old_stubs()
                     log.info("etcd %s: endpoint unreachable (%s), trying another", what, _describe_error(exc))
                     continue
                 raise RegistryError(f"etcd {what} failed: {self._explain(exc)}") from None
@@ -353,9 +356,15 @@ class Registry:
         resp = self._call(f"get {key}", lambda c: c.get_response(key))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
-    def list_prefix(self, prefix: str, revision: int | None = None) -> tuple[int, list[KeyValue]]:
-        """All keys under `prefix` (at `revision` if given) and the revision they were read at."""
-        resp = self._call(f"list {prefix}", lambda c: c.get_prefix_response(prefix, revision=revision))
+    def list_prefix(self, prefix: str, revision: int | None = None,
+                    serializable: bool = False) -> tuple[int, list[KeyValue]]:
+        """All keys under `prefix` (at `revision` if given) and the revision they were read at.
+
+        `serializable`: any member (or a gRPC proxy's cache) may answer from its own state without
+        asking the leader; the revision returned is the one that state is at.
+        """
+        resp = self._call(f"list {prefix}", lambda c: c.get_prefix_response(prefix, revision=revision,
+                                                                             serializable=serializable))
         return resp.header.revision, [_kv(kv) for kv in resp.kvs]
 
     def put(self, key: str, value: bytes, lease_id: int = 0) -> int:
@@ -384,9 +393,26 @@ class Registry:
         return self._call("lease grant", lambda c: c.lease(ttl)).id
 
     def keepalive(self, lease_id: int) -> int:
-        """Refresh an etcd lease; its new TTL, or 0 when it no longer exists."""
-        responses = self._call("lease keepalive", lambda c: list(c.refresh_lease(lease_id)))
-        return responses[0].TTL if responses else 0
+        """Refresh an etcd lease; its new TTL, or 0 when it no longer exists.
+
+        The request stream stays open until the answer arrives: etcd's gRPC proxy cancels a
+        LeaseKeepAlive stream the client half-closes before it has answered ("context
+        canceled"), where etcd itself answers anyway.
+        """
+        def run(client: pyetcd.MultiEndpointEtcd3Client) -> int:
+            answered = threading.Event()
+
+            def requests() -> Iterator[Any]:
+                yield etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
+                answered.wait(self.options.timeout)
+
+            call = client.leasestub.LeaseKeepAlive(requests(), self.options.timeout, **self._auth(client))
+            try:
+                return next((resp.TTL for resp in call), 0)
+            finally:
+                answered.set()
+                call.cancel()
+        return self._call("lease keepalive", run)
 
     def time_to_live_many(self, lease_ids: Sequence[int]) -> dict[int, int]:
         """TTLs of many etcd leases (flannelctl, not the daemon).

@@ -187,7 +187,8 @@ class FakeRegistry:
     def get(self, key: str) -> KeyValue | None:
         return self.data.get(key)
 
-    def list_prefix(self, prefix: str, revision: int | None = None) -> tuple[int, list[KeyValue]]:
+    def list_prefix(self, prefix: str, revision: int | None = None,
+                    serializable: bool = False) -> tuple[int, list[KeyValue]]:
         return self.revision, [kv for key, kv in sorted(self.data.items()) if key.startswith(prefix)]
 
     def txn(self, compares, puts=(), deletes=()) -> bool:  # type: ignore[no-untyped-def]

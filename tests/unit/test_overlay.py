@@ -167,3 +167,13 @@ def test_watcher_lists_applies_and_diffs_after_compaction():
                                                                 ("changed", "198.18.2.0-24")]
     registry.delete(HEAD + "198.18.4.0-24")
     assert [(e.kind, e.key) for e in watcher.resync()] == [("removed", "198.18.4.0-24")]
+
+
+def test_renewals_are_jittered_per_node_within_a_tenth_of_the_margin():
+    import random
+
+    jitters = {LeaseManager(FakeRegistry(), CONFIG, PREFIX, renew_margin=3600,  # type: ignore[arg-type]
+                            rng=random.Random(seed)).renew_jitter for seed in range(20)}
+    assert len(jitters) == 20 and all(0 <= j <= 60 for j in jitters)
+    small = LeaseManager(FakeRegistry(), CONFIG, PREFIX, ttl=100, renew_margin=50)  # type: ignore[arg-type]
+    assert small.renew_jitter <= 5

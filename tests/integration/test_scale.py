@@ -1,0 +1,93 @@
+"""flanneld against a 3-member etcd cluster through etcd's gRPC proxy (which coalesces watches)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from netlab import NETWORK, Pinger, eventually, routes
+
+from flanneld import lab
+from flanneld.etcd_options import EtcdOptions
+from flanneld.lease import leases_prefix
+from flanneld.registry import Registry
+
+WATCHERS = "etcd_debugging_mvcc_watcher_total"
+
+
+@pytest.fixture(scope="module")
+def members(session_lab):
+    cluster = lab.EtcdCluster("sc")
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def proxy(members):
+    server = lab.EtcdProxy(members)
+    server.start()
+    yield server
+    server.destroy()
+
+
+def watchers(members: lab.EtcdCluster) -> float:
+    return sum(lab.etcd_metric(m.endpoint, WATCHERS) for m in members.members if m.proc is not None)
+
+
+def fake(cluster, n: int) -> str:
+    subnet = f"198.18.{200 + n}.0/24"
+    value = (f'{{"PublicIP":"198.51.100.{100 + n}","PublicIPv6":null,"BackendType":"vxlan",'
+             f'"BackendData":{{"VNI":1,"VtepMAC":"0e:fb:00:00:00:{n:02x}"}}}}')
+    cluster.registry.put(leases_prefix(cluster.prefix) + subnet.replace("/", "-"), value.encode())
+    return subnet
+
+
+def test_daemons_through_the_grpc_proxy(make_cluster, members, proxy):
+    base = watchers(members)
+    cluster = make_cluster(3, NETWORK, etcd=proxy)
+    cluster.start_all()
+    node1, node2, node3 = cluster.nodes
+    # the proxy coalesces the three daemons' identical watches into one on etcd
+    eventually(lambda: watchers(members) - base <= 1, timeout=5, what="coalesced watches")
+    assert Pinger(cluster.pod(node1), cluster.pod(node2).addr).stop()[1] == 0
+
+    new = fake(cluster, 1)  # watch through the proxy
+    eventually(lambda: all(new in routes(n) for n in cluster.nodes), timeout=3, what="event through the proxy")
+    reg = Registry(EtcdOptions(endpoints=(proxy.endpoint,), prefix=cluster.prefix))
+    lease_id = reg.grant(60)
+    assert reg.keepalive(lease_id) > 0  # renewals are keepalives: they pass the proxy
+    reg.revoke(lease_id)
+    key, subnet = cluster.lease_key(node1), cluster.subnet(node1)
+    cluster.registry.delete(key)  # re-acquisition: a transaction through the proxy
+    eventually(lambda: cluster.registry.get(key) is not None, timeout=5, what="own lease re-acquired")
+    assert cluster.subnet(node1) == subnet
+
+    # compaction while the daemon's stream is down: the proxy restarts, history is compacted away
+    daemon = node2.procs[-1]
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        proxy.restart()
+        gone = fake(cluster, 2)
+        cluster.registry.delete(leases_prefix(cluster.prefix) + gone.replace("/", "-"))
+        came = fake(cluster, 3)
+        revision, _ = cluster.registry.list_prefix(cluster.prefix)
+        cluster.registry.compact(revision)
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+    eventually(lambda: came in routes(node2) and gone not in routes(node2), timeout=10, what="re-listed via proxy")
+
+    assert cluster.stop(node3) == 0  # restart through the proxy keeps the subnet
+    before = cluster.subnet(node3)
+    cluster.start(node3)
+    assert cluster.subnet(node3) == before
+    reg.close()
+    for node in cluster.nodes:
+        assert "Traceback" not in node.log()
+
+
+def test_direct_to_the_cluster_every_daemon_watches(make_cluster, members):
+    base = watchers(members)
+    cluster = make_cluster(3, NETWORK, etcd=members)
+    cluster.start_all()
+    eventually(lambda: watchers(members) - base >= 3, timeout=5, what="one watcher per daemon")
