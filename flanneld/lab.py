@@ -475,7 +475,8 @@ class Node:
         if gateway_cidr:
             gw_ip, plen = gateway_cidr.split("/")
             subnet = ipaddress.ip_interface(gateway_cidr).network
-            pod_ip = f"{subnet.network_address + 10 + index}/{plen}"
+            offset = 10 if subnet.num_addresses > 32 else 1  # small subnets: right after the gateway
+            pod_ip = f"{subnet.network_address + offset + index}/{plen}"
             pod_cmds += [f"addr add {pod_ip} dev {pod_if}", f"route add default via {gw_ip}"]
         if mtu:
             pod_cmds.append(f"link set {pod_if} mtu {mtu}")

@@ -163,11 +163,14 @@ class LeaseManager:
     # -- acquisition -------------------------------------------------------------------------
 
     def find_own(self, attrs: LeaseAttrs) -> Lease | None:
-        """Our existing lease (by public IP) if it fits the config: lets a restart reuse its MAC."""
-        mine = self._own_candidate(self._scan(attrs)[2])
+        """Our existing lease (by public IP) if it fits the config: lets a restart reuse its MAC.
+
+        A serializable read: a member's (or a proxy's cached) view is good enough for a hint.
+        """
+        mine = self._own_candidate(self._scan(attrs, serializable=True)[2])
         return mine.lease if mine is not None else None
 
-    def _scan(self, attrs: LeaseAttrs) -> tuple[int, list[IPNetwork], list[Listed]]:
+    def _scan(self, attrs: LeaseAttrs, serializable: bool = False) -> tuple[int, list[IPNetwork], list[Listed]]:
         """List the leases: (revision, every subnet some key claims, our own entries).
 
         Ours are the leases with our public IP and, if none has it, the lease of our previous
@@ -176,7 +179,7 @@ class LeaseManager:
         thousands of peer values just to pick a subnet.
         """
         head = leases_prefix(self.prefix)
-        revision, kvs = self.registry.list_prefix(head)
+        revision, kvs = self.registry.list_prefix(head, serializable=serializable)
         marker = str(attrs.public_ip) if self.config.enable_ipv4 else str(attrs.public_ipv6)
         needle = f'"{marker}"'.encode()
         previous = subnet_key(*self.previous) if any(self.previous) else None
@@ -214,7 +217,10 @@ class LeaseManager:
     def acquire(self, attrs: LeaseAttrs) -> OwnLease:
         """Get a lease for this node: reuse ours, else the previous subnet, else a random one."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            outcome = self._try_acquire(attrs)
+            # The first try reads serializably (cheap for etcd in a restart storm; a proxy answers
+            # from its cache). Every write is guarded by a transaction the leader checks, so a stale
+            # view can only lose the race, never hand out a taken subnet; later tries read linearizably.
+            outcome = self._try_acquire(attrs, serializable=attempt == 1)
             if outcome is not None:
                 self._settle(outcome)
                 return outcome
@@ -222,8 +228,8 @@ class LeaseManager:
             time.sleep(self.rng.uniform(0, 0.02 * min(attempt, 10)))
         raise LeaseError(f"could not acquire a subnet lease after {MAX_ATTEMPTS} attempts (heavy contention)")
 
-    def _try_acquire(self, attrs: LeaseAttrs) -> OwnLease | None:
-        revision, taken, mine_all = self._scan(attrs)
+    def _try_acquire(self, attrs: LeaseAttrs, serializable: bool = False) -> OwnLease | None:
+        revision, taken, mine_all = self._scan(attrs, serializable)
         mine = self._own_candidate(mine_all)
         if mine is not None:
             return self._reuse(mine, attrs)

@@ -36,7 +36,9 @@ PIPELINE_MIN_CALLS = 32  # below this, grpcio's per-call cost does not matter
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # pings only while a call is open (the daemon's watch always is): etcd's default policy answers
+    # pings on an idle connection with GOAWAY "too_many_pings"
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 200),

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Scale benchmark: N real flanneld daemons, M pre-loaded leases, a 3-member etcd cluster, with and
+without etcd's gRPC proxy.
+
+For each mode (direct to the members; through one `etcd grpc-proxy`), same run:
+- start of all N daemons → all ready, and → every node routing to every other node;
+- 20 lease puts → programmed on all N nodes: p50 / p99 / max, timestamped on the nodes (each
+  daemon's JSON log line for the event, written as it programs it);
+- restart storm: all N SIGTERMed and restarted at once → full mesh again, pings lost between two
+  pods meanwhile, etcd CPU seconds and bytes sent during the storm;
+- etcd's own view: watchers and watch streams; per-daemon RSS and idle CPU.
+Everything runs in namespaces (never the root one); the fake peers get no traffic.
+
+    sudo .venv/bin/python bench/scale.py [--nodes 100] [--leases 5000]
+    sudo .venv/bin/python bench/scale.py --nodes 20 --leases 1000 --strict  # the short form CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
+
+from benchlib import report
+from netlab import Pinger
+
+from flanneld import lab
+from flanneld.etcd_options import EtcdOptions
+from flanneld.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
+from flanneld.registry import Registry
+from flanneld.subnetenv import read
+
+PREFIX = "/coreos.com/network"
+CONFIG = {"Network": "198.18.0.0/16", "SubnetLen": 29, "SubnetMin": "198.18.192.0", "Backend": {"Type": "vxlan"}}
+BUDGET = {"proxy_watchers_max": 5, "propagation_p99_ms": 200, "storm_s": 15, "storm_lost_pings": 0,
+          "proxy_vs_direct_etcd_cpu": 0.5}
+
+
+def fake(n: int):
+    base = int(ipaddress.IPv4Address("198.18.0.0")) + 8 * (n + 1)
+    attrs = LeaseAttrs(ipaddress.IPv4Address(f"198.51.100.{120 + n % 130}"), None, "vxlan",
+                       backend_json({"VNI": 1, "VtepMAC": f"0e:fc:{n >> 16 & 255:02x}:{n >> 8 & 255:02x}:"
+                                                          f"{n & 255:02x}:01"}))
+    return attrs.lease(ipaddress.IPv4Network((base, 29)), None)
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+
+def etcd_sum(members: lab.EtcdCluster, name: str) -> float:
+    return sum(lab.etcd_metric(m.endpoint, name) for m in members.members)
+
+
+def node_subnet(node: lab.Node) -> str | None:
+    env = read(node.subnet_file) if os.path.exists(node.subnet_file) else None
+    return str(env.lease_subnet) if env else None
+
+
+def meshed(nodes: list[lab.Node]) -> bool:
+    subnets = {n.ns: node_subnet(n) for n in nodes}
+    if None in subnets.values():
+        return False
+    for node in nodes:
+        have = set(node.sh("ip", "-o", "route", "show", "dev", "flannel.1", check=False).stdout.split())
+        if any(subnets[o.ns] not in have for o in nodes if o is not node):
+            return False
+    return True
+
+
+def wait(check, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise SystemExit(f"not within {timeout}s: {what}")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def start_all(nodes: list[lab.Node], endpoint: str) -> None:
+    for node in nodes:
+        node.start_flanneld(endpoint, PREFIX, "--log-format=json", "--reconcile-interval=60")
+
+
+def stop_all(nodes: list[lab.Node]) -> None:
+    for node in nodes:
+        for proc in node.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+    for node in nodes:
+        for proc in node.procs:
+            proc.wait(60)
+        node.procs.clear()
+
+
+def all_ready(nodes: list[lab.Node]) -> bool:
+    for node in nodes:
+        try:
+            if node.http("/readyz", timeout=1)[0] != 200:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def programmed_at(node: lab.Node, subnet: str) -> float | None:
+    """Wall-clock time at which this node's daemon programmed `subnet` (its JSON log line)."""
+    for line in reversed(node.log().splitlines()):
+        if f'"lease": "{subnet}"' in line and '"event": "added"' in line:
+            stamp = json.loads(line)["time"]
+            return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    return None
+
+
+def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: lab.EtcdProxy, reg: Registry,
+             puts: int, first_put: int, pods: tuple[lab.Pod, lab.Pod] | None) -> dict[str, float]:
+    endpoint = proxy.endpoint_for(lab.CTL_IP) if mode == "proxy" else members.endpoint_for(lab.CTL_IP)
+    t0 = time.monotonic()
+    start_all(nodes, endpoint)
+    ready_s = wait(lambda: all_ready(nodes), 600, "all ready")
+    mesh_s = wait(lambda: meshed(nodes), 600, "full mesh") + ready_s
+    time.sleep(2)
+    watchers = etcd_sum(members, "etcd_debugging_mvcc_watcher_total")
+    streams = etcd_sum(members, "etcd_debugging_mvcc_watch_stream_total")
+    pids = [n.procs[-1].pid for n in nodes]
+    cpu0 = sum(proc_cpu(p) for p in pids)
+    time.sleep(5)
+    idle_cpu = (sum(proc_cpu(p) for p in pids) - cpu0) / len(pids) / 5
+    rss = [rss_mb(p) for p in pids]
+
+    lags = []
+    head = leases_prefix(PREFIX)
+    for i in range(puts):
+        lease = fake(first_put + i)
+        sent = time.time()
+        reg.put(head + lease.key, encode_value(lease))
+        subnet = str(lease.subnet)
+        wait(lambda s=subnet: all(programmed_at(n, s) is not None for n in nodes), 30, f"{subnet} everywhere")
+        lags += [(programmed_at(n, subnet) - sent) * 1000 for n in nodes]  # type: ignore[operator]
+        time.sleep(0.05)
+
+    pinger = Pinger(pods[0], pods[1].addr) if pods else None
+    etcd_pids = [m.proc.pid for m in members.members if m.proc is not None]
+    # etcd's own idle cost (raft heartbeats) over the same wall time is subtracted from the storm's
+    idle0 = sum(proc_cpu(p) for p in etcd_pids)
+    time.sleep(3)
+    idle_rate = (sum(proc_cpu(p) for p in etcd_pids) - idle0) / 3
+    cpu_etcd0 = sum(proc_cpu(p) for p in etcd_pids)
+    sent0 = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total")
+    stop_all(nodes)
+    storm_start = time.monotonic()
+    start_all(nodes, endpoint)
+    wait(lambda: all_ready(nodes), 600, "all ready after the storm")
+    wait(lambda: meshed(nodes), 600, "full mesh after the storm")
+    storm_s = time.monotonic() - storm_start
+    storm_cpu = max(0.0, sum(proc_cpu(p) for p in etcd_pids) - cpu_etcd0 - idle_rate * storm_s)
+    storm_bytes = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total") - sent0
+    lost = pinger.stop()[1] if pinger else 0
+    subnets = [node_subnet(n) for n in nodes]
+    stop_all(nodes)
+    lags.sort()
+    return {
+        "mode": mode, "ready_s": round(ready_s, 2), "mesh_s": round(mesh_s, 2),
+        "propagation_p50_ms": round(statistics.median(lags), 1),
+        "propagation_p99_ms": round(lags[min(len(lags) - 1, int(len(lags) * 0.99))], 1),
+        "propagation_max_ms": round(lags[-1], 1),
+        "storm_s": round(storm_s, 2), "storm_lost_pings": lost, "storm_etcd_cpu_s": round(storm_cpu, 3),
+        "storm_etcd_sent_mb": round(storm_bytes / 1e6, 1), "etcd_watchers": watchers, "etcd_watch_streams": streams,
+        "daemon_rss_mb_avg": round(statistics.mean(rss), 1), "daemon_rss_mb_max": round(max(rss), 1),
+        "daemon_idle_cpu_pct": round(idle_cpu * 100, 2), "duplicate_subnets": len(subnets) - len(set(subnets)),
+        "total_s": round(time.monotonic() - t0, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--leases", type=int, default=5000)
+    parser.add_argument("--puts", type=int, default=20)
+    parser.add_argument("--modes", default="direct,proxy")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 unless the correctness verdicts hold (CI's short form): no subnet twice, "
+                             "no ping lost, the proxy's watcher budget")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces)")
+    lab.cleanup_stale()
+    bench_lab = lab.Lab()
+    results = []
+    try:
+        lab.enter_namespace(bench_lab.create_control())
+        members = lab.EtcdCluster("scale")
+        members.start()
+        proxy = lab.EtcdProxy(members)
+        proxy.start()
+        try:
+            reg = Registry(EtcdOptions(endpoints=members.endpoints, prefix=PREFIX))
+            reg.put(PREFIX + "/config", json.dumps(CONFIG).encode())
+            head = leases_prefix(PREFIX)
+            for n in range(args.leases):
+                lease = fake(n)
+                reg.put(head + lease.key, encode_value(lease))
+            nodes = bench_lab.build_underlay(args.nodes)
+            pods = None
+            for mode in args.modes.split(","):
+                if pods is None and len(nodes) >= 2:
+                    start_all(nodes[:2], members.endpoint_for(lab.CTL_IP))
+                    wait(lambda: all_ready(nodes[:2]), 60, "pod nodes ready")
+                    pods = (nodes[0].add_pod(str(read(nodes[0].subnet_file).subnet), 1),
+                            nodes[1].add_pod(str(read(nodes[1].subnet_file).subnet), 1))
+                    stop_all(nodes[:2])
+                results.append(run_mode(mode, nodes, members, proxy, reg, args.puts,
+                                        args.leases + len(results) * args.puts, pods))
+            reg.close()
+        finally:
+            proxy.destroy()
+            members.destroy()
+    finally:
+        bench_lab.close()
+
+    rows = []
+    for r in results:
+        m = r["mode"]
+        rows += [(f"{m}: all ready / full mesh", f"{r['ready_s']:.1f} s / {r['mesh_s']:.1f} s"),
+                 (f"{m}: put -> programmed on all (p50/p99/max)",
+                  f"{r['propagation_p50_ms']:.0f} / {r['propagation_p99_ms']:.0f} / {r['propagation_max_ms']:.0f} ms"),
+                 (f"{m}: restart storm -> full mesh", f"{r['storm_s']:.1f} s, {r['storm_lost_pings']} pings lost"),
+                 (f"{m}: etcd during the storm (beyond its idle cost)",
+                  f"{r['storm_etcd_cpu_s']:.2f} CPU s, {r['storm_etcd_sent_mb']:.1f} MB sent"),
+                 (f"{m}: etcd watchers / watch streams", f"{r['etcd_watchers']:.0f} / {r['etcd_watch_streams']:.0f}"),
+                 (f"{m}: daemon RSS avg/max, idle CPU",
+                  f"{r['daemon_rss_mb_avg']:.1f}/{r['daemon_rss_mb_max']:.1f} MB, {r['daemon_idle_cpu_pct']:.2f} %")]
+    by = {r["mode"]: r for r in results}
+    verdict: dict[str, bool] = {"no_duplicate_subnets": all(r["duplicate_subnets"] == 0 for r in results),
+                                "propagation_ok": all(r["propagation_p99_ms"] <= BUDGET["propagation_p99_ms"]
+                                                      for r in results),
+                                "storm_ok": all(r["storm_s"] <= BUDGET["storm_s"] and r["storm_lost_pings"] == 0
+                                                for r in results)}
+    if "proxy" in by:
+        verdict["proxy_watchers_ok"] = by["proxy"]["etcd_watchers"] <= BUDGET["proxy_watchers_max"]
+    if "direct" in by:
+        verdict["direct_watchers_ge_n"] = by["direct"]["etcd_watchers"] >= args.nodes
+    if "proxy" in by and "direct" in by and by["direct"]["storm_etcd_cpu_s"] > 0:
+        verdict["proxy_etcd_cpu_ok"] = (by["proxy"]["storm_etcd_cpu_s"] / by["direct"]["storm_etcd_cpu_s"]
+                                        <= BUDGET["proxy_vs_direct_etcd_cpu"])
+    report(rows, {"bench": "scale", "nodes": args.nodes, "leases": args.leases, "budget": BUDGET,
+                  "results": results, **verdict})
+    hard = ("no_duplicate_subnets", "proxy_watchers_ok", "direct_watchers_ge_n")
+    lost = any(r["storm_lost_pings"] for r in results)
+    return 1 if args.strict and (lost or not all(verdict.get(k, True) for k in hard)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
