@@ -32,6 +32,14 @@ class External:
     public_ipv6: ipaddress.IPv6Address | None = None
     onlink: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=())  # directly reachable
 
+    def reaches_directly(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether `ip` is on one of our L2 segments (no router between us)."""
+        return any(ip.version == n.version and ip in n for n in self.onlink)
+
+    def segments(self, version: int) -> str:
+        """Our directly reachable networks of one family, for messages."""
+        return ", ".join(str(n) for n in self.onlink if n.version == version) or "none"
+
 
 @dataclass(frozen=True)
 class NodeSettings:
@@ -45,6 +53,8 @@ class Plan:
     desired: DesiredState
     skipped: tuple[tuple[str, str], ...] = ()  # (lease key, why) for peers we cannot program
 
+
+_NONE: list[str] = []
 
 # why a peer is not (fully) programmed, as a metric label
 SKIP_KINDS = ("backend-type", "outside-network", "no-public-address", "own-address", "backend-data",
@@ -60,6 +70,13 @@ class PeerPlan:
     routes: list[Route] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     skipped_kinds: list[str] = field(default_factory=list)  # one of SKIP_KINDS per reason, for /metrics
+    backend_type: str = ""  # the peer lease's BackendType (set by the daemon, for /metrics)
+
+    @classmethod
+    def unskipped(cls) -> PeerPlan:
+        """A plan for one peer, to fill: every fully programmed peer shares the same empty skip lists
+        (thousands of peers), and skip() copies on write."""
+        return cls(skipped=_NONE, skipped_kinds=_NONE)
 
     def skip(self, reason: str, kind: str) -> None:
         self.skipped = [*self.skipped, reason]

@@ -9,12 +9,10 @@ interface's. The lease is upstream's: ``BackendType:"host-gw"`` and no BackendDa
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from ..config import BackendConfig, ConfigError, NetworkConfig
-from ..family import Family
 from ..lease import Lease, LeaseAttrs
 from ..netstate import DesiredState, Device, Route
 from .base import (
@@ -26,8 +24,6 @@ from .base import (
     published_addresses,
     register,
 )
-
-_NONE_SKIPPED: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ class HostGwBackend(BackendBase):
                             owned_networks=tuple(str(f.network) for f in self.config.families()))
 
     def plan_peer(self, peer: Lease) -> PeerPlan:
-        out = PeerPlan(skipped=_NONE_SKIPPED, skipped_kinds=_NONE_SKIPPED)
+        out = PeerPlan.unskipped()
         if peer.backend_type != "host-gw":
             out.skip(f"backend type {peer.backend_type or 'none'!r} is not host-gw", "backend-type")
             return out
@@ -79,19 +75,13 @@ class HostGwBackend(BackendBase):
                 out.skip(f"no {fam} public address", "no-public-address")
             elif public == ours:
                 out.skip(f"it has our own public address {public} (a stale lease of this node?)", "own-address")
-            elif not self._on_link(public):
-                out.skip(f"its public address {public} is not on our L2 segment ({self._segments(fam)}): "
+            elif not self.ext.reaches_directly(public):
+                out.skip(f"its public address {public} is not on our L2 segment ({self.ext.segments(fam.version)}): "
                          "host-gw needs every node directly reachable; use vxlan across routers", "not-on-segment")
             else:
                 out.routes.append(Route(str(subnet), gateway=str(public), dev=self.ext.name,
                                         metric=fam.route_metric))
         return out
-
-    def _on_link(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(ip.version == n.version and ip in n for n in self.ext.onlink)
-
-    def _segments(self, fam: Family) -> str:
-        return ", ".join(str(n) for n in self.ext.onlink if n.version == fam.version) or "none"
 
 
 HOST_GW = register(BackendType(

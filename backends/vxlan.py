@@ -33,7 +33,6 @@ from .base import (
 
 ENCAP_OVERHEAD = {4: 50, 6: 70}
 DEFAULT_PORT = 8472  # the kernel's (Linux's historical VXLAN port), which upstream uses
-_NONE_SKIPPED: list[str] = []  # shared by every fully programmed peer; PeerPlan.skip() copies on write
 _MAC_RE = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}")
 
 
@@ -173,7 +172,7 @@ class VxlanBackend(BackendBase):
         return wrong, f"VNI {spec.vni}, port {want_port}, MTU {spec.mtu}, MAC {link.mac}"
 
     def _direct(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return self.options.direct_routing and any(ip.version == n.version and ip in n for n in self.ext.onlink)
+        return self.options.direct_routing and self.ext.reaches_directly(ip)
 
     def base_state(self, own: Lease) -> DesiredState:
         """Devices, our addresses, blackhole routes: everything but peers."""
@@ -188,7 +187,7 @@ class VxlanBackend(BackendBase):
 
     def plan_peer(self, peer: Lease) -> PeerPlan:
         """Entries for one peer lease, and why parts of it were skipped."""
-        entries = PeerPlan(skipped=_NONE_SKIPPED, skipped_kinds=_NONE_SKIPPED)
+        entries = PeerPlan.unskipped()
         if peer.backend_type != "vxlan":
             entries.skip(f"backend type {peer.backend_type or 'none'!r} is not vxlan", "backend-type")
             return entries

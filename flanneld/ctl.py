@@ -530,11 +530,10 @@ def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output:
     own = doc.own_listed(listing, env)
     ttls = obj.ttls(listing, [own] if own is not None else [])
     kernel = doc.read_kernel(config.enable_nftables, [f.version for f in config.families()])
-    inputs = doc.Inputs(config, env, env_problem, listing, ttls, kernel, iptables_forward_rules)
-    findings = doc.diagnose(inputs)
+    findings, peers = doc.examine(doc.Inputs(config, env, env_problem, listing, ttls, kernel, iptables_forward_rules))
     ok = doc.healthy(findings)
     if output == "json":
-        summary = {"healthy": ok, "peers": doc.peer_summary(inputs), "findings": [f.__dict__ for f in findings]}
+        summary = {"healthy": ok, "peers": peers, "findings": [f.__dict__ for f in findings]}
         click.echo(json.dumps(summary, indent=2))
     else:
         for f in findings:

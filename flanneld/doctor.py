@@ -245,7 +245,8 @@ def _check_devices(inputs: Inputs, own: Lease, backend: Backend) -> list[Finding
     return out
 
 
-def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> list[Finding]:
+def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> tuple[list[Finding], int]:
+    """The table findings, and how many peers cannot be (fully) programmed."""
     kernel = inputs.kernel
     peers = [li.lease for key, li in inputs.listing.leases.items() if key != own.key]
     plan = backend.plan(own, peers)
@@ -279,11 +280,12 @@ def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> list[Finding]
             if key not in want_keys:
                 out.append(Finding(PROBLEM, area, f"stale {area} {show(entry)} (no lease wants it)"))
         counts[area] = len(want_keys)
-    programmed = len(peers) - len({k for k, _ in plan.skipped})
+    skipped = len({k for k, _ in plan.skipped})
+    programmed = len(peers) - skipped
     if not any(f.level == PROBLEM and f.area in counts for f in out):
         out.append(Finding(OK, "peers", f"{programmed} peer(s): {counts['neighbour']} neighbours, {counts['fdb']} "
                                         f"FDB entries, {counts['route']} routes as the leases say"))
-    return out
+    return out, skipped
 
 
 def _normalize_rule(text: str) -> str:
@@ -330,36 +332,29 @@ def _backend(inputs: Inputs, own: Lease, ext: External) -> Backend:
     return backend
 
 
-def peer_summary(inputs: Inputs) -> dict[str, int]:
-    """Peer leases and how many the node cannot (fully) program: what /metrics reports as
-    flanneld_peers and flanneld_skipped_leases, so the two can be compared."""
+def examine(inputs: Inputs) -> tuple[list[Finding], dict[str, int]]:
+    """Every finding (problems first within each area), and the peer counts /metrics reports as
+    flanneld_peers and flanneld_skipped_leases, so the two can be compared ({} without our lease)."""
     own = _own_lease(inputs)
     if own is None:
-        return {}
-    try:
-        backend = _backend(inputs, own, _external(inputs, own))
-    except ConfigError:
-        return {}
-    plan = backend.plan(own, [li.lease for key, li in inputs.listing.leases.items() if key != own.key])
-    return {"leases": len(inputs.listing.leases) - 1, "skipped": len({key for key, _ in plan.skipped})}
-
-
-def diagnose(inputs: Inputs) -> list[Finding]:
-    """Every finding, problems first within each area."""
-    own = _own_lease(inputs)
-    if own is None:
-        return _check_env(inputs, None, None)
+        return _check_env(inputs, None, None), {}
     ext = _external(inputs, own)
     try:
         backend = _backend(inputs, own, ext)
     except ConfigError as exc:
-        return [*_check_env(inputs, own, None), Finding(PROBLEM, "config", str(exc))]
+        return [*_check_env(inputs, own, None), Finding(PROBLEM, "config", str(exc))], {}
     findings = _check_env(inputs, own, backend)
     findings += _check_lease(inputs, own, ext)
     findings += _check_devices(inputs, own, backend)
-    findings += _check_tables(inputs, own, backend)
+    tables, skipped = _check_tables(inputs, own, backend)
+    findings += tables
     findings += _check_firewall(inputs, own)
-    return findings
+    return findings, {"leases": len(inputs.listing.leases) - 1, "skipped": skipped}
+
+
+def diagnose(inputs: Inputs) -> list[Finding]:
+    """Every finding, problems first within each area."""
+    return examine(inputs)[0]
 
 
 def healthy(findings: Sequence[Finding]) -> bool:

@@ -72,8 +72,6 @@ class Overlay:
     own: Lease = field(init=False)
     firewall: Firewall = field(init=False)
     peers: dict[str, PeerPlan] = field(default_factory=dict)
-    peer_types: dict[str, str] = field(default_factory=dict)  # each peer lease's BackendType, for /metrics
-    _types_shown: set[str] = field(default_factory=set)
     _skip_logged: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _misfit_logged: dict[str, str] = field(default_factory=dict)
 
@@ -153,13 +151,12 @@ class Overlay:
                 continue
             lease = ev.lease  # decoded once here, dropped after planning
             old = self.peers.pop(key, None)
-            self.peer_types.pop(key, None)
             if old is not None:
                 _extend(removed, old)
             if ev.kind != "removed":
                 plan = self.backend.plan_peer(lease)
+                plan.backend_type = lease.backend_type
                 self.peers[key] = plan
-                self.peer_types[key] = lease.backend_type
                 _extend(added, plan)
                 self._log_skips(key, plan)
                 self._log_misfit(key, lease)
@@ -183,15 +180,14 @@ class Overlay:
     def _count_peers(self) -> None:
         m = self.metrics
         m.peers.set(len(self.peers))
-        m.skipped.set(sum(1 for p in self.peers.values() if p.skipped))
-        kinds = Counter(kind for p in self.peers.values() for kind in set(p.skipped_kinds))
+        skipped = [p for p in self.peers.values() if p.skipped]
+        m.skipped.set(len(skipped))
+        kinds = Counter(kind for p in skipped for kind in set(p.skipped_kinds))
         for kind in SKIP_KINDS:
             m.skipped_by_reason.labels(reason=kind).set(kinds.get(kind, 0))
-        for backend, count in Counter(self.peer_types.values()).items():
+        m.peers_by_backend.clear()  # a type no peer runs any more disappears
+        for backend, count in Counter(p.backend_type for p in self.peers.values()).items():
             m.peers_by_backend.labels(backend=backend or "none").set(count)
-        for gone in self._types_shown - set(self.peer_types.values()):
-            m.peers_by_backend.labels(backend=gone or "none").set(0)
-        self._types_shown = set(self.peer_types.values())
 
     def _log_skips(self, key: str, plan: PeerPlan) -> None:
         reasons = tuple(plan.skipped)

@@ -75,7 +75,6 @@ class Reconciler:
         """`underlay`: the external interface chosen by interface selection (routes of host-gw and
         DirectRouting leave by it; device kinds that need a lower device are created over it)."""
         self.kernel = kernel
-        self.underlay = underlay
         self.underlay_index = underlay_index
         self.desired: DesiredState | None = None  # devices, addresses, owned networks of the last reconcile
         self.index: dict[str, int] = {underlay: underlay_index}  # our devices and the underlay by name

@@ -218,17 +218,16 @@ def tls_failure(host: str, port: int, ctx: ssl.SSLContext, timeout: float, has_c
         return f"TLS: etcd's certificate is not trusted ({exc.verify_message}); check --etcd-cafile"
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as exc:
         reason = (getattr(exc, "reason", None) or "").upper()
-        if shaken and not any(alert in reason for alert in _TLS_ALERTS):
-            # closed right after the handshake, before the alert could be read: a certificate refusal
-            reason = "CERTIFICATE"
-        if "CERTIFICATE" in reason and not has_cert:
-            return f"TLS: {_TLS_ALERTS['CERTIFICATE_REQUIRED']}"
-        for alert, text in _TLS_ALERTS.items():
-            if alert in reason:
-                return f"TLS: {text}"
-        if "CERTIFICATE" in reason:
-            return f"TLS: {_TLS_ALERTS['BAD_CERTIFICATE']}"
-        return f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
+        alert = next((a for a in _TLS_ALERTS if a in reason), None)
+        if alert is None and (shaken or "CERTIFICATE" in reason):
+            # a certificate complaint without a known alert, or closed right after the handshake
+            # before the alert could be read: a refusal of our certificate
+            alert = "BAD_CERTIFICATE"
+        if alert is None:
+            return f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
+        if "CERTIFICATE" in alert and not has_cert:
+            alert = "CERTIFICATE_REQUIRED"
+        return f"TLS: {_TLS_ALERTS[alert]}"
     except OSError:
         return None  # refused, unreachable, timed out: not a TLS matter
 
