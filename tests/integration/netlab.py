@@ -19,7 +19,9 @@ from flanneld.registry import Registry
 from flanneld.subnetenv import SubnetEnv, read
 
 _counter = itertools.count(1)
-NETWORK = {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}
+# Daemons lease below 198.18.200.0: tests put made-up peers (and junk) from 198.18.200.0 up, where
+# no node's own lease can be (a random pick landing on one made tests overwrite a node's own key).
+NETWORK = {"Network": "198.18.0.0/16", "SubnetMax": "198.18.199.0", "Backend": {"Type": "vxlan"}}
 
 
 def eventually(check: Callable[[], Any], timeout: float = 1.0, interval: float = 0.01, what: str = "") -> float:

@@ -114,7 +114,8 @@ def test_extension_hooks_run_with_upstreams_environment_and_failures_are_survive
     cluster = make_cluster(2, None)
     node1, node2 = cluster.nodes
     # one config for everyone: the file name says whose hook ran ({me} is the node's own address)
-    text = json.dumps({"Network": "198.18.0.0/16", "Backend": backend}).replace("{me}", "$MY_IP")
+    network = {"Network": "198.18.0.0/16", "SubnetMax": "198.18.199.0"}  # the made-up peers below sit above it
+    text = json.dumps({**network, "Backend": backend}).replace("{me}", "$MY_IP")
     cluster.set_config(text)
     for node in (node1, node2):
         cluster.start(node, env={"MY_IP": node.ip})
@@ -131,16 +132,16 @@ def test_extension_hooks_run_with_upstreams_environment_and_failures_are_survive
     # a failing and a hanging hook are logged and survived; later hooks still run
     backend.update(SubnetAddCommand="sh -c 'echo it broke >&2; exit 7'", SubnetRemoveCommand="sleep 30",
                    CommandTimeout=0.5)
-    cluster.set_config(json.dumps({"Network": "198.18.0.0/16", "Backend": backend}))
+    cluster.set_config(json.dumps({**network, "Backend": backend}))
     assert cluster.stop(node1) == 0
     cluster.start(node1)
     head = leases_prefix(cluster.prefix)
     fake = {"PublicIP": "198.51.100.120", "PublicIPv6": None, "BackendType": "extension", "BackendData": "x"}
-    cluster.registry.put(head + "198.18.77.0-24", json.dumps(fake).encode())
+    cluster.registry.put(head + "198.18.207.0-24", json.dumps(fake).encode())
     eventually(lambda: "failed with exit status 7: it broke" in node1.log(), timeout=3, what="failure logged")
-    cluster.registry.delete(head + "198.18.77.0-24")
+    cluster.registry.delete(head + "198.18.207.0-24")
     eventually(lambda: "timed out after 0.5s" in node1.log(), timeout=3, what="timeout logged")
-    cluster.registry.put(head + "198.18.78.0-24", json.dumps(fake).encode())
+    cluster.registry.put(head + "198.18.208.0-24", json.dumps(fake).encode())
     eventually(lambda: node1.log().count("failed with exit status 7") == 2, timeout=3, what="hooks still run")
     assert node1.procs[-1].poll() is None and node1.http("/healthz")[0] == 200
     assert "Traceback" not in node1.log()
