@@ -6,7 +6,7 @@ build; the daemon, doctor and flannelctl find them by ``Backend.Type`` (:func:`l
 
 from __future__ import annotations
 
-from . import alloc, extension, host_gw, vxlan  # noqa: F401 - each registers itself
+from . import alloc, extension, host_gw, vxlan, wireguard  # noqa: F401 - each registers itself
 from .base import (
     Backend,
     BackendType,

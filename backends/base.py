@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from ..config import BackendConfig, ConfigError, NetworkConfig
 from ..lease import Lease, LeaseAttrs
-from ..netstate import DesiredState, Device, Fdb, LinkSpec, Neigh, ObservedLink, Route
+from ..netstate import DesiredState, Device, Fdb, LinkSpec, Neigh, ObservedLink, Route, WgPeer
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class NodeSettings:
     """Daemon flags some backends plan with."""
 
     blackhole_route: bool = False
+    wireguard_provider: str = "auto"  # --wireguard-provider: kernel, userspace (wireguard-go) or auto
+    create_identity: bool = True  # may a backend create node-local identity (a key file)? Not in doctor
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class PeerPlan:
     neighs: list[Neigh] = field(default_factory=list)
     fdbs: list[Fdb] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
+    wg_peers: list[WgPeer] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     skipped_kinds: list[str] = field(default_factory=list)  # one of SKIP_KINDS per reason, for /metrics
     backend_type: str = ""  # the peer lease's BackendType (set by the daemon, for /metrics)
@@ -85,13 +88,14 @@ class PeerPlan:
 
 def merge(base: DesiredState, peers: Iterable[PeerPlan]) -> DesiredState:
     """The base state plus every peer's entries."""
-    neighs, fdbs, routes = set(base.neighs), set(base.fdbs), set(base.routes)
+    neighs, fdbs, routes, wg = set(base.neighs), set(base.fdbs), set(base.routes), set(base.wg_peers)
     for pp in peers:
         neighs.update(pp.neighs)
         fdbs.update(pp.fdbs)
         routes.update(pp.routes)
+        wg.update(pp.wg_peers)
     return DesiredState(base.links, base.addresses, frozenset(neighs), frozenset(fdbs), frozenset(routes),
-                        base.owned_networks)
+                        base.owned_networks, frozenset(wg))
 
 
 BLACKHOLE_METRIC = 4000  # low priority: never shadows the pod bridge's connected route (see README)
@@ -213,7 +217,6 @@ _REFUSED = {
     "udp": "upstream deprecated the udp backend (a userspace data path); use vxlan",
     "ipip": "not implemented by this build; use vxlan, or host-gw on one L2 segment",
     "ipsec": "not implemented by this build; use vxlan",
-    "wireguard": "not supported by this build yet",
 }
 
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Data-plane benchmark: pod-to-pod TCP throughput (iperf3) over our backends vs hand-built equivalents.
 
-Two nodes on the lab underlay, one pod each. For each backend (vxlan, host-gw) the same run
+Two nodes on the lab underlay, one pod each. For each backend (vxlan, host-gw, wireguard) the same run
 measures: pods over the data plane flanneld programs; pods over a hand-built equivalent (the
 same devices, addresses, neighbours, FDB entries and routes made with `ip`/`bridge`, no daemon);
 and the raw underlay (node to node). Measurements alternate between ours and hand-built, and the
 median of the repetitions counts, so drift of the machine's speed hits both alike.
 
-    sudo .venv/bin/python bench/dataplane.py [--seconds 4] [--repeat 3] [--backends vxlan,host-gw]
+WireGuard runs as wireguard-go here (no kernel module): ours is the daemon's wireguard-go device,
+hand-built is wireguard-go configured with `wg` (same keys' kind, ports, MTU, addresses, route).
+
+    sudo .venv/bin/python bench/dataplane.py [--seconds 4] [--repeat 3] [--backends vxlan,host-gw,wireguard]
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class Setup:
         self.lab = lab.Lab(prefix=f"{ctl.removesuffix('-ctl')}{tag}", ctl=ctl)
         self.nodes = self.lab.build_underlay(2, connect_ctl=ours)  # only daemons need etcd
         self.pods: list[lab.Pod] = []
+        if backend == "wireguard":
+            for node in self.nodes:
+                node.private_run()  # the key file and wireguard-go's socket, per node
         if ours:
             for node in self.nodes:
                 node.start_flanneld(endpoint, PREFIX)
@@ -73,7 +79,8 @@ class Setup:
     def _wait_routes(self, envs) -> None:  # type: ignore[no-untyped-def]
         for node, other in ((self.nodes[0], envs[1]), (self.nodes[1], envs[0])):
             for _ in range(200):
-                if str(other.lease_subnet) in node.sh("ip", "route").stdout:
+                shown = node.sh("ip", "route").stdout + node.sh("wg", "show", "all", "allowed-ips", check=False).stdout
+                if str(other.lease_subnet) in shown:
                     break
                 time.sleep(0.02)
 
@@ -92,11 +99,28 @@ class Setup:
                 node.sh("bridge", "fdb", "append", MACS[1 - i], "dev", "flannel.1", "dst", peer.ip, "self",
                         "permanent")
                 mtu = 1450
+            elif backend == "wireguard":
+                mtu = self._hand_built_wireguard(i, node, peer, peer_subnet)
             else:
                 node.sh("ip", "route", "replace", peer_subnet, "via", peer.ip, "dev", node.ifname)
                 mtu = 1500
             gateway = SUBNETS[i].replace(".0/24", ".1/24")
             self.pods.append(node.add_pod(gateway, 1, mtu=mtu))
+
+    def _hand_built_wireguard(self, i: int, node: lab.Node, peer: lab.Node, peer_subnet: str) -> int:
+        if i == 0:
+            self.keys = []
+            for n in self.nodes:
+                private = n.sh("wg", "genkey").stdout.strip()
+                n.sh("sh", "-c", f"umask 077; echo {private} > /run/wg-bench.key")
+                self.keys.append(subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
+                                                check=True).stdout.strip())
+        node.sh("wireguard-go", "flannel-wg")
+        node.sh("wg", "set", "flannel-wg", "private-key", "/run/wg-bench.key", "listen-port", "51820", "peer",
+                self.keys[1 - i], "endpoint", f"{peer.ip}:51820", "allowed-ips", peer_subnet)
+        lab.ipbatch(["link set flannel-wg mtu 1420 up", f"addr add {SUBNETS[i].split('/')[0]}/32 dev flannel-wg",
+                     "route add 198.18.0.0/16 dev flannel-wg"], ns=node.ns)
+        return 1420
 
     def pod_rate(self, seconds: float) -> float:
         return iperf(self.pods[0].name, self.pods[1].name, self.pods[1].addr, seconds)
@@ -133,7 +157,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--backends", default="vxlan,host-gw")
+    parser.add_argument("--backends", default="vxlan,host-gw,wireguard")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")

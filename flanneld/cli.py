@@ -217,6 +217,8 @@ def setup_logging(verbosity: int, log_format: str = "text") -> None:
 @flag("healthz-ip", type=IPAddress(), default="0.0.0.0", show_default=True,
       help="Address for /healthz, /readyz, /metrics.")
 @flag("healthz-port", type=GoInt(0, 65535), default=0, show_default=True, help="Port for them (0: off).")
+@flag("wireguard-provider", type=click.Choice(["auto", "kernel", "userspace"]), default="auto", show_default=True,
+      help="wireguard backend: the kernel module, userspace wireguard-go, or the kernel's when it has one.")
 @flag("reconcile-interval", type=GoInt(1, 86400), default=30, show_default=True,
       help="Seconds between full kernel-state reconciles (drift is also repaired on netlink events).")
 @click.option("-v", "--v", "verbosity", type=GoInt(0, 10), default=0, help="Log verbosity (2: debug).")
@@ -224,7 +226,7 @@ def setup_logging(verbosity: int, log_format: str = "text") -> None:
       help="Log lines as text, or one JSON object per line (time, level, logger, message, fields).")
 @click.option("--version", "-version", "show_version", is_flag=True, help="Print the version and exit.")
 def flanneld_command(show_version: bool, verbosity: int, log_format: str, **kw: Any) -> None:
-    """flanneld: the per-node overlay network daemon (etcd v3; vxlan, host-gw, alloc, extension)."""
+    """flanneld: the per-node overlay network daemon (etcd v3; vxlan, host-gw, wireguard, alloc, extension)."""
     if show_version:
         click.echo(__version__)
         return
@@ -245,6 +247,7 @@ def flanneld_command(show_version: bool, verbosity: int, log_format: str, **kw: 
         iptables_resync=kw["iptables_resync"],
         forward_rules=kw["iptables_forward_rules"],
         blackhole_route=kw["ip_blackhole_route"],
+        wireguard_provider=kw["wireguard_provider"],
         healthz_ip=kw["healthz_ip"],
         healthz_port=kw["healthz_port"],
         reconcile_interval=kw["reconcile_interval"],

@@ -59,6 +59,7 @@ class DaemonOptions:
     iptables_resync: float = 5.0
     forward_rules: bool = True
     blackhole_route: bool = False
+    wireguard_provider: str = "auto"
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
     reconcile_interval: float = 30.0
@@ -147,7 +148,8 @@ class Daemon:
         o = self.opts
         settings = StartSettings(
             overlay=OverlaySettings(o.etcd.prefix, o.subnet_file, o.ip_masq, o.masq_random_fully, o.forward_rules),
-            iface=o.iface, node=NodeSettings(blackhole_route=o.blackhole_route), lease_ttl=o.lease_ttl,
+            iface=o.iface, node=NodeSettings(blackhole_route=o.blackhole_route,
+                                                wireguard_provider=o.wireguard_provider), lease_ttl=o.lease_ttl,
             renew_margin_seconds=o.renew_margin_minutes * 60)
         self.kernel = Kernel()
         assert self.registry is not None

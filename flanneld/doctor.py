@@ -327,7 +327,8 @@ def _backend(inputs: Inputs, own: Lease, ext: External) -> Backend:
     # A blackhole route for our own subnet means flanneld runs with --ip-blackhole-route: expect it.
     own_subnets = _own_subnets(own)
     blackhole = any(r.blackhole and r.dst in own_subnets for r in inputs.kernel.routes)
-    backend = create_backend(inputs.config, ext, NodeSettings(blackhole_route=blackhole))
+    backend = create_backend(inputs.config, ext, NodeSettings(blackhole_route=blackhole,
+                                                                            create_identity=False))
     backend.adopt(own)
     return backend
 

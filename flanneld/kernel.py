@@ -56,10 +56,10 @@ class WriteFailure:
 
 
 class BulkSocket:
-    """A raw NETLINK_ROUTE socket for batched writes and dumps (not thread-safe: one owner)."""
+    """A raw netlink socket (NETLINK_ROUTE unless told) for batched writes and dumps (not thread-safe: one owner)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    def __init__(self, protocol: int = socket.NETLINK_ROUTE) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
         for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
             self.sock.setsockopt(SOL_NETLINK, opt, 1)
         for opt, size in ((SO_RCVBUFFORCE, 8 << 20), (SO_SNDBUFFORCE, 1 << 20)):
@@ -264,6 +264,14 @@ class Kernel:
         info = self.link(spec.name)
         if info is None:
             raise KernelError(f"VXLAN device {spec.name} vanished right after creation")
+        return info
+
+    def create_plain_link(self, name: str, mtu: int, kind: str) -> LinkInfo:
+        """A device of a parameterless kind (``wireguard``); KernelError with EOPNOTSUPP when the kernel lacks it."""
+        self._request(lambda seq: nl.plain_link(seq, name, mtu, kind), f"creating {kind} device {name}")
+        info = self.link(name)
+        if info is None:
+            raise KernelError(f"{kind} device {name} vanished right after creation")
         return info
 
     def delete_link(self, index: int) -> None:

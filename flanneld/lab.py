@@ -427,8 +427,34 @@ class Node:
     pods: list[Pod] = field(default_factory=list)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     healthz_port: int = 8471
+    run_holder: subprocess.Popen[bytes] | None = None  # keeps the node's private /run alive
+
+    def private_run(self) -> None:
+        """Give this node its own /run (a tmpfs in a mount namespace of its own) for every process
+        started on it from now on, as a real node has: its key file, wireguard-go's sockets in
+        /run/wireguard. The namespace outlives daemon restarts (a holder process keeps it)."""
+        if self.run_holder is not None:
+            return
+        script = ("mount -t tmpfs -o mode=0755 flannel-lab-run /run && mkdir -p /run/flannel /run/wireguard "
+                  "&& echo ready && exec sleep 1000000")
+        holder = subprocess.Popen(["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation", "private",
+                                   "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        line = holder.stdout.readline() if holder.stdout else b""
+        if line.strip() != b"ready":
+            holder.kill()
+            raise LabError(f"could not give {self.ns} a private /run: {line.decode(errors='replace').strip()}")
+        self.run_holder = holder
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """`argv` run in this node's network namespace (and its private /run, if it has one)."""
+        if self.run_holder is not None:
+            return ["nsenter", f"--target={self.run_holder.pid}", "--mount", "--net", "--", *argv]
+        return ["ip", "netns", "exec", self.ns, *argv]
 
     def sh(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        if self.run_holder is not None:
+            return sh(self.wrap(args), check=check, timeout=timeout)
         return sh(list(args), ns=self.ns, check=check, timeout=timeout)
 
     def sh_json(self, *args: str) -> list:
@@ -441,7 +467,7 @@ class Node:
               ) -> subprocess.Popen[bytes]:
         path = os.path.join(self.lab.dir, f"{self.ns}-{log_name}.log")
         log = open(path, "ab")  # noqa: SIM115 - owned by the child process
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(self.wrap(argv), stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         log.close()
         proc.log_path = path  # type: ignore[attr-defined]
@@ -547,6 +573,13 @@ class Node:
                 proc.wait()
         self.procs.clear()
 
+    def release_run(self) -> None:
+        """End the private /run (and reap its holder)."""
+        if self.run_holder is not None:
+            self.run_holder.kill()
+            self.run_holder.wait()
+            self.run_holder = None
+
 
 class Lab:
     """Namespaces of one cluster, all named `<prefix>…`; close() removes everything.
@@ -645,5 +678,7 @@ class Lab:
         if not self.owns_ctl:
             # our link into the shared control namespace goes away with the underlay namespace
             ip("link", "del", f"{self.prefix}-c", ns=self.ctl, check=False)
-        cleanup(self.prefix)
+        cleanup(self.prefix)  # also wireguard-go and other detached processes in the node namespaces
+        for node in self.nodes:
+            node.release_run()
         shutil.rmtree(self.dir, ignore_errors=True)

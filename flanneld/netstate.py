@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from .wgkeys import Key
 
 
 class LinkSpec(Protocol):
@@ -78,6 +81,41 @@ class VxlanLink:
 
 
 @dataclass(frozen=True, slots=True)
+class WireguardLink:
+    """A WireGuard device: made by the kernel's ``wireguard`` link kind or by a ``wireguard-go``
+    process (`provider`: auto, kernel or userspace), configured with our key and listen port."""
+
+    kind: ClassVar[str] = "wireguard"
+    name: str
+    mtu: int
+    listen_port: int
+    private_key: Key  # prints as <key>
+    public_key: str  # base64: what our lease publishes
+    versions: tuple[int, ...]  # the address families it carries
+    provider: str = "auto"
+
+    @property
+    def family(self) -> int:
+        return 6 if 6 in self.versions else 4
+
+
+@dataclass(frozen=True, slots=True)
+class WgPeer:
+    """One WireGuard peer of one of our devices: the peer table's entry, keyed by public key."""
+
+    dev: str
+    public_key: str  # base64, as leases carry it
+    endpoint: str  # "198.51.100.12:51820", "[2001:db8:51::c]:51821"
+    allowed_ips: tuple[str, ...]  # sorted CIDRs: the peer's subnet(s)
+    keepalive: int = 0  # seconds, 0: off
+    psk: Key | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.dev, self.public_key)
+
+
+@dataclass(frozen=True, slots=True)
 class Address:
     dev: str
     cidr: str  # "198.18.3.0/32"
@@ -135,6 +173,7 @@ class DesiredState:
     fdbs: frozenset[Fdb] = frozenset()
     routes: frozenset[Route] = frozenset()
     owned_networks: tuple[str, ...] = ()
+    wg_peers: frozenset[WgPeer] = frozenset()
 
     @property
     def devices(self) -> tuple[str, ...]:

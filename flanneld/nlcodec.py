@@ -42,6 +42,8 @@ RT_TABLE_MAIN = 254
 RTPROT_KERNEL, RTPROT_BOOT = 2, 3
 RTN_UNICAST, RTN_BLACKHOLE = 1, 6
 RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+RT_SCOPE_NOWHERE = 255  # in a delete: match a route of any scope (what ``ip route del`` sends)
 RTNH_F_ONLINK = 4
 # links / addresses
 RTM_GETLINK, RTM_GETADDR = 18, 22
@@ -102,9 +104,14 @@ def fdb(seq: int, delete: bool, ifindex: int, mac: bytes, dst: bytes) -> bytes:
 
 def route(seq: int, delete: bool, dst: bytes, dst_len: int, gateway: bytes | None, oif: int | None,
           onlink: bool, blackhole: bool = False, metric: int = 0) -> bytes:
-    """A main-table route, proto boot (what ``ip route`` and upstream Flannel create)."""
+    """A main-table route, proto boot (what ``ip route`` and upstream Flannel create); a device
+    route without a gateway has scope link, as ``ip route add NET dev X`` gives it."""
     rtype = RTN_BLACKHOLE if blackhole else RTN_UNICAST
-    body = RTMSG.pack(family_of(dst), dst_len, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, rtype,
+    if delete:
+        scope = RT_SCOPE_NOWHERE
+    else:
+        scope = RT_SCOPE_LINK if gateway is None and oif is not None and not blackhole else RT_SCOPE_UNIVERSE
+    body = RTMSG.pack(family_of(dst), dst_len, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, rtype,
                       RTNH_F_ONLINK if onlink else 0) + _nla(RTA_DST, dst)
     if gateway is not None:
         body += _nla(RTA_GATEWAY, gateway)
@@ -128,6 +135,13 @@ def vxlan_link(seq: int, name: str, mtu: int, mac: bytes | None, vni: int, under
     if mac is not None:
         body += _nla(IFLA_ADDRESS, mac)
     body += _nla(IFLA_LINKINFO | NLA_F_NESTED, info)
+    return _msg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
+
+
+def plain_link(seq: int, name: str, mtu: int, kind: str) -> bytes:
+    """Create a device of a kind without parameters (``ip link add NAME mtu M type wireguard``)."""
+    body = (IFINFO.pack(0, 0, 0, 0, 0) + _nla(IFLA_IFNAME, name.encode() + b"\0") + _nla(IFLA_MTU, U32.pack(mtu))
+            + _nla(IFLA_LINKINFO | NLA_F_NESTED, _nla(IFLA_INFO_KIND, kind.encode())))
     return _msg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, seq, body)
 
 

@@ -169,8 +169,9 @@ class Overlay:
                 log.info("lease %s %s (%s)", ev.kind, lease.describe(), public,
                          extra={"lease": lease.describe(), "peer": str(public), "event": ev.kind})
         self._count_peers()
-        if incremental and not full_reason and (added.neighs or added.fdbs or added.routes or removed.neighs
-                                                or removed.fdbs or removed.routes):
+        if incremental and not full_reason and (added.neighs or added.fdbs or added.routes or added.wg_peers
+                                                or removed.neighs or removed.fdbs or removed.routes
+                                                or removed.wg_peers):
             report = self.reconciler.change(added, removed)
             self._account(report, "lease")
             if report.failures:
@@ -260,3 +261,4 @@ def _extend(into: PeerPlan, plan: PeerPlan) -> None:
     into.neighs += plan.neighs
     into.fdbs += plan.fdbs
     into.routes += plan.routes
+    into.wg_peers += plan.wg_peers

@@ -32,7 +32,7 @@ from .backends import PeerPlan
 from .devices import handler
 from .family import family_of
 from .kernel import Kernel, WriteFailure
-from .netstate import Address, DesiredState, Device, Fdb, LinkSpec, Neigh, Route, TableDiff, diff
+from .netstate import Address, DesiredState, Device, Fdb, LinkSpec, Neigh, Route, TableDiff, WgPeer, diff
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class Reconciler:
         self._neigh_keys: dict[tuple[str, str], Neigh] = {}
         self._fdb_keys: dict[tuple[str, str], Fdb] = {}
         self._route_keys: dict[tuple[str, int], Route] = {}
+        self._wg_keys: dict[tuple[str, str], WgPeer] = {}
 
     # -- devices and addresses ---------------------------------------------------------------
 
@@ -137,11 +138,13 @@ class Reconciler:
 
     # -- tables ------------------------------------------------------------------------------
 
-    def _actual(self, desired: DesiredState) -> tuple[set[Neigh], set[Fdb], set[Route]]:
+    def _actual(self, desired: DesiredState) -> tuple[set[Neigh], set[Fdb], set[Route], set[WgPeer]]:
         bulk = self.kernel.bulk
         neighs: set[Neigh] = set()
         fdbs: set[Fdb] = set()
+        wg: set[WgPeer] = set()
         for link in desired.links:
+            wg |= handler(link.kind).read_peers(self.kernel, link)
             index = self.index[link.name]
             family = family_of(link.family).af
             for _kind, payload in bulk.dump(nl.dump_neighs(bulk.next_seq(), family, index)):
@@ -162,7 +165,7 @@ class Reconciler:
                     continue
                 if self._owned.owns(rec.family, rec.dst, rec.dst_len):
                     routes.add(self._route_of(rec))
-        return neighs, fdbs, routes
+        return neighs, fdbs, routes, wg
 
     def _route_of(self, rec: nl.RouteRecord) -> Route:
         dst = f"{nl.ip_text(rec.dst)}/{rec.dst_len}"
@@ -172,8 +175,12 @@ class Reconciler:
         return Route(dst, nl.ip_text(rec.gateway) if rec.gateway else None, dev,
                      bool(rec.flags & nl.RTNH_F_ONLINK), False, rec.metric)
 
-    def _write(self, neigh: TableDiff[Neigh], fdb: TableDiff[Fdb], route: TableDiff[Route], report: Report) -> None:
-        """Deletes first (routes, FDB, neighbours), then puts (neighbours, FDB, routes): upstream order."""
+    def _write(self, neigh: TableDiff[Neigh], fdb: TableDiff[Fdb], route: TableDiff[Route], wg: TableDiff[WgPeer],
+               report: Report) -> None:
+        """Deletes first (routes, FDB, neighbours), then puts (neighbours, FDB, routes): upstream order.
+        WireGuard peers go to their device's own table, one request per device."""
+        if wg:
+            self._write_wg(wg, report)
         bulk = self.kernel.bulk
         ix = self.index
         items: list[tuple[bytes, object]] = []
@@ -205,6 +212,21 @@ class Reconciler:
             log.warning("could not write %s: %s", failure.item, failure.message)
         report.failures += failures
 
+    def _write_wg(self, wg: TableDiff[WgPeer], report: Report) -> None:
+        desired = self.desired
+        specs = {link.name: link for link in desired.links} if desired is not None else {}
+        for dev, spec in specs.items():
+            put = [p for p in wg.put if p.dev == dev]
+            delete = [p for p in wg.delete if p.dev == dev]
+            if not put and not delete:
+                continue
+            failures = handler(spec.kind).write_peers(self.kernel, spec, put, delete)
+            report.written += len(put)
+            report.deleted += len(delete)
+            for failure in failures:
+                log.warning("could not write WireGuard peer %s: %s", failure.item, failure.message)
+            report.failures += failures
+
     def _lookup_index(self, name: str) -> int | None:
         link = self.kernel.link(name)
         if link is not None:
@@ -224,6 +246,7 @@ class Reconciler:
         self._neigh_keys = {n.key: n for n in desired.neighs}
         self._fdb_keys = {f.key: f for f in desired.fdbs}
         self._route_keys = {r.key: r for r in desired.routes}
+        self._wg_keys = {p.key: p for p in desired.wg_peers}
 
     # -- entry points ------------------------------------------------------------------------
 
@@ -234,8 +257,9 @@ class Reconciler:
         report.devices = self.ensure_links(desired.links, report)
         self._adopt(desired)
         self._ensure_addresses(desired)
-        neighs, fdbs, routes = self._actual(desired)
-        self._write(diff(desired.neighs, neighs), diff(desired.fdbs, fdbs), diff(desired.routes, routes), report)
+        neighs, fdbs, routes, wg = self._actual(desired)
+        self._write(diff(desired.neighs, neighs), diff(desired.fdbs, fdbs), diff(desired.routes, routes),
+                    diff(desired.wg_peers, wg), report)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -250,7 +274,8 @@ class Reconciler:
         tables: list[TableDiff] = []
         for keys, gone, new in ((self._neigh_keys, removed.neighs, added.neighs),
                                 (self._fdb_keys, removed.fdbs, added.fdbs),
-                                (self._route_keys, removed.routes, added.routes)):
+                                (self._route_keys, removed.routes, added.routes),
+                                (self._wg_keys, removed.wg_peers, added.wg_peers)):
             for entry in gone:
                 if keys.get(entry.key) == entry:
                     del keys[entry.key]
@@ -260,7 +285,7 @@ class Reconciler:
                     keys[entry.key] = entry
                     put.append(entry)
             tables.append(TableDiff(put, [e for e in gone if e.key not in keys]))
-        self._write(tables[0], tables[1], tables[2], report)
+        self._write(tables[0], tables[1], tables[2], tables[3], report)
         report.seconds = time.perf_counter() - start
         return report
 

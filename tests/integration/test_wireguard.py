@@ -1,0 +1,217 @@
+"""The wireguard backend on namespaces with real etcd, real wireguard-go and real packets.
+
+This kernel has no WireGuard module, so every node runs wireguard-go (``--wireguard-provider=auto``
+falls back to it); each node has a private /run (its key file, wireguard-go's sockets), kept
+across daemon restarts like a real node's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+from netlab import Pinger, eventually, ping, routes, tcp_exchange
+
+from flanneld import lab
+
+pytestmark = pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go is not installed")
+
+WG = {"Network": "198.18.0.0/16", "SubnetMax": "198.18.199.0", "Backend": {"Type": "wireguard"}}
+PSK = "q1L+cxcb2uGRDovd8rjzgeiyCzVCBjAYfEbu5YVTtms="
+DUAL = {"Network": "198.18.0.0/16", "SubnetMax": "198.18.199.0", "EnableIPv6": True,
+        "IPv6Network": "2001:db8:1800::/56",
+        "Backend": {"Type": "wireguard", "PSK": PSK, "PersistentKeepaliveInterval": 25}}
+
+
+def wg_cluster(make_cluster, nodes: int, config: dict):
+    cluster = make_cluster(nodes, config)
+    cluster.config = config
+    for node in cluster.nodes:
+        node.private_run()
+    return cluster
+
+
+def start_all(cluster, *flags: str) -> None:
+    """Start every daemon and wait until each node has every other as a WireGuard peer."""
+    cluster.start_all(*flags, converge=False)
+    devices = ["flannel-wg"] + (["flannel-wg-v6"] if "EnableIPv6" in json.dumps(cluster.config) else [])
+
+    def meshed() -> bool:
+        return all(len(wg_dump(n, d)["peers"]) == len(cluster.nodes) - 1 for n in cluster.nodes for d in devices)
+
+    eventually(meshed, timeout=5.0, what="every node has every other as a WireGuard peer")
+
+
+def wg_dump(node, device: str = "flannel-wg") -> dict:
+    """`wg show DEV dump` as {"public_key", "listen_port", "peers": {key: {...}}} (private key dropped)."""
+    lines = node.sh("wg", "show", device, "dump").stdout.splitlines()
+    _private, public, port, _fwmark = lines[0].split("\t")
+    peers = {}
+    for line in lines[1:]:
+        key, psk, endpoint, allowed, _hs, _rx, _tx, keepalive = line.split("\t")
+        peers[key] = {"psk": psk != "(none)", "endpoint": endpoint, "allowed_ips": allowed.split(","),
+                      "keepalive": keepalive}
+    return {"public_key": public, "listen_port": int(port), "peers": peers}
+
+
+def all_pairs(pods):
+    return [(a, b) for a in pods for b in pods if a is not b]
+
+
+def test_three_nodes_encrypted_and_nothing_in_clear_on_the_underlay(make_cluster, tmp_path):
+    from scapy.all import IP, TCP, UDP, Raw, rdpcap
+
+    cluster = wg_cluster(make_cluster, 3, WG)
+    start_all(cluster)
+    pods = [cluster.pod(node) for node in cluster.nodes]
+    pcap = tmp_path / "underlay.pcap"
+    capture = subprocess.Popen(["ip", "netns", "exec", cluster.lab.ul, "tcpdump", "-i", "br0", "-nn", "-U", "-w",
+                                str(pcap)], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    marker = "c0ffee15c0ffee15"
+    for src, dst in all_pairs(pods):
+        result = subprocess.run(["ip", "netns", "exec", src.name, "ping", "-c", "2", "-i", "0.2", "-W", "2",
+                                 "-p", marker, dst.addr], capture_output=True, text=True)
+        assert result.returncode == 0, f"{src.name} -> {dst.addr}: {result.stdout}{result.stderr}"
+        assert tcp_exchange(src, dst) == "pct revo lennalf"
+    time.sleep(0.3)
+    capture.terminate()
+    capture.wait(10)
+    packets = [p for p in rdpcap(str(pcap)) if p.haslayer(IP)]
+    node_ips = {n.ip for n in cluster.nodes}
+    rest = [p for p in packets if not (p.haslayer(TCP) and lab.CTL_IP in (p[IP].src, p[IP].dst))]  # not etcd
+    tunnel = [p for p in rest if p[IP].src in node_ips or p[IP].dst in node_ips]
+    assert tunnel, "no WireGuard packets seen"
+    assert all(ipaddress.ip_address(p[IP].dst).is_multicast for p in rest if p not in tunnel)  # the bridge's IGMP
+    for p in tunnel:  # only UDP to the listen port, between node addresses
+        assert p.haslayer(UDP) and 51820 in (p[UDP].sport, p[UDP].dport), p.summary()
+        assert p[IP].src in node_ips and p[IP].dst in node_ips, p.summary()
+    raw = b"".join(bytes(p[Raw].load) for p in tunnel if p.haslayer(Raw))
+    assert bytes.fromhex(marker) not in raw  # the ping payload never crosses in clear
+    assert not any(bytes(int(x) for x in pod.addr.split(".")) in raw for pod in pods)
+
+    node1 = cluster.nodes[0]
+    env = cluster.env(node1)
+    assert env.mtu == 1500 - 80
+    wg = wg_dump(node1)
+    lease = cluster.lease(node1)
+    assert lease.backend_type == "wireguard" and lease.backend == {"PublicKey": wg["public_key"], "Port": 51820}
+    assert cluster.registry.get(cluster.lease_key(node1)).value == (
+        f'{{"PublicIP":"{node1.ip}","PublicIPv6":null,"BackendType":"wireguard",'
+        f'"BackendData":{{"PublicKey":"{wg["public_key"]}","Port":51820}}}}').encode()
+    assert wg["listen_port"] == 51820 and len(wg["peers"]) == 2
+    for peer in cluster.nodes[1:]:
+        entry = wg["peers"][wg_dump(peer)["public_key"]]
+        assert entry["endpoint"] == f"{peer.ip}:51820" and entry["allowed_ips"] == [cluster.subnet(peer)]
+        assert not entry["psk"] and entry["keepalive"] == "off"
+    assert routes(node1)["198.18.0.0/16"]["dev"] == "flannel-wg"
+    key_file = node1.sh("stat", "-c", "%a", "/run/flannel/wgkey").stdout.strip()
+    assert key_file == "400"
+    private = node1.sh("cat", "/run/flannel/wgkey").stdout.strip()
+    assert private not in node1.log() and private not in node1.http("/metrics")[1]
+
+
+def test_dual_stack_separate_mode_with_psk(make_cluster):
+    cluster = wg_cluster(make_cluster, 2, DUAL)
+    start_all(cluster)
+    pods = [cluster.pod(node) for node in cluster.nodes]
+    for src, dst in all_pairs(pods):
+        assert ping(src, dst.addr).returncode == 0
+        assert ping(src, dst.ip6.split("/")[0]).returncode == 0
+        assert tcp_exchange(src, dst, ipv6=True) == "pct revo lennalf"
+    a, b = cluster.nodes
+    v4, v6 = wg_dump(a), wg_dump(a, "flannel-wg-v6")
+    assert v4["public_key"] == v6["public_key"] and (v4["listen_port"], v6["listen_port"]) == (51820, 51821)
+    bkey = wg_dump(b)["public_key"]
+    assert v4["peers"][bkey]["endpoint"] == f"{b.ip}:51820" and v4["peers"][bkey]["allowed_ips"] == \
+        [cluster.subnet(b)]
+    assert v6["peers"][bkey]["endpoint"] == f"[{b.ip6}]:51821" and v6["peers"][bkey]["allowed_ips"] == \
+        [cluster.subnet6(b)]
+    assert v4["peers"][bkey]["psk"] and v6["peers"][bkey]["psk"] and v4["peers"][bkey]["keepalive"] == "25"
+    lease = cluster.lease(a)
+    assert lease.backend == {"PublicKey": v4["public_key"], "Port": 51820}
+    assert lease.backend_v6 == {"PublicKey": v4["public_key"], "Port": 51821}
+    assert PSK not in a.log() and PSK not in a.http("/metrics")[1]
+    assert routes(a, "-6")["2001:db8:1800::/56"]["dev"] == "flannel-wg-v6"
+
+
+def test_hitless_restart_peer_removal_and_repair(make_cluster):
+    cluster = wg_cluster(make_cluster, 3, WG)
+    start_all(cluster, "--reconcile-interval=1")
+    a, b, c = cluster.nodes
+    pa, pb = cluster.pod(a), cluster.pod(b)
+    before = wg_dump(a)["public_key"]
+    pinger = Pinger(pa, pb.addr)
+    time.sleep(0.5)
+    assert cluster.stop(a) == 0
+    time.sleep(0.5)
+    cluster.start(a, "--reconcile-interval=1")
+    time.sleep(1.0)
+    sent, lost = pinger.stop()
+    assert lost == 0 and sent > 100, (sent, lost)
+    assert wg_dump(a)["public_key"] == before
+    assert a.log().count("started wireguard-go") == 1  # the restarted daemon adopted the running device
+
+    # a peer leaving: its WireGuard peer is gone from every node within 1 s
+    ckey = wg_dump(c)["public_key"]
+    cluster.stop(c)
+    removed_at = time.monotonic()
+    cluster.registry.delete(cluster.lease_key(c))
+    for node in (a, b):
+        eventually(lambda n=node: ckey not in wg_dump(n)["peers"], timeout=1.0, what="peer removed")
+    assert time.monotonic() - removed_at < 1.0
+
+    # a peer removed by hand comes back at the next reconcile (every second here)
+    bkey = wg_dump(b)["public_key"]
+    a.sh("wg", "set", "flannel-wg", "peer", bkey, "remove")
+    assert bkey not in wg_dump(a)["peers"]
+    eventually(lambda: bkey in wg_dump(a)["peers"], timeout=2.0, what="peer restored")
+    assert ping(pa, pb.addr).returncode == 0
+    # a stale peer added by hand is removed
+    stale = "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM="
+    a.sh("wg", "set", "flannel-wg", "peer", stale, "allowed-ips", "198.18.250.0/24")
+    eventually(lambda: stale not in wg_dump(a)["peers"], timeout=2.0, what="stale peer removed")
+
+
+def test_wireguard_go_killed_while_running_and_while_stopped(make_cluster):
+    cluster = wg_cluster(make_cluster, 2, WG)
+    start_all(cluster)
+    a, b = cluster.nodes
+    pa, pb = cluster.pod(a), cluster.pod(b)
+    key = wg_dump(a)["public_key"]
+    a.sh("pkill", "-f", "wireguard-go flannel-wg")
+    eventually(lambda: a.sh("ip", "link", "show", "flannel-wg", check=False).returncode == 0 and
+               len(wg_dump(a)["peers"]) == 1, timeout=5, what="device recreated with its peer")
+    assert wg_dump(a)["public_key"] == key
+    eventually(lambda: ping(pa, pb.addr).returncode == 0, timeout=5, what="traffic again")
+
+    cluster.stop(a)
+    a.sh("pkill", "-f", "wireguard-go flannel-wg")
+    eventually(lambda: a.sh("ip", "link", "show", "flannel-wg", check=False).returncode != 0, timeout=3,
+               what="device gone")
+    cluster.start(a)
+    eventually(lambda: len(wg_dump(a)["peers"]) == 1, timeout=5, what="peers replayed")
+    assert wg_dump(a)["public_key"] == key
+    eventually(lambda: ping(pa, pb.addr).returncode == 0, timeout=5, what="traffic after restart")
+
+
+def test_peer_lease_without_port_and_an_upstream_style_lease(make_cluster):
+    """A lease as upstream before v0.26.6 writes it (no Port): reached on our own listen port."""
+    cluster = wg_cluster(make_cluster, 2, {**WG, "Backend": {"Type": "wireguard", "ListenPort": 51900}})
+    start_all(cluster)
+    a = cluster.nodes[0]
+    lease = json.dumps({"PublicIP": "198.51.100.77", "PublicIPv6": None, "BackendType": "wireguard",
+                        "BackendData": {"PublicKey": "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM="}},
+                       separators=(",", ":"))
+    key = cluster.prefix + "/subnets/198.18.201.0-24"
+    cluster.registry.put(key, lease.encode())
+    eventually(lambda: "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM=" in wg_dump(a)["peers"], timeout=2,
+               what="old-style peer programmed")
+    assert wg_dump(a)["peers"]["hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM="]["endpoint"] == "198.51.100.77:51900"
+    cluster.registry.delete(key)
+    eventually(lambda: "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM=" not in wg_dump(a)["peers"], timeout=2,
+               what="old-style peer removed")
