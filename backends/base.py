@@ -210,6 +210,7 @@ class BackendType:
     build: Callable[[NetworkConfig, External, Any, NodeSettings], Backend]
     # the identity a lease publishes in its BackendData (VTEP MAC, public key ...), for flannelctl
     describe_data: Callable[[Mapping[str, Any]], str] = lambda _data: ""
+    identity_label: str = ""  # what describe_data shows, by its BackendData name ("VtepMAC", "PublicKey")
 
 
 _REGISTRY: dict[str, BackendType] = {}

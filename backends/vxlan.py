@@ -231,5 +231,5 @@ def _describe(data: Mapping[str, Any]) -> str:
 VXLAN = register(BackendType(
     "vxlan", VxlanOptions.parse,
     lambda config, ext, options, settings: VxlanBackend(config, ext, options, settings.blackhole_route),
-    _describe,
+    _describe, "VtepMAC",
 ))

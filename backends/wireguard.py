@@ -281,4 +281,4 @@ def _describe(data: Mapping[str, Any]) -> str:
     return _public_key(data) or ""
 
 
-WIREGUARD = register(BackendType("wireguard", WireguardOptions.parse, _build, _describe))
+WIREGUARD = register(BackendType("wireguard", WireguardOptions.parse, _build, _describe, "PublicKey"))

@@ -8,7 +8,9 @@ and the raw underlay (node to node). Measurements alternate between ours and han
 median of the repetitions counts, so drift of the machine's speed hits both alike.
 
 WireGuard runs as wireguard-go here (no kernel module): ours is the daemon's wireguard-go device,
-hand-built is wireguard-go configured with `wg` (same keys' kind, ports, MTU, addresses, route).
+hand-built is wireguard-go configured with `wg` (same kind of keys, ports, MTU, addresses, route),
+started in a session of its own as flanneld starts it (measured: with sched_autogroup on, a
+wireguard-go sharing the benchmark's session gets ~20% more CPU against iperf3 on 2 cores).
 
     sudo .venv/bin/python bench/dataplane.py [--seconds 4] [--repeat 3] [--backends vxlan,host-gw,wireguard]
 """
@@ -115,7 +117,9 @@ class Setup:
                 n.sh("sh", "-c", f"umask 077; echo {private} > /run/wg-bench.key")
                 self.keys.append(subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
                                                 check=True).stdout.strip())
-        node.sh("wireguard-go", "flannel-wg")
+        # in a session of its own, as flanneld starts it: with the kernel's scheduler autogroups a
+        # session is one CFS group, so the session decides wireguard-go's CPU share against iperf3
+        node.sh("setsid", "wireguard-go", "flannel-wg")
         node.sh("wg", "set", "flannel-wg", "private-key", "/run/wg-bench.key", "listen-port", "51820", "peer",
                 self.keys[1 - i], "endpoint", f"{peer.ip}:51820", "allowed-ips", peer_subnet)
         lab.ipbatch(["link set flannel-wg mtu 1420 up", f"addr add {SUBNETS[i].split('/')[0]}/32 dev flannel-wg",

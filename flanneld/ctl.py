@@ -511,8 +511,9 @@ LEVEL_STYLE = {"ok": ("ok", "green"), "warning": ("warn", "yellow"), "problem": 
 def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output: str) -> None:
     """Check this node: subnet.env, its lease in etcd and the kernel state agree.
 
-    Looks at the VXLAN device (VNI, port, MTU, MAC, address, up), every peer's neighbour, FDB
-    entry and route (missing, wrong or stale) and the firewall rules. Exit status 0 only when
+    Looks at the backend's devices (VXLAN: VNI, port, MTU, MAC; WireGuard: public key against the
+    lease, port, MTU; address, up), every peer's neighbour, FDB entry, route and WireGuard peer
+    (missing, wrong or stale) and the firewall rules. Exit status 0 only when
     all is well, 1 otherwise.
     """
     from . import doctor as doc

@@ -93,11 +93,19 @@ def expires_text(row: Row) -> str:
 
 
 def _identity(lease: Lease, data: dict[str, Any]) -> str:
-    """What the lease's backend publishes as its node's identity (VXLAN: the VTEP MAC), per the backend itself."""
+    """What the lease's backend publishes as its node's identity (VXLAN: the VTEP MAC, WireGuard: the
+    public key), per the backend itself."""
     try:
         return lookup(lease.backend_type).describe_data(data)
     except ConfigError:  # a type this build does not run has no describer: show nothing
         return ""
+
+
+def _identity_label(lease: Lease) -> str:
+    try:
+        return lookup(lease.backend_type).identity_label or "identity"
+    except ConfigError:
+        return "identity"
 
 
 def _vni(data: dict[str, Any]) -> str:
@@ -113,8 +121,9 @@ def _public_ip(lease: Lease) -> str:
     return "" if int(lease.public_ip) == 0 else str(lease.public_ip)
 
 
-TABLE_COLUMNS = ("SUBNET", "IPV6 SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "EXPIRES IN")
-WIDE_COLUMNS = (*TABLE_COLUMNS, "PUBLIC IPV6", "VNI", "IPV6 VTEP MAC", "ETCD LEASE", "MOD REVISION", "EXTRA")
+# IDENTITY: what the backend publishes to be reached by (VXLAN: the VTEP MAC, WireGuard: the public key)
+TABLE_COLUMNS = ("SUBNET", "IPV6 SUBNET", "PUBLIC IP", "BACKEND", "IDENTITY", "EXPIRES IN")
+WIDE_COLUMNS = (*TABLE_COLUMNS, "PUBLIC IPV6", "VNI", "IPV6 IDENTITY", "ETCD LEASE", "MOD REVISION", "EXTRA")
 
 
 def table_cells(row: Row, wide: bool = False) -> list[str]:
@@ -173,7 +182,7 @@ def show_lines(row: Row) -> list[tuple[str, str]]:
     lease = row.lease
     backend = lease.backend_type or "-"
     details = [f"{name} {value}" for data in (lease.backend, lease.backend_v6) for name, value in
-               (("VNI", _vni(data)), ("VtepMAC", _identity(lease, data))) if value]
+               (("VNI", _vni(data)), (_identity_label(lease), _identity(lease, data))) if value]
     if details:
         backend += f" ({', '.join(dict.fromkeys(details))})"
     if row.ttl is None:

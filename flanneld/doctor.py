@@ -22,9 +22,10 @@ from .ctl_views import human_duration
 from .firewall import NFT_TABLE, FirewallSpec, iptables_rules, iptables_tool, nft_script
 from .lease import Lease
 from .leases import Listed, Listing
-from .netstate import Fdb, Neigh, ObservedLink, Route
+from .netstate import Fdb, Neigh, ObservedLink, Route, WgPeer
 from .nlcodec import IFF_UP, NUD_PERMANENT, RTN_BLACKHOLE, RTN_UNICAST, RTNH_F_ONLINK, RTPROT_KERNEL
 from .subnetenv import SubnetEnv
+from .wgkeys import Key, WgKeyError
 
 OK, WARN, PROBLEM = "ok", "warning", "problem"
 LinkView = ObservedLink  # what read_kernel sees of a device; each backend checks its own kind
@@ -33,7 +34,7 @@ LinkView = ObservedLink  # what read_kernel sees of a device; each backend check
 @dataclass(frozen=True)
 class Finding:
     level: str  # ok | warning | problem
-    area: str  # subnet.env, lease, device, neighbour, fdb, route, firewall, peers
+    area: str  # subnet.env, lease, device, neighbour, fdb, route, wireguard peer, firewall, peers
     text: str
 
 
@@ -46,6 +47,7 @@ class KernelView:
     neighs: set[Neigh] = field(default_factory=set)
     fdbs: set[Fdb] = field(default_factory=set)
     routes: set[Route] = field(default_factory=set)
+    wg_peers: set[WgPeer] = field(default_factory=set)
     firewall: dict[str, str] = field(default_factory=dict)  # "iptables-4 nat" / "nft-4" -> listing text
 
     def link_by_index(self, index: int | None) -> LinkView | None:
@@ -110,6 +112,11 @@ def read_kernel(nftables: bool, families: Sequence[int]) -> KernelView:
                 view.routes.add(Route(cidr, _ip(gateway) if gateway else None,
                                       names.get(oif, str(oif)) if oif is not None else None,
                                       bool(msg["flags"] & RTNH_F_ONLINK), False, metric))
+    wg_devices, view.wg_peers = read_wireguard()
+    for name, data in wg_devices.items():
+        if name in view.links:
+            link = view.links[name]
+            view.links[name] = LinkView(link.name, link.index, link.kind, link.mtu, link.mac, link.up, data)
     for version in families:
         if nftables:
             view.firewall[f"nft-{version}"] = _tool(["nft", "list", "table", *NFT_TABLE[version]])
@@ -117,6 +124,36 @@ def read_kernel(nftables: bool, families: Sequence[int]) -> KernelView:
             for table in ("nat", "filter"):
                 view.firewall[f"iptables-{version} {table}"] = _tool([iptables_tool(version, "save"), "-t", table])
     return view
+
+
+def read_wireguard() -> tuple[dict[str, dict[str, object]], set[WgPeer]]:
+    """Every WireGuard device's public key and port, and its peers, as ``wg show all dump`` tells
+    (wireguard-tools reads kernel devices and wireguard-go's sockets alike; the private key column
+    is dropped unread)."""
+    devices: dict[str, dict[str, object]] = {}
+    peers: set[WgPeer] = set()
+    for line in _tool(["wg", "show", "all", "dump"]).splitlines():
+        cols = line.split("\t")
+        try:
+            if len(cols) == 5:  # interface, private key, public key, listen port, fwmark
+                devices[cols[0]] = {"public_key": cols[2], "listen_port": int(cols[3])}
+            elif len(cols) == 9:  # interface, public key, psk, endpoint, allowed ips, handshake, rx, tx, keepalive
+                dev, key, psk, endpoint, allowed, *_counters, keepalive = cols
+                ips = () if allowed == "(none)" else tuple(sorted((str(ipaddress.ip_network(c)) for c in
+                                                                   allowed.split(",")),
+                                                                  key=lambda c: (":" in c, c)))
+                peers.add(WgPeer(dev, key, "" if endpoint == "(none)" else endpoint, ips,
+                                 0 if keepalive == "off" else int(keepalive),
+                                 None if psk == "(none)" else Key.from_base64(psk)))
+        except (ValueError, WgKeyError):
+            continue  # a line we cannot read is left out: its peer then shows as missing
+    return devices, peers
+
+
+def _wg_text(peer: WgPeer) -> str:
+    text = f"{peer.public_key} endpoint {peer.endpoint or '(none)'} allowed-ips {','.join(peer.allowed_ips)}"
+    text += f" keepalive {peer.keepalive}" if peer.keepalive else ""
+    return text + (" with PSK" if peer.psk else "") + f" dev {peer.dev}"
 
 
 def _ip(text: str) -> str:
@@ -257,6 +294,7 @@ def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> tuple[list[Fi
     out = [Finding(WARN, "peers", f"peer {key} not programmed: {why}") for key, why in plan.skipped]
 
     actual_neighs = {n for n in kernel.neighs if n.dev in devices}
+    actual_wg = {p for p in kernel.wg_peers if p.dev in devices}
     actual_fdbs = {f for f in kernel.fdbs if f.dev in devices}
     actual_routes = {r for r in kernel.routes
                      if any(ipaddress.ip_network(r.dst).subnet_of(n)  # type: ignore[arg-type]
@@ -267,6 +305,7 @@ def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> tuple[list[Fi
         ("neighbour", desired.neighs, actual_neighs, lambda n: f"{n.ip} lladdr {n.mac} dev {n.dev}"),
         ("fdb", desired.fdbs, actual_fdbs, lambda f: f"{f.mac} dst {f.dst} dev {f.dev}"),
         ("route", desired.routes, actual_routes, _route_text),
+        ("wireguard peer", desired.wg_peers, actual_wg, _wg_text),
     ):
         have_keys = {h.key: h for h in have}  # type: ignore[attr-defined]
         want_keys = {w.key: w for w in want}  # type: ignore[attr-defined]
@@ -283,8 +322,9 @@ def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> tuple[list[Fi
     skipped = len({k for k, _ in plan.skipped})
     programmed = len(peers) - skipped
     if not any(f.level == PROBLEM and f.area in counts for f in out):
+        wireguard = f", {counts['wireguard peer']} WireGuard peers" if counts["wireguard peer"] else ""
         out.append(Finding(OK, "peers", f"{programmed} peer(s): {counts['neighbour']} neighbours, {counts['fdb']} "
-                                        f"FDB entries, {counts['route']} routes as the leases say"))
+                                        f"FDB entries, {counts['route']} routes{wireguard} as the leases say"))
     return out, skipped
 
 

@@ -2,10 +2,13 @@
 
 Hardened to what the daemon needs: capabilities CAP_NET_ADMIN and CAP_NET_RAW only (netlink,
 iptables/nftables, the ethtool ioctl; verified by running the daemon with a bounding set of just
-those two), a read-only file system but for /run/flannel (subnet.env; kept across restarts so a
-restart stays hitless), the xtables lock and the CNI state, no new privileges, no home, private
-/tmp, no devices, only the socket families it uses. ``Type=notify``: READY=1 comes once the
-lease, the data plane, the firewall rules and subnet.env are in place.
+those two), a read-only file system but for /run/flannel (subnet.env and the WireGuard key; kept across
+restarts so a restart stays hitless), /run/wireguard (wireguard-go's sockets), the xtables lock and
+the CNI state, no new privileges, no home, private /tmp, no devices but /dev/net/tun (for
+wireguard-go), only the socket families it uses. ``KillMode=process``: stopping the daemon leaves a
+wireguard-go process it started running, so the encrypted overlay survives a restart.
+``Type=notify``: READY=1 comes once the lease, the data plane, the firewall rules and subnet.env
+are in place.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ Type=notify
 NotifyAccess=main
 EnvironmentFile=-/etc/default/flanneld
 ExecStart={flanneld}
-# SIGTERM leaves the data plane, subnet.env and the lease in place: restarts cost pods no packets
+# SIGTERM leaves the data plane, subnet.env and the lease in place: restarts cost pods no packets.
+# Only the daemon is stopped: a wireguard-go process it started (userspace WireGuard) carries the
+# encrypted overlay across the restart, and the new daemon adopts it
+KillMode=process
 Restart=always
 RestartSec=5
 TimeoutStartSec=120
@@ -39,12 +45,15 @@ CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW
 AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW
 NoNewPrivileges=yes
 ProtectSystem=strict
-RuntimeDirectory=flannel
+RuntimeDirectory=flannel wireguard
 RuntimeDirectoryPreserve=yes
-ReadWritePaths=/run/flannel -/run/xtables.lock -/var/lib/cni
+ReadWritePaths=/run/flannel /run/wireguard -/run/xtables.lock -/var/lib/cni
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
+# wireguard-go's TUN device: the one device node allowed
+BindPaths=-/dev/net/tun
+DeviceAllow=/dev/net/tun rw
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectControlGroups=yes

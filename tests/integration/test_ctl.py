@@ -83,7 +83,7 @@ def test_list_table_json_yaml(ctl, upstream_leases):
     proc = ctl("subnets", "list")
     assert proc.returncode == 0
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["SUBNET", "IPV6", "SUBNET", "PUBLIC", "IP", "BACKEND", "VTEP", "MAC", "EXPIRES", "IN"]
+    assert lines[0].split() == ["SUBNET", "IPV6", "SUBNET", "PUBLIC", "IP", "BACKEND", "IDENTITY", "EXPIRES", "IN"]
     assert [line.split()[0] for line in lines[1:]] == ["198.18.1.0/24", "198.18.2.0/24", "198.18.9.0/24"]
     assert lines[1].split()[1:5] == ["-", "198.51.100.11", "vxlan", "0e:8a:7b:11:22:01"]
     assert lines[1].split()[5].startswith(("23h", "24h"))
@@ -116,7 +116,7 @@ def test_list_table_json_yaml(ctl, upstream_leases):
     assert "  reserved: true\n  ttlSeconds: null\n" in yaml
 
     wide = ctl.ok("subnets", "list", "-o", "wide").splitlines()
-    assert "IPV6 VTEP MAC" in wide[0] and "0e:8a:7b:11:22:12" in wide[2] and "2001:db8:51::12" in wide[2]
+    assert "IPV6 IDENTITY" in wide[0] and "0e:8a:7b:11:22:12" in wide[2] and "2001:db8:51::12" in wide[2]
     filtered = ctl.ok("subnets", "list", "--public-ip", "2001:db8:51::12", "--no-headers").splitlines()
     assert [line.split()[0] for line in filtered] == ["198.18.2.0/24"]
     assert ctl.ok("subnets", "list", "--reserved", "--no-headers").split()[0] == "198.18.9.0/24"

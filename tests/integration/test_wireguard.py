@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 
@@ -56,6 +58,17 @@ def wg_dump(node, device: str = "flannel-wg") -> dict:
         peers[key] = {"psk": psk != "(none)", "endpoint": endpoint, "allowed_ips": allowed.split(","),
                       "keepalive": keepalive}
     return {"public_key": public, "listen_port": int(port), "peers": peers}
+
+
+def kill_wireguard_go(node) -> None:
+    """SIGKILL the wireguard-go processes of this node only (all nodes share one PID namespace)."""
+    for pid in lab.ip("netns", "pids", node.ns).stdout.split():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"wireguard-go" in fh.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
 
 
 def all_pairs(pods):
@@ -183,14 +196,18 @@ def test_wireguard_go_killed_while_running_and_while_stopped(make_cluster):
     a, b = cluster.nodes
     pa, pb = cluster.pod(a), cluster.pod(b)
     key = wg_dump(a)["public_key"]
-    a.sh("pkill", "-f", "wireguard-go flannel-wg")
+    bkey = wg_dump(b)["public_key"]
+    kill_wireguard_go(a)
+    eventually(lambda: a.sh("ip", "link", "show", "flannel-wg", check=False).returncode != 0, timeout=3,
+               what="device gone with its process")
     eventually(lambda: a.sh("ip", "link", "show", "flannel-wg", check=False).returncode == 0 and
-               len(wg_dump(a)["peers"]) == 1, timeout=5, what="device recreated with its peer")
+               list(wg_dump(a)["peers"]) == [bkey], timeout=5, what="device recreated with its peer")
+    assert "repaired drift" in a.log() and wg_dump(b)["public_key"] == bkey  # b's process untouched
     assert wg_dump(a)["public_key"] == key
     eventually(lambda: ping(pa, pb.addr).returncode == 0, timeout=5, what="traffic again")
 
     cluster.stop(a)
-    a.sh("pkill", "-f", "wireguard-go flannel-wg")
+    kill_wireguard_go(a)
     eventually(lambda: a.sh("ip", "link", "show", "flannel-wg", check=False).returncode != 0, timeout=3,
                what="device gone")
     cluster.start(a)
@@ -215,3 +232,46 @@ def test_peer_lease_without_port_and_an_upstream_style_lease(make_cluster):
     cluster.registry.delete(key)
     eventually(lambda: "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM=" not in wg_dump(a)["peers"], timeout=2,
                what="old-style peer removed")
+
+
+def flannelctl(cluster, node, *args: str) -> subprocess.CompletedProcess[str]:
+    """flannelctl on `node` (in its private /run, where the key file and wireguard-go's sockets are)."""
+    env = {"PATH": os.environ["PATH"], "FLANNELCTL_ETCD_ENDPOINTS": cluster.endpoint,
+           "FLANNELCTL_ETCD_PREFIX": cluster.prefix}
+    proc = subprocess.run(node.wrap([lab._tool("flannelctl"), *args]), capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    return proc
+
+
+def test_doctor_and_subnets_list_on_wireguard(make_cluster):
+    cluster = wg_cluster(make_cluster, 2, {**WG, "Backend": {"Type": "wireguard", "PSK": PSK}})
+    start_all(cluster)
+    node, peer = cluster.nodes
+    private = node.sh("cat", "/run/flannel/wgkey").stdout.strip()
+    listing = flannelctl(cluster, node, "subnets", "list")
+    assert listing.returncode == 0 and "IDENTITY" in listing.stdout.splitlines()[0]
+    for n in cluster.nodes:
+        assert wg_dump(n)["public_key"] in listing.stdout
+    doctor = ("doctor", "--subnet-file", node.subnet_file)
+    out = flannelctl(cluster, node, *doctor)
+    assert out.returncode == 0 and "healthy" in out.stdout.splitlines()[-1], out.stdout
+    assert "1 WireGuard peers as the leases say" in out.stdout
+    assert f"flannel-wg: wireguard-go, port 51820, MTU 1420, public key {wg_dump(node)['public_key']}" in out.stdout
+
+    cluster.stop(node)  # the daemon would repair what follows at once; its state stays on stop
+    pkey = wg_dump(peer)["public_key"]
+    node.sh("wg", "set", "flannel-wg", "peer", pkey, "remove")
+    node.sh("wg", "set", "flannel-wg", "listen-port", "51999")
+    proc = flannelctl(cluster, node, *doctor, "-o", "json")
+    report = json.loads(proc.stdout)
+    problems = [f["text"] for f in report["findings"] if f["level"] == "problem"]
+    assert proc.returncode == 1, proc.stdout
+    assert f"missing wireguard peer {pkey} endpoint {peer.ip}:51820 allowed-ips {cluster.subnet(peer)} with PSK " \
+           "dev flannel-wg" in problems
+    assert "flannel-wg listens on port 51999, expected 51820" in problems
+    for secret in (private, PSK):
+        assert secret not in proc.stdout + proc.stderr + listing.stdout
+    cluster.start(node)  # and the daemon puts both right
+    eventually(lambda: pkey in wg_dump(node)["peers"] and wg_dump(node)["listen_port"] == 51820, timeout=3,
+               what="repaired")

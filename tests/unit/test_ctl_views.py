@@ -40,7 +40,7 @@ def test_rows_sorted_by_subnet_filtered_and_ttl_or_reserved():
 def test_table_is_aligned_without_trailing_blanks():
     rows = v.rows(LISTING, {0x9: 3700, 0x2: 59})
     lines = v.render_table(v.TABLE_COLUMNS, (v.table_cells(r) for r in rows))
-    assert lines[0] == "SUBNET         IPV6 SUBNET  PUBLIC IP      BACKEND  VTEP MAC           EXPIRES IN"
+    assert lines[0] == "SUBNET         IPV6 SUBNET  PUBLIC IP      BACKEND  IDENTITY           EXPIRES IN"
     assert lines[1] == "198.18.2.0/24  -            198.51.100.12  vxlan    0e:00:00:00:00:02  59s"
     assert all(line == line.rstrip() for line in lines)
     assert len({line.index("PUBLIC IP") if i == 0 else line.index("198.51.") for i, line in enumerate(lines)}) == 1
