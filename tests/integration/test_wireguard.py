@@ -275,3 +275,27 @@ def test_doctor_and_subnets_list_on_wireguard(make_cluster):
     cluster.start(node)  # and the daemon puts both right
     eventually(lambda: pkey in wg_dump(node)["peers"] and wg_dump(node)["listen_port"] == 51820, timeout=3,
                what="repaired")
+
+
+def test_bad_inputs_are_one_clear_line(make_cluster):
+    cluster = wg_cluster(make_cluster, 1, WG)
+    (node,) = cluster.nodes
+    # the kernel provider forced on a kernel without the module: named, exit 1, nothing leased
+    proc = cluster.start(node, "--wireguard-provider=kernel", wait=False)
+    assert proc.wait(20) == 1
+    assert "creating wireguard device flannel-wg: Operation not supported" in node.log()
+    assert "Traceback" not in node.log() and cluster.registry.list_prefix(cluster.prefix + "/subnets/")[1] == []
+    # a key file that holds no key is never replaced
+    node.sh("sh", "-c", "echo not-a-key > /run/flannel/wgkey")
+    proc = cluster.start(node, wait=False)
+    assert proc.wait(20) == 1
+    assert "WireGuard key file /run/flannel/wgkey holds no valid key" in node.log()
+    assert node.sh("cat", "/run/flannel/wgkey").stdout.strip() == "not-a-key"
+    # a PSK that is no key: the daemon waits for a config it can run, and never echoes the value
+    node.sh("rm", "/run/flannel/wgkey")
+    cluster.set_config({**WG, "Backend": {"Type": "wireguard", "PSK": "c2VjcmV0LXRvby1zaG9ydA=="}})
+    cluster.start(node, wait=False)
+    eventually(lambda: "Backend.PSK is not a WireGuard key" in node.log(), timeout=10, what="config refused")
+    assert "c2VjcmV0LXRvby1zaG9ydA==" not in node.log()
+    cluster.set_config(WG)
+    node.wait_ready()
