@@ -72,15 +72,36 @@ def node_subnet(node: lab.Node) -> str | None:
     return str(env.lease_subnet) if env else None
 
 
-def meshed(nodes: list[lab.Node]) -> bool:
-    subnets = {n.ns: node_subnet(n) for n in nodes}
-    if None in subnets.values():
-        return False
-    for node in nodes:
-        have = set(node.sh("ip", "-o", "route", "show", "dev", "flannel.1", check=False).stdout.split())
-        if any(subnets[o.ns] not in have for o in nodes if o is not node):
+class Progress:
+    """Which nodes are done (ready, meshed), so each poll asks only the others.
+
+    Polling all N nodes every round would itself load the machine the daemons start on (N HTTP
+    requests answered by N daemons, N `ip` processes, every 0.1 s): the measurement must not be
+    what it measures.
+    """
+
+    def __init__(self, nodes: list[lab.Node]) -> None:
+        self.nodes = nodes
+        self.ready: set[str] = set()
+        self.meshed: set[str] = set()
+
+    def all_ready(self) -> bool:
+        for node in self.nodes:
+            if node.ns not in self.ready and ready(node):
+                self.ready.add(node.ns)
+        return len(self.ready) == len(self.nodes)
+
+    def all_meshed(self) -> bool:
+        subnets = {n.ns: node_subnet(n) for n in self.nodes}
+        if None in subnets.values():
             return False
-    return True
+        for node in self.nodes:
+            if node.ns in self.meshed:
+                continue
+            have = set(node.sh("ip", "-o", "route", "show", "dev", "flannel.1", check=False).stdout.split())
+            if all(subnets[o.ns] in have for o in self.nodes if o is not node):
+                self.meshed.add(node.ns)
+        return len(self.meshed) == len(self.nodes)
 
 
 def wait(check, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
@@ -108,23 +129,43 @@ def stop_all(nodes: list[lab.Node]) -> None:
         node.procs.clear()
 
 
-def all_ready(nodes: list[lab.Node]) -> bool:
-    for node in nodes:
-        try:
-            if node.http("/readyz", timeout=1)[0] != 200:
-                return False
-        except OSError:
-            return False
-    return True
+def ready(node: lab.Node) -> bool:
+    try:
+        return node.http("/readyz", timeout=1)[0] == 200
+    except OSError:
+        return False
 
 
-def programmed_at(node: lab.Node, subnet: str) -> float | None:
-    """Wall-clock time at which this node's daemon programmed `subnet` (its JSON log line)."""
-    for line in reversed(node.log().splitlines()):
-        if f'"lease": "{subnet}"' in line and '"event": "added"' in line:
-            stamp = json.loads(line)["time"]
-            return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
-    return None
+class Programmed:
+    """When each node's daemon programmed each lease, from its JSON log lines ("lease added"),
+    reading only what the logs gained since the last poll (rereading N whole logs every 0.1 s
+    would load the machine the daemons run on)."""
+
+    def __init__(self, nodes: list[lab.Node]) -> None:
+        self.nodes = nodes
+        self.offsets = {n.ns: 0 for n in nodes}
+        self.seen: dict[str, dict[str, float]] = {n.ns: {} for n in nodes}
+
+    def poll(self) -> None:
+        for node in self.nodes:
+            path = node.procs[-1].log_path  # type: ignore[attr-defined]
+            with open(path, "rb") as fh:
+                fh.seek(self.offsets[node.ns])
+                chunk = fh.read()
+            end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+            self.offsets[node.ns] += end
+            for line in chunk[:end].splitlines():
+                if b'"event": "added"' in line:
+                    doc = json.loads(line)
+                    stamp = datetime.strptime(doc["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+                    self.seen[node.ns][doc["lease"]] = stamp.timestamp()
+
+    def everywhere(self, subnet: str) -> bool:
+        self.poll()
+        return all(subnet in self.seen[n.ns] for n in self.nodes)
+
+    def at(self, node: lab.Node, subnet: str) -> float:
+        return self.seen[node.ns][subnet]
 
 
 def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: lab.EtcdProxy, reg: Registry,
@@ -132,8 +173,9 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
     endpoint = proxy.endpoint_for(lab.CTL_IP) if mode == "proxy" else members.endpoint_for(lab.CTL_IP)
     t0 = time.monotonic()
     start_all(nodes, endpoint)
-    ready_s = wait(lambda: all_ready(nodes), 600, "all ready")
-    mesh_s = wait(lambda: meshed(nodes), 600, "full mesh") + ready_s
+    progress = Progress(nodes)
+    ready_s = wait(progress.all_ready, 600, "all ready")
+    mesh_s = wait(progress.all_meshed, 600, "full mesh") + ready_s
     time.sleep(2)
     watchers = etcd_sum(members, "etcd_debugging_mvcc_watcher_total")
     streams = etcd_sum(members, "etcd_debugging_mvcc_watch_stream_total")
@@ -145,13 +187,14 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
 
     lags = []
     head = leases_prefix(PREFIX)
+    programmed = Programmed(nodes)
     for i in range(puts):
         lease = fake(first_put + i)
         sent = time.time()
         reg.put(head + lease.key, encode_value(lease))
         subnet = str(lease.subnet)
-        wait(lambda s=subnet: all(programmed_at(n, s) is not None for n in nodes), 30, f"{subnet} everywhere")
-        lags += [(programmed_at(n, subnet) - sent) * 1000 for n in nodes]  # type: ignore[operator]
+        wait(lambda s=subnet: programmed.everywhere(s), 30, f"{subnet} everywhere")
+        lags += [(programmed.at(n, subnet) - sent) * 1000 for n in nodes]
         time.sleep(0.05)
 
     pinger = Pinger(pods[0], pods[1].addr) if pods else None
@@ -165,8 +208,9 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
     stop_all(nodes)
     storm_start = time.monotonic()
     start_all(nodes, endpoint)
-    wait(lambda: all_ready(nodes), 600, "all ready after the storm")
-    wait(lambda: meshed(nodes), 600, "full mesh after the storm")
+    progress = Progress(nodes)
+    wait(progress.all_ready, 600, "all ready after the storm")
+    wait(progress.all_meshed, 600, "full mesh after the storm")
     storm_s = time.monotonic() - storm_start
     storm_cpu = max(0.0, sum(proc_cpu(p) for p in etcd_pids) - cpu_etcd0 - idle_rate * storm_s)
     storm_bytes = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total") - sent0
@@ -220,7 +264,7 @@ def main() -> int:
             for mode in args.modes.split(","):
                 if pods is None and len(nodes) >= 2:
                     start_all(nodes[:2], members.endpoint_for(lab.CTL_IP))
-                    wait(lambda: all_ready(nodes[:2]), 60, "pod nodes ready")
+                    wait(Progress(nodes[:2]).all_ready, 60, "pod nodes ready")
                     pods = (nodes[0].add_pod(str(read(nodes[0].subnet_file).subnet), 1),
                             nodes[1].add_pod(str(read(nodes[1].subnet_file).subnet), 1))
                     stop_all(nodes[:2])

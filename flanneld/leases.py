@@ -149,6 +149,9 @@ class LeaseManager:
             (previous.lease_subnet, previous.lease_subnet6) if previous is not None else (None, None)
         )
         self.own: OwnLease | None = None
+        # find_own's listing, reused by the first acquisition attempt and handed to the watcher:
+        # a start lists the leases once, not three times (a restart storm of N nodes is N listings)
+        self._listing: tuple[int, list[KeyValue]] | None = None
         self._spare_etcd_lease = 0  # granted for a create that lost its race; reused, never leaked
         # Whether a lease was published by this node even though its public IP is not ours (the
         # backend's own evidence, e.g. our VTEP MAC): a node whose address changed keeps its subnet.
@@ -167,10 +170,18 @@ class LeaseManager:
 
         A serializable read: a member's (or a proxy's cached) view is good enough for a hint.
         """
-        mine = self._own_candidate(self._scan(attrs, serializable=True)[2])
+        head = leases_prefix(self.prefix)
+        self._listing = self.registry.list_prefix(head, serializable=True)
+        mine = self._own_candidate(self._scan(attrs, listing=self._listing)[2])
         return mine.lease if mine is not None else None
 
-    def _scan(self, attrs: LeaseAttrs, serializable: bool = False) -> tuple[int, list[IPNetwork], list[Listed]]:
+    def take_listing(self) -> tuple[int, list[KeyValue]] | None:
+        """The listing find_own made (once; None after), for the watcher's first resync."""
+        listing, self._listing = self._listing, None
+        return listing
+
+    def _scan(self, attrs: LeaseAttrs, serializable: bool = False,
+              listing: tuple[int, list[KeyValue]] | None = None) -> tuple[int, list[IPNetwork], list[Listed]]:
         """List the leases: (revision, every subnet some key claims, our own entries).
 
         Ours are the leases with our public IP and, if none has it, the lease of our previous
@@ -179,7 +190,7 @@ class LeaseManager:
         thousands of peer values just to pick a subnet.
         """
         head = leases_prefix(self.prefix)
-        revision, kvs = self.registry.list_prefix(head, serializable=serializable)
+        revision, kvs = listing or self.registry.list_prefix(head, serializable=serializable)
         marker = str(attrs.public_ip) if self.config.enable_ipv4 else str(attrs.public_ipv6)
         needle = f'"{marker}"'.encode()
         previous = subnet_key(*self.previous) if any(self.previous) else None
@@ -218,9 +229,12 @@ class LeaseManager:
         """Get a lease for this node: reuse ours, else the previous subnet, else a random one."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             # The first try reads serializably (cheap for etcd in a restart storm; a proxy answers
-            # from its cache). Every write is guarded by a transaction the leader checks, so a stale
-            # view can only lose the race, never hand out a taken subnet; later tries read linearizably.
-            outcome = self._try_acquire(attrs, serializable=attempt == 1)
+            # from its cache), or takes find_own's listing, which was read so. Every write is
+            # guarded by a transaction the leader checks, so a stale view can only lose the race,
+            # never hand out a taken subnet; later tries read linearizably.
+            # (scanned again: the backend recognizes its own identity only once its devices exist)
+            outcome = self._try_acquire(attrs, serializable=attempt == 1,
+                                        listing=self._listing if attempt == 1 else None)
             if outcome is not None:
                 self._settle(outcome)
                 return outcome
@@ -228,8 +242,9 @@ class LeaseManager:
             time.sleep(self.rng.uniform(0, 0.02 * min(attempt, 10)))
         raise LeaseError(f"could not acquire a subnet lease after {MAX_ATTEMPTS} attempts (heavy contention)")
 
-    def _try_acquire(self, attrs: LeaseAttrs, serializable: bool = False) -> OwnLease | None:
-        revision, taken, mine_all = self._scan(attrs, serializable)
+    def _try_acquire(self, attrs: LeaseAttrs, serializable: bool = False,
+                     listing: tuple[int, list[KeyValue]] | None = None) -> OwnLease | None:
+        revision, taken, mine_all = self._scan(attrs, serializable, listing)
         mine = self._own_candidate(mine_all)
         if mine is not None:
             return self._reuse(mine, attrs)
@@ -408,14 +423,16 @@ class LeaseWatcher:
             self._warned.add((key, mod_revision))
             log.warning("ignoring malformed lease entry %s: %s", key, reason)
 
-    def resync(self) -> list[LeaseEvent]:
-        """List everything, diff against what we know, adopt the listing.
+    def resync(self, listing: tuple[int, list[KeyValue]] | None = None) -> list[LeaseEvent]:
+        """List everything (or take `listing`, one made moments ago), diff against what we know,
+        adopt the listing.
 
         The listing is serializable: a restart storm of N nodes costs the leader nothing and a
         gRPC proxy can answer from its cache. Nothing is missed: the watch starts right after the
-        revision the listing reflects, however far behind the answering member was.
+        revision the listing reflects, however far behind the answering member was (or however
+        old the listing handed in is).
         """
-        revision, kvs = self.registry.list_prefix(self.head, serializable=True)
+        revision, kvs = listing or self.registry.list_prefix(self.head, serializable=True)
         bad_keys = set()
         events: list[LeaseEvent] = []
         fresh: dict[str, tuple[bytes, int]] = {}

@@ -147,7 +147,8 @@ class Overlay:
             self.metrics.lease_events.labels(kind=ev.kind).inc()
             key = ev.key
             if key == self.own.key:
-                full_reason = self._own_lease_event(ev) or full_reason
+                if incremental:  # the initial listing may predate our own write; the watch brings it
+                    full_reason = self._own_lease_event(ev) or full_reason
                 continue
             lease = ev.lease  # decoded once here, dropped after planning
             old = self.peers.pop(key, None)

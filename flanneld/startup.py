@@ -114,7 +114,9 @@ def start(registry: Registry, kernel: Kernel, s: StartSettings, metrics: Metrics
 
     phase("programming peers")
     watcher = LeaseWatcher(registry, s.overlay.prefix)
-    initial = retry("listing leases", watcher.resync, stop)
+    # the listing our lease was found and acquired with: the watch catches up from its revision
+    # (our own write included), so a start costs etcd one listing
+    initial = retry("listing leases", lambda: watcher.resync(leases.take_listing()), stop)
     if initial is None:
         return None
     overlay.apply_lease_events(initial, incremental=False)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-    etcd-client iproute2 iptables nftables containernetworking-plugins iputils-ping iperf3 tcpdump \
+    etcd-client iproute2 iptables nftables containernetworking-plugins wireguard-tools wireguard-go iputils-ping iperf3 tcpdump \
     python3 python3-venv python3-pip >/dev/null
 
 if [ "$NODE_IP" = "$ETCD_IP" ]; then

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 
 from fakes import FakeKernel
 from flanneld.backends import PeerPlan, merge
 
+from flanneld import devices
 from flanneld import nlcodec as nl
-from flanneld.netstate import Address, DesiredState, Fdb, Neigh, Route, VxlanLink
+from flanneld.netstate import Address, DesiredState, Fdb, Neigh, Route, VxlanLink, WgPeer, WireguardLink
 from flanneld.reconciler import Reconciler
+from flanneld.wgkeys import Key
 
 LINK = VxlanLink("flannel.1", 1, "198.51.100.11", "eth0", 0, False, False, 1450, "0e:aa:00:00:00:01")
 NET = "198.18.0.0/16"
@@ -111,3 +114,73 @@ def test_a_backend_without_devices_routes_over_the_underlay():
     payload = next(iter(kernel.bulk.routes.values()))
     assert nl.parse_route(memoryview(payload)).oif == 2
     assert not any(rec.is_drift(k, p) for k, p in kernel.bulk.notifications)
+
+
+# -- a device kind with its own peer table (WireGuard), through a fake handler -----------------------
+
+class FakeWireguard:
+    """The wireguard kind's handler, in memory: records every write the reconciler makes."""
+
+    kind = "wireguard"
+
+    def __init__(self) -> None:
+        self.peers: dict[str, dict[str, WgPeer]] = {}
+        self.writes: list[tuple[list[WgPeer], list[WgPeer]]] = []
+
+    def incompatible(self, link, spec, underlay_index):  # type: ignore[no-untyped-def]
+        return ""
+
+    def create(self, kernel, spec, underlay_index, replaced):  # type: ignore[no-untyped-def]
+        kernel.add_plain(spec.name, 40)
+        self.peers[spec.name] = {}
+        return kernel.link(spec.name)
+
+    def settle(self, kernel, spec, link) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def read_peers(self, kernel, spec) -> set[WgPeer]:  # type: ignore[no-untyped-def]
+        return set(self.peers[spec.name].values())
+
+    def write_peers(self, kernel, spec, put, delete):  # type: ignore[no-untyped-def]
+        self.writes.append((list(put), list(delete)))
+        for p in delete:
+            self.peers[spec.name].pop(p.public_key, None)
+        for p in put:
+            self.peers[spec.name][p.public_key] = p
+        return []
+
+
+WG_LINK = WireguardLink("flannel-wg", 1420, 51820, Key(bytes(32)), "pub", (4,))
+
+
+def wg_peer(n: int, endpoint_host: int | None = None) -> PeerPlan:
+    key = base64.b64encode(bytes([n]) * 32).decode()
+    return PeerPlan(wg_peers=[WgPeer("flannel-wg", key, f"198.51.100.{endpoint_host or 10 + n}:51820",
+                                     (f"198.18.{n}.0/24",))])
+
+
+def test_wireguard_peer_table_is_diffed_and_written_one_peer_at_a_time(monkeypatch):
+    fake = FakeWireguard()
+    monkeypatch.setitem(devices.KINDS, "wireguard", fake)
+    kernel = FakeKernel()
+    kernel.add_plain("eth0", 2)
+    rec = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
+    base = DesiredState(links=(WG_LINK,), routes=frozenset({Route(NET, dev="flannel-wg")}), owned_networks=(NET,))
+    rec.reconcile(merge(base, [wg_peer(2), wg_peer(3)]))
+    (put, delete), = fake.writes
+    assert sorted(put, key=lambda p: p.public_key) == wg_peer(2).wg_peers + wg_peer(3).wg_peers and delete == []
+    assert rec.reconcile(merge(base, [wg_peer(2), wg_peer(3)])).written == 0  # idempotent
+
+    fake.writes.clear()
+    report = rec.change(wg_peer(4), wg_peer(2))  # one came, one went: exactly those two
+    assert fake.writes == [(wg_peer(4).wg_peers, wg_peer(2).wg_peers)] and report.written == report.deleted == 1
+    report = rec.change(wg_peer(3, endpoint_host=99), wg_peer(3))  # a peer moved: updated in place
+    assert fake.writes[-1] == (wg_peer(3, endpoint_host=99).wg_peers, [])
+
+    # removed by hand: the next full reconcile puts back that one peer; a stale one is removed
+    del fake.peers["flannel-wg"][wg_peer(4).wg_peers[0].public_key]
+    stale = wg_peer(9).wg_peers[0]
+    fake.peers["flannel-wg"][stale.public_key] = stale
+    fake.writes.clear()
+    report = rec.reconcile(merge(base, [wg_peer(3, endpoint_host=99), wg_peer(4)]))
+    assert fake.writes == [(wg_peer(4).wg_peers, [stale])] and report.written == report.deleted == 1
