@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -115,7 +116,9 @@ def wait(check, timeout: float, what: str) -> float:  # type: ignore[no-untyped-
 
 def start_all(nodes: list[lab.Node], endpoint: str) -> None:
     for node in nodes:
-        node.start_flanneld(endpoint, PREFIX, "--log-format=json", "--reconcile-interval=60")
+        # faulthandler: a daemon that does not stop is made to print every thread's stack (SIGABRT)
+        node.start_flanneld(endpoint, PREFIX, "--log-format=json", "--reconcile-interval=60",
+                            env={"PYTHONFAULTHANDLER": "1"})
 
 
 def stop_all(nodes: list[lab.Node]) -> None:
@@ -125,7 +128,13 @@ def stop_all(nodes: list[lab.Node]) -> None:
                 proc.send_signal(signal.SIGTERM)
     for node in nodes:
         for proc in node.procs:
-            proc.wait(60)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(10)
+                raise SystemExit(f"flanneld on {node.ns} did not stop within 60 s of SIGTERM:\n"
+                                 f"{node.log()[-6000:]}") from None
         node.procs.clear()
 
 
@@ -210,6 +219,8 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
     start_all(nodes, endpoint)
     progress = Progress(nodes)
     wait(progress.all_ready, 600, "all ready after the storm")
+    # what the daemons' own starts cost: on C cores the storm cannot end before this / C
+    storm_daemon_cpu = sum(proc_cpu(n.procs[-1].pid) for n in nodes)
     wait(progress.all_meshed, 600, "full mesh after the storm")
     storm_s = time.monotonic() - storm_start
     storm_cpu = max(0.0, sum(proc_cpu(p) for p in etcd_pids) - cpu_etcd0 - idle_rate * storm_s)
@@ -224,7 +235,9 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
         "propagation_p99_ms": round(lags[min(len(lags) - 1, int(len(lags) * 0.99))], 1),
         "propagation_max_ms": round(lags[-1], 1),
         "storm_s": round(storm_s, 2), "storm_lost_pings": lost, "storm_etcd_cpu_s": round(storm_cpu, 3),
-        "storm_etcd_sent_mb": round(storm_bytes / 1e6, 1), "etcd_watchers": watchers, "etcd_watch_streams": streams,
+        "storm_etcd_sent_mb": round(storm_bytes / 1e6, 1), "storm_daemon_cpu_s": round(storm_daemon_cpu, 1),
+        "storm_cpu_bound_s": round(storm_daemon_cpu / (os.cpu_count() or 1), 1), "etcd_watchers": watchers,
+        "etcd_watch_streams": streams,
         "daemon_rss_mb_avg": round(statistics.mean(rss), 1), "daemon_rss_mb_max": round(max(rss), 1),
         "daemon_idle_cpu_pct": round(idle_cpu * 100, 2), "duplicate_subnets": len(subnets) - len(set(subnets)),
         "total_s": round(time.monotonic() - t0, 1),
@@ -284,6 +297,8 @@ def main() -> int:
                  (f"{m}: put -> programmed on all (p50/p99/max)",
                   f"{r['propagation_p50_ms']:.0f} / {r['propagation_p99_ms']:.0f} / {r['propagation_max_ms']:.0f} ms"),
                  (f"{m}: restart storm -> full mesh", f"{r['storm_s']:.1f} s, {r['storm_lost_pings']} pings lost"),
+                 (f"{m}: daemons' CPU to get ready (storm floor here)",
+                  f"{r['storm_daemon_cpu_s']:.1f} CPU s ({r['storm_cpu_bound_s']:.1f} s on {os.cpu_count()} cores)"),
                  (f"{m}: etcd during the storm (beyond its idle cost)",
                   f"{r['storm_etcd_cpu_s']:.2f} CPU s, {r['storm_etcd_sent_mb']:.1f} MB sent"),
                  (f"{m}: etcd watchers / watch streams", f"{r['etcd_watchers']:.0f} / {r['etcd_watch_streams']:.0f}"),
