@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ..config import BackendConfig, ConfigError, NetworkConfig
@@ -95,7 +95,25 @@ def merge(base: DesiredState, peers: Iterable[PeerPlan]) -> DesiredState:
         routes.update(pp.routes)
         wg.update(pp.wg_peers)
     return DesiredState(base.links, base.addresses, frozenset(neighs), frozenset(fdbs), frozenset(routes),
-                        base.owned_networks, frozenset(wg))
+                        base.owned_networks, frozenset(one_per_key(wg)))
+
+
+def one_per_key(peers: Iterable[WgPeer]) -> list[WgPeer]:
+    """WireGuard knows one peer per public key: leases sharing a key (an upstream node that moved
+    to a new subnet leaves its old lease until it expires) become one peer with every subnet, and
+    the same endpoint whatever order they came in (otherwise each full reconcile would flap)."""
+    by_key: dict[tuple[str, str], list[WgPeer]] = {}
+    for p in peers:
+        by_key.setdefault(p.key, []).append(p)
+    out = []
+    for same in by_key.values():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        first = min(same, key=lambda p: (p.endpoint, p.allowed_ips))
+        ips = tuple(sorted({ip for p in same for ip in p.allowed_ips}, key=lambda c: (":" in c, c)))
+        out.append(replace(first, allowed_ips=ips))
+    return out
 
 
 BLACKHOLE_METRIC = 4000  # low priority: never shadows the pod bridge's connected route (see README)

@@ -170,6 +170,9 @@ class Overlay:
                 log.info("lease %s %s (%s)", ev.kind, lease.describe(), public,
                          extra={"lease": lease.describe(), "peer": str(public), "event": ev.kind})
         self._count_peers()
+        if incremental and not full_reason and (added.wg_peers or removed.wg_peers) and self._shared_keys(added,
+                                                                                                   removed):
+            full_reason = "leases sharing a WireGuard key changed"  # merged into one peer by a full reconcile
         if incremental and not full_reason and (added.neighs or added.fdbs or added.routes or added.wg_peers
                                                 or removed.neighs or removed.fdbs or removed.routes
                                                 or removed.wg_peers):
@@ -178,6 +181,14 @@ class Overlay:
             if report.failures:
                 return "failed writes"
         return full_reason
+
+    def _shared_keys(self, added: PeerPlan, removed: PeerPlan) -> bool:
+        """Whether a WireGuard peer that came or went shares its public key with another lease
+        (the incremental path writes one lease's peer; one_per_key merges them)."""
+        came = Counter(p.key for p in added.wg_peers)
+        keys = set(came) | {p.key for p in removed.wg_peers}
+        holders = Counter(p.key for plan in self.peers.values() for p in plan.wg_peers if p.key in keys)
+        return any(holders[key] > came[key] for key in keys if holders[key] > 1 or key not in came)
 
     def _count_peers(self) -> None:
         m = self.metrics

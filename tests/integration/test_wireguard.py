@@ -132,6 +132,10 @@ def test_dual_stack_separate_mode_with_psk(make_cluster):
     cluster = wg_cluster(make_cluster, 2, DUAL)
     start_all(cluster)
     pods = [cluster.pod(node) for node in cluster.nodes]
+    # With a keepalive, each side initiates a handshake as soon as it has the other as a peer; one
+    # that arrives before the other side knows us is dropped, and WireGuard retries after 5 s.
+    for dst in (pods[1].addr, pods[1].ip6.split("/")[0]):
+        eventually(lambda d=dst: ping(pods[0], d).returncode == 0, timeout=8, what=f"handshake towards {dst}")
     for src, dst in all_pairs(pods):
         assert ping(src, dst.addr).returncode == 0
         assert ping(src, dst.ip6.split("/")[0]).returncode == 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from flanneld import nlcodec as nl
 from flanneld.kernel import KernelError, LinkInfo, WriteFailure
-from flanneld.netstate import VxlanLink
+from flanneld.netstate import VxlanLink, WgPeer
 from flanneld.registry import KeyValue
 
 
@@ -208,3 +208,35 @@ class FakeRegistry:
         for key in deletes:
             self.delete(key)
         return True
+
+
+class FakeWireguard:
+    """The wireguard kind's handler, in memory: records every write the reconciler makes."""
+
+    kind = "wireguard"
+
+    def __init__(self) -> None:
+        self.peers: dict[str, dict[str, WgPeer]] = {}
+        self.writes: list[tuple[list[WgPeer], list[WgPeer]]] = []
+
+    def incompatible(self, link, spec, underlay_index):  # type: ignore[no-untyped-def]
+        return ""
+
+    def create(self, kernel, spec, underlay_index, replaced):  # type: ignore[no-untyped-def]
+        kernel.add_plain(spec.name, 40)
+        self.peers[spec.name] = {}
+        return kernel.link(spec.name)
+
+    def settle(self, kernel, spec, link) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def read_peers(self, kernel, spec) -> set[WgPeer]:  # type: ignore[no-untyped-def]
+        return set(self.peers[spec.name].values())
+
+    def write_peers(self, kernel, spec, put, delete):  # type: ignore[no-untyped-def]
+        self.writes.append((list(put), list(delete)))
+        for p in delete:
+            self.peers[spec.name].pop(p.public_key, None)
+        for p in put:
+            self.peers[spec.name][p.public_key] = p
+        return []

@@ -39,21 +39,26 @@ def event(kind: str, n: int, raw: bytes | None = None) -> LeaseEvent:
     return LeaseEvent(kind, f"198.18.{n}.0-24", raw or value(n))
 
 
-@pytest.fixture
-def node(tmp_path):
+def started(tmp_path, config=CONFIG):  # type: ignore[no-untyped-def]
+    """An overlay as the daemon's start leaves it: devices, our lease, a full reconcile."""
     kernel, registry = FakeKernel(), FakeRegistry()
     kernel.add_plain("eth0", 2)
-    backend = create_backend(CONFIG, EXT, NodeSettings())
+    backend = create_backend(config, EXT, NodeSettings())
     reconciler = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
-    leases = LeaseManager(registry, CONFIG, PREFIX)  # type: ignore[arg-type]
+    leases = LeaseManager(registry, config, PREFIX)  # type: ignore[arg-type]
     devices = reconciler.ensure_links(backend.links())
     own = leases.acquire(backend.lease_attrs(devices))
-    overlay = Overlay(CONFIG, backend, reconciler, leases,
+    overlay = Overlay(config, backend, reconciler, leases,
                       OverlaySettings(PREFIX, str(tmp_path / "subnet.env"), False, True, True), Metrics("test"),
                       threading.Event(), devices)
     overlay.adopt_lease(own.lease)
     overlay.full_reconcile("start")
     return overlay, kernel, registry
+
+
+@pytest.fixture
+def node(tmp_path):
+    return started(tmp_path)
 
 
 def fdbs(kernel: FakeKernel) -> dict[str, str]:
@@ -177,3 +182,36 @@ def test_renewals_are_jittered_per_node_within_a_tenth_of_the_margin():
     assert len(jitters) == 20 and all(0 <= j <= 60 for j in jitters)
     small = LeaseManager(FakeRegistry(), CONFIG, PREFIX, ttl=100, renew_margin=50)  # type: ignore[arg-type]
     assert small.renew_jitter <= 5
+
+
+def test_wireguard_leases_sharing_a_key_are_merged_by_a_full_reconcile(tmp_path, monkeypatch):
+    """An upstream node that moved leaves its old lease (same public key) until it expires: the
+    incremental path hands such changes to a full reconcile, which programs one merged peer."""
+    from fakes import FakeWireguard
+
+    from flanneld import devices
+
+    fake = FakeWireguard()
+    monkeypatch.setitem(devices.KINDS, "wireguard", fake)
+    monkeypatch.setenv("WIREGUARD_KEY_FILE", str(tmp_path / "wgkey"))
+    config = parse_config('{"Network": "198.18.0.0/16", "SubnetMin": "198.18.100.0", "Backend": {"Type": "wireguard"}}')
+    overlay, _kernel, _registry = started(tmp_path, config)
+    key = "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM="
+
+    def wg(n: int, host: int) -> bytes:
+        return json.dumps({"PublicIP": f"198.51.100.{host}", "PublicIPv6": None, "BackendType": "wireguard",
+                           "BackendData": {"PublicKey": key, "Port": 51820}}, separators=(",", ":")).encode()
+
+    assert overlay.apply_lease_events([event("added", 2, wg(2, 12))], incremental=True) == ""
+    assert fake.peers["flannel-wg"][key].allowed_ips == ("198.18.2.0/24",)
+    assert overlay.apply_lease_events([event("changed", 2, wg(2, 22))], incremental=True) == ""  # moved
+    assert fake.peers["flannel-wg"][key].endpoint == "198.51.100.22:51820"
+    why = overlay.apply_lease_events([event("added", 3, wg(3, 13))], incremental=True)
+    assert why == "leases sharing a WireGuard key changed"
+    overlay.full_reconcile(why)
+    assert fake.peers["flannel-wg"][key].allowed_ips == ("198.18.2.0/24", "198.18.3.0/24")
+    assert overlay.apply_lease_events([event("removed", 3, wg(3, 13))], incremental=True) == why
+    overlay.full_reconcile(why)
+    assert fake.peers["flannel-wg"][key].allowed_ips == ("198.18.2.0/24",)  # the other lease still wants it
+    assert overlay.apply_lease_events([event("removed", 2, wg(2, 22))], incremental=True) == ""
+    assert fake.peers["flannel-wg"] == {}

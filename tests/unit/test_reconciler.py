@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 
-from fakes import FakeKernel
+from fakes import FakeKernel, FakeWireguard
 from flanneld.backends import PeerPlan, merge
 
 from flanneld import devices
@@ -117,38 +117,6 @@ def test_a_backend_without_devices_routes_over_the_underlay():
 
 
 # -- a device kind with its own peer table (WireGuard), through a fake handler -----------------------
-
-class FakeWireguard:
-    """The wireguard kind's handler, in memory: records every write the reconciler makes."""
-
-    kind = "wireguard"
-
-    def __init__(self) -> None:
-        self.peers: dict[str, dict[str, WgPeer]] = {}
-        self.writes: list[tuple[list[WgPeer], list[WgPeer]]] = []
-
-    def incompatible(self, link, spec, underlay_index):  # type: ignore[no-untyped-def]
-        return ""
-
-    def create(self, kernel, spec, underlay_index, replaced):  # type: ignore[no-untyped-def]
-        kernel.add_plain(spec.name, 40)
-        self.peers[spec.name] = {}
-        return kernel.link(spec.name)
-
-    def settle(self, kernel, spec, link) -> None:  # type: ignore[no-untyped-def]
-        pass
-
-    def read_peers(self, kernel, spec) -> set[WgPeer]:  # type: ignore[no-untyped-def]
-        return set(self.peers[spec.name].values())
-
-    def write_peers(self, kernel, spec, put, delete):  # type: ignore[no-untyped-def]
-        self.writes.append((list(put), list(delete)))
-        for p in delete:
-            self.peers[spec.name].pop(p.public_key, None)
-        for p in put:
-            self.peers[spec.name][p.public_key] = p
-        return []
-
 
 WG_LINK = WireguardLink("flannel-wg", 1420, 51820, Key(bytes(32)), "pub", (4,))
 

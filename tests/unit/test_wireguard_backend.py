@@ -276,3 +276,13 @@ def test_kernel_family_lookup_message():
     msg = wggenl.get_family(3)
     length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", msg)
     assert (length, kind, seq) == (len(msg), wggenl.GENL_ID_CTRL, 3) and b"wireguard\0" in msg
+
+
+def test_two_leases_with_one_public_key_become_one_peer():
+    """An upstream node that moved keeps its old lease until it expires: one key, two subnets."""
+    be = make(V4)
+    own = be.lease_attrs({}).lease(N("198.18.1.0/24"), None)
+    for order in ((2, 3), (3, 2)):
+        peers = [wg_lease(n, f"198.51.100.{10 + n}") for n in order]
+        (peer,) = be.plan(own, peers).desired.wg_peers
+        assert peer.allowed_ips == ("198.18.2.0/24", "198.18.3.0/24") and peer.endpoint == "198.51.100.12:51820"
