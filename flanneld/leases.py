@@ -176,7 +176,13 @@ class LeaseManager:
         return mine.lease if mine is not None else None
 
     def take_listing(self) -> tuple[int, list[KeyValue]] | None:
-        """The listing find_own made (once; None after), for the watcher's first resync."""
+        """The listing find_own made (once; None after), for the watcher's first resync; None too
+        when acquiring our lease wrote to etcd (a new node, a changed lease).
+
+        A restart that finds its lease unchanged (a restart storm: every node) lists once. A node
+        that wrote lists again after its write, so that being ready still means every lease that
+        existed before ours is programmed (peers joining after it arrive by the watch either way).
+        """
         listing, self._listing = self._listing, None
         return listing
 
@@ -252,6 +258,7 @@ class LeaseManager:
             if not x.reserved:
                 # ours by IP, but from an older config (e.g. another SubnetLen): give it back
                 log.info("deleting our lease %s: it does not fit the current network config", x.lease.describe())
+                self._listing = None  # we write: the watcher lists afresh (see take_listing)
                 self.registry.txn([Compare(x.kv.key, "mod", "==", x.kv.mod_revision)], deletes=[x.kv.key])
             else:
                 log.warning("reservation %s for our public IP does not fit the network config; ignoring it",
@@ -281,6 +288,7 @@ class LeaseManager:
         return self._spare_etcd_lease
 
     def _create(self, lease: Lease, listed_at: int) -> OwnLease | None:
+        self._listing = None  # we write: the watcher lists afresh (see take_listing)
         key = self.full_key(lease.key)
         compares = [Compare(key, "version", "==", 0)]
         if lease.subnet is not None:
@@ -309,6 +317,8 @@ class LeaseManager:
                 return None  # expired under us: the key is gone, list again
             expires = time.monotonic() + left
         unchanged = encode_value(lease) == mine.kv.value
+        if not unchanged:
+            self._listing = None  # we write: the watcher lists afresh (see take_listing)
         if not unchanged and not self.registry.txn(
             [Compare(mine.kv.key, "mod", "==", mine.kv.mod_revision)],
             puts=[(mine.kv.key, encode_value(lease), etcd_lease)],

@@ -16,6 +16,7 @@ from flanneld.config import parse_config
 from flanneld.lease import leases_prefix
 from flanneld.leases import LeaseEvent, LeaseManager, LeaseWatcher
 from flanneld.metrics import Metrics, parse
+from flanneld.netstate import Device
 from flanneld.overlay import Overlay, OverlaySettings
 from flanneld.reconciler import Reconciler
 from flanneld.registry import KeyValue, WatchBatch, WatchEvent
@@ -215,3 +216,21 @@ def test_wireguard_leases_sharing_a_key_are_merged_by_a_full_reconcile(tmp_path,
     assert fake.peers["flannel-wg"][key].allowed_ips == ("198.18.2.0/24",)  # the other lease still wants it
     assert overlay.apply_lease_events([event("removed", 2, wg(2, 22))], incremental=True) == ""
     assert fake.peers["flannel-wg"] == {}
+
+
+def test_a_start_lists_once_when_its_lease_is_unchanged_and_again_after_writing():
+    """Restart storm: find_own's listing serves acquisition and the watcher. A node that wrote its
+    lease lists again, so being ready still covers every lease that existed before ours."""
+    registry = FakeRegistry()
+    backend = create_backend(CONFIG, EXT, NodeSettings())
+    attrs = backend.lease_attrs({"flannel.1": Device("flannel.1", 5, "0e:aa:00:00:00:01")})
+    first = LeaseManager(registry, CONFIG, PREFIX)  # type: ignore[arg-type]
+    assert first.find_own(published_addresses(CONFIG, EXT)) is None
+    first.acquire(attrs)
+    assert first.take_listing() is None  # it created its lease: the watcher lists afresh
+    again = LeaseManager(registry, CONFIG, PREFIX)  # type: ignore[arg-type]  # the restart
+    assert again.find_own(published_addresses(CONFIG, EXT)) is not None
+    again.acquire(attrs)
+    _revision, kvs = again.take_listing()  # type: ignore[misc]
+    assert [kv.key for kv in kvs] == [HEAD + first.own.lease.key]  # type: ignore[union-attr]
+    assert again.take_listing() is None
