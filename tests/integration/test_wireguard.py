@@ -40,7 +40,8 @@ def wg_cluster(make_cluster, nodes: int, config: dict):
 def start_all(cluster, *flags: str) -> None:
     """Start every daemon and wait until each node has every other as a WireGuard peer."""
     cluster.start_all(*flags, converge=False)
-    devices = ["flannel-wg"] + (["flannel-wg-v6"] if "EnableIPv6" in json.dumps(cluster.config) else [])
+    separate = cluster.config["Backend"].get("Mode", "separate") == "separate"
+    devices = ["flannel-wg"] + (["flannel-wg-v6"] if cluster.config.get("EnableIPv6") and separate else [])
 
     def meshed() -> bool:
         return all(len(wg_dump(n, d)["peers"]) == len(cluster.nodes) - 1 for n in cluster.nodes for d in devices)
@@ -154,6 +155,22 @@ def test_dual_stack_separate_mode_with_psk(make_cluster):
     assert lease.backend_v6 == {"PublicKey": v4["public_key"], "Port": 51821}
     assert PSK not in a.log() and PSK not in a.http("/metrics")[1]
     assert routes(a, "-6")["2001:db8:1800::/56"]["dev"] == "flannel-wg-v6"
+
+
+def test_auto_mode_one_device_for_both_families(make_cluster):
+    config = {**DUAL, "Backend": {"Type": "wireguard", "Mode": "auto"}}
+    cluster = wg_cluster(make_cluster, 2, config)
+    start_all(cluster)
+    a, b = cluster.nodes
+    pa, pb = cluster.pod(a), cluster.pod(b)
+    assert ping(pa, pb.addr).returncode == 0 and ping(pa, pb.ip6.split("/")[0]).returncode == 0
+    assert tcp_exchange(pa, pb, ipv6=True) == "pct revo lennalf"
+    assert a.sh("ip", "link", "show", "flannel-wg-v6", check=False).returncode != 0
+    peer = wg_dump(a)["peers"][wg_dump(b)["public_key"]]
+    # both of the peer's subnets on the one peer, reached over IPv4 (both public: IPv4 first)
+    assert peer["allowed_ips"] == [cluster.subnet(b), cluster.subnet6(b)] and peer["endpoint"] == f"{b.ip}:51820"
+    assert routes(a, "-6")["2001:db8:1800::/56"]["dev"] == "flannel-wg"
+    assert cluster.lease(a).backend_v6 == {"PublicKey": wg_dump(a)["public_key"], "Port": 51820}
 
 
 def test_hitless_restart_peer_removal_and_repair(make_cluster):
