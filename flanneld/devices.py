@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 from .kernel import Kernel, KernelError, LinkInfo, WriteFailure
 from .netstate import VxlanLink, WgPeer, WireguardLink
+from .wggenl import GenlClient
+from .wgkeys import Key
 from .wguapi import DeviceState, PeerChange, UapiClient, UapiError
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class VxlanDevices(NoPeerTable):
 class _Control(Protocol):
     def get(self) -> DeviceState: ...
 
-    def set(self, private_key: Any = None, listen_port: int | None = None,
+    def set(self, private_key: Key | None = None, listen_port: int | None = None,
             changes: Sequence[PeerChange] = ()) -> None: ...
 
 
@@ -111,18 +113,14 @@ class _Kernel:
         self.name = name
 
     def get(self) -> DeviceState:
-        from .wggenl import GenlClient
-
         client = GenlClient()
         try:
             return client.get(self.name)
         finally:
             client.close()
 
-    def set(self, private_key: Any = None, listen_port: int | None = None,
+    def set(self, private_key: Key | None = None, listen_port: int | None = None,
             changes: Sequence[PeerChange] = ()) -> None:
-        from .wggenl import GenlClient
-
         client = GenlClient()
         try:
             client.set(self.name, private_key, listen_port, list(changes))
@@ -142,7 +140,7 @@ class _Userspace:
         except UapiError as exc:
             raise KernelError(str(exc), exc.errno) from None
 
-    def set(self, private_key: Any = None, listen_port: int | None = None,
+    def set(self, private_key: Key | None = None, listen_port: int | None = None,
             changes: Sequence[PeerChange] = ()) -> None:
         try:
             self.client.set(private_key, listen_port, changes)

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 
 from . import nlcodec as nl
+from .kernel import BulkSocket, KernelError
 from .wgkeys import ZERO, Key
 from .wguapi import DeviceState, PeerChange, PeerState
 
@@ -182,13 +183,10 @@ def parse_device(payloads: Iterable[memoryview]) -> DeviceState:
 class GenlClient:
     """Configures kernel WireGuard devices over one generic netlink socket (family id resolved once).
 
-    Raises KernelError (errno EOPNOTSUPP-like ENOENT when the kernel has no WireGuard family).
+    Raises KernelError (the controller answers ENOENT when the kernel has no WireGuard family).
     """
 
     def __init__(self) -> None:
-        from .kernel import BulkSocket, KernelError
-
-        self._error = KernelError
         self.sock = BulkSocket(NETLINK_GENERIC)
         try:
             reply = self.sock.request(get_family(self.sock.next_seq()))
@@ -203,8 +201,8 @@ class GenlClient:
     def get(self, ifname: str) -> DeviceState:
         try:
             return parse_device(p for _kind, p in self.sock.dump(get_device(self.sock.next_seq(), self.family, ifname)))
-        except self._error as exc:
-            raise self._error(f"reading WireGuard device {ifname}: {exc}", exc.errno) from None
+        except KernelError as exc:
+            raise KernelError(f"reading WireGuard device {ifname}: {exc}", exc.errno) from None
 
     def set(self, ifname: str, private_key: Key | None = None, listen_port: int | None = None,
             changes: Sequence[PeerChange] = ()) -> None:
@@ -215,5 +213,5 @@ class GenlClient:
                                  listen_port if first else None, chunk)
             try:
                 self.sock.request(message)
-            except self._error as exc:
-                raise self._error(f"configuring WireGuard device {ifname}: {exc}", exc.errno) from None
+            except KernelError as exc:
+                raise KernelError(f"configuring WireGuard device {ifname}: {exc}", exc.errno) from None
