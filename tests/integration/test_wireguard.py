@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -320,3 +321,24 @@ def test_bad_inputs_are_one_clear_line(make_cluster):
     assert "c2VjcmV0LXRvby1zaG9ydA==" not in node.log()
     cluster.set_config(WG)
     node.wait_ready()
+
+
+def test_wireguard_needs_only_the_units_two_capabilities(make_cluster):
+    """The unit's CapabilityBoundingSet (NET_ADMIN, NET_RAW) suffices for wireguard-go too."""
+    cluster = wg_cluster(make_cluster, 2, WG)
+    node1, node2 = cluster.nodes
+    argv = ["setpriv", "--bounding-set=-all,+net_admin,+net_raw", "--", lab._tool("flanneld"),
+            f"--etcd-endpoints={cluster.endpoint}", f"--etcd-prefix={cluster.prefix}",
+            f"--subnet-file={node1.subnet_file}", "--healthz-port=8471", "--iptables-resync=1"]
+    os.makedirs(os.path.dirname(node1.subnet_file), exist_ok=True)
+    node1.popen(argv, "flanneld")
+    node1.wait_ready()
+    cluster.start(node2)
+    eventually(lambda: len(wg_dump(node1)["peers"]) == 1 and len(wg_dump(node2)["peers"]) == 1, timeout=5,
+               what="peers")
+    pid = next(p for p in lab.ip("netns", "pids", node1.ns).stdout.split()
+               if b"wireguard-go" in pathlib.Path(f"/proc/{p}/cmdline").read_bytes())
+    with open(f"/proc/{pid}/status") as fh:
+        bounding = next(line for line in fh if line.startswith("CapBnd:")).split()[1]
+    assert int(bounding, 16) == (1 << 12) | (1 << 13)  # wireguard-go runs within the same set
+    assert ping(cluster.pod(node1), cluster.pod(node2).addr).returncode == 0
