@@ -57,6 +57,7 @@ def main(nodes: int, network: str, check: bool) -> None:
             node.start_flanneld(endpoint, PREFIX, "--ip-masq")
         for node in members:
             node.wait_ready()
+        _wait_meshed(members)
         pods = []
         for node in members:
             env = read(node.subnet_file)
@@ -89,6 +90,30 @@ def _show(registry: Registry, members: list[lab.Node], pods: list[lab.Pod]) -> N
              f"{lease.backend.get('VtepMAC', ''):<19} {pod.addr if pod else ''}")
 
 
+def _wait_meshed(members: list[lab.Node], timeout: float = 10.0) -> None:
+    """Until every node routes to every other node's subnet: nodes started together become ready
+    each with the peers it has seen, and learn of the later ones by the watch moments after."""
+    subnets = {n.ns: str(env.lease_subnet) for n in members if (env := read(n.subnet_file)) is not None}
+    deadline = time.monotonic() + timeout
+    waiting = list(members)
+    while waiting and time.monotonic() < deadline:
+        waiting = [n for n in waiting if not all(
+            subnets[o.ns] in n.sh("ip", "route", "show", "dev", "flannel.1", check=False).stdout
+            for o in members if o is not n)]
+        if waiting:
+            time.sleep(0.05)
+    for node in waiting:
+        _say(f"{node.ns} does not route to every other node after {timeout:.0f}s")
+
+
+def _ping(src: lab.Pod, dst: str) -> bool:
+    """Three probes 0.2 s apart, any answer counts: one probe lost to a neighbour being resolved
+    is not a broken overlay."""
+    result = subprocess.run(["ip", "netns", "exec", src.name, "ping", "-c", "3", "-i", "0.2", "-W", "1", dst],
+                            capture_output=True, text=True)
+    return result.returncode == 0  # iputils: 0 once any probe was answered
+
+
 def _check(pods: list[lab.Pod]) -> bool:
     ok = True
     _say("")
@@ -97,14 +122,11 @@ def _check(pods: list[lab.Pod]) -> bool:
             if src is dst:
                 continue
             start = time.monotonic()
-            result = subprocess.run(["ip", "netns", "exec", src.name, "ping", "-c", "1", "-W", "2", dst.addr],
-                                    capture_output=True, text=True)
-            good = result.returncode == 0
+            good = _ping(src, dst.addr)
             ok &= good
             _say(f"ping {src.addr:<15} -> {dst.addr:<15} {'ok' if good else 'FAILED'} "
                  f"({(time.monotonic() - start) * 1000:.0f} ms)")
-    outside = subprocess.run(["ip", "netns", "exec", pods[0].name, "ping", "-c", "1", "-W", "2",
-                              lab.OUTSIDE_HOST_IP], capture_output=True, text=True).returncode == 0
+    outside = _ping(pods[0], lab.OUTSIDE_HOST_IP)
     ok &= outside
     _say(f"ping {pods[0].addr:<15} -> {lab.OUTSIDE_HOST_IP:<15} {'ok' if outside else 'FAILED'} "
          "(outside host, masqueraded)")
