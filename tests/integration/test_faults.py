@@ -402,7 +402,7 @@ def test_bad_leases_are_ignored_or_warned_and_nothing_else_is_disturbed(make_clu
     cluster.registry.put(head + "198.18.231.0-24", b'{"PublicIP":"198.51.100.107","BackendType":"vxlan",')
     cluster.registry.put(head + "junk-key", b"{}")
     cluster.registry.put(head + "10.99.0.0-24", fake_lease(8, "10.99.0.0/24")[1])  # outside the Network
-    wide = put_fake(cluster, 9, "198.18.32.0/20")  # not SubnetLen: programmed, with a warning
+    wide = put_fake(cluster, 9, "198.18.208.0/20")  # not SubnetLen: programmed, warned (above SubnetMax)
     key, value = fake_lease(10, "198.18.232.0/24")  # upstream spells the field "VtepMac" too
     cluster.registry.put(head + key, value.replace(b"VtepMAC", b"VtepMac"))
     stolen = json.loads(cluster.registry.get(own_key).value)
@@ -414,9 +414,9 @@ def test_bad_leases_are_ignored_or_warned_and_nothing_else_is_disturbed(make_clu
     log = node1.log()
     assert "ignoring malformed lease entry" in log and "junk-key" in log
     assert "10.99.0.0/24 is outside the network" in log
-    assert f"lease {head}198.18.32.0-20 does not fit the network config (IPv4 subnet 198.18.32.0/20: it is a /20 " \
+    assert f"lease {head}198.18.208.0-20 does not fit the network config (IPv4 subnet 198.18.208.0/20: it is a /20 " \
            "but the network config's SubnetLen is 24); programming it anyway" in log
-    assert log.count("198.18.32.0-20 does not fit") == 1  # once, not per event or reconcile
+    assert log.count("198.18.208.0-20 does not fit") == 1  # once, not per event or reconcile
     assert "was modified in etcd; restoring our attributes" in log
     assert "10.99.0.0/24" not in routes(node1) and "198.18.231.0/24" not in routes(node1)
     assert Pinger(cluster.pod(node1), cluster.pod(node2).addr).stop()[1] == 0
