@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from ..config import BackendConfig, ConfigError, NetworkConfig
 from ..lease import Lease, LeaseAttrs
-from ..netstate import DesiredState, Device, Fdb, LinkSpec, Neigh, ObservedLink, Route, WgPeer
+from ..netstate import DesiredState, Device, Fdb, LinkSpec, Neigh, ObservedLink, Route, WgPeer, sorted_cidrs
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,19 @@ def one_per_key(peers: Iterable[WgPeer]) -> list[WgPeer]:
             out.append(same[0])
             continue
         first = min(same, key=lambda p: (p.endpoint, p.allowed_ips))
-        ips = tuple(sorted({ip for p in same for ip in p.allowed_ips}, key=lambda c: (":" in c, c)))
-        out.append(replace(first, allowed_ips=ips))
+        out.append(replace(first, allowed_ips=sorted_cidrs({ip for p in same for ip in p.allowed_ips})))
     return out
 
 
 BLACKHOLE_METRIC = 4000  # low priority: never shadows the pod bridge's connected route (see README)
+
+
+def int_option(backend: BackendConfig, name: str, default: int, low: int, high: int) -> int:
+    """An integer option of a ``Backend`` object; ConfigError naming it and the range otherwise."""
+    value = backend.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"Backend.{name} must be an integer in {low}..{high}, got {value!r}")
+    return value
 
 
 def own_routes(own: Lease, config: NetworkConfig, blackhole: bool) -> frozenset[Route]:

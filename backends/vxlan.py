@@ -26,6 +26,7 @@ from .base import (
     BackendType,
     External,
     PeerPlan,
+    int_option,
     own_routes,
     published_addresses,
     register,
@@ -56,12 +57,6 @@ class VxlanOptions:
 
     @classmethod
     def parse(cls, backend: BackendConfig) -> VxlanOptions:
-        def integer(name: str, default: int, low: int, high: int) -> int:
-            value = backend.get(name, default)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"Backend.{name} must be an integer in {low}..{high}, got {value!r}")
-            return value
-
         def flag(name: str) -> bool:
             value = backend.get(name, False)
             if not isinstance(value, bool):
@@ -69,12 +64,12 @@ class VxlanOptions:
             return value
 
         opts = cls(
-            vni=integer("VNI", 1, 0, 0xFFFFFF),
-            port=integer("Port", 0, 0, 65535),
+            vni=int_option(backend, "VNI", 1, 0, 0xFFFFFF),
+            port=int_option(backend, "Port", 0, 0, 65535),
             gbp=flag("GBP"),
             learning=flag("Learning"),
             direct_routing=flag("DirectRouting"),
-            mtu=integer("MTU", 0, 0, 65535),
+            mtu=int_option(backend, "MTU", 0, 0, 65535),
             disable_tx_checksum=flag("DisableTxChecksumOffloading"),
         )
         if opts.mtu and opts.mtu < 1280:

@@ -23,7 +23,7 @@ from typing import Any
 from ..config import BackendConfig, ConfigError, NetworkConfig
 from ..family import IPV4, IPV6, Family
 from ..lease import Lease, LeaseAttrs, backend_json
-from ..netstate import Address, DesiredState, Device, ObservedLink, Route, WgPeer, WireguardLink
+from ..netstate import Address, DesiredState, Device, ObservedLink, Route, WgPeer, WireguardLink, sorted_cidrs
 from ..wgkeys import Key, WgKeyError, key_file, load, load_or_create, public_of
 from .base import (
     BackendBase,
@@ -31,6 +31,7 @@ from .base import (
     External,
     NodeSettings,
     PeerPlan,
+    int_option,
     own_routes,
     published_addresses,
     register,
@@ -59,12 +60,6 @@ class WireguardOptions:
 
     @classmethod
     def parse(cls, backend: BackendConfig) -> WireguardOptions:
-        def integer(name: str, default: int, low: int, high: int) -> int:
-            value = backend.get(name, default)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"Backend.{name} must be an integer in {low}..{high}, got {value!r}")
-            return value
-
         psk_text = backend.get("PSK", "")
         psk = None
         if psk_text not in ("", None):
@@ -79,12 +74,12 @@ class WireguardOptions:
         if mode not in MODES:
             raise ConfigError(f"Backend.Mode must be one of {', '.join(MODES)}, got {mode!r}")
         opts = cls(
-            listen_port=integer("ListenPort", 51820, 1, 65535),
-            listen_port_v6=integer("ListenPortV6", 51821, 1, 65535),
+            listen_port=int_option(backend, "ListenPort", 51820, 1, 65535),
+            listen_port_v6=int_option(backend, "ListenPortV6", 51821, 1, 65535),
             psk=psk,
-            keepalive=integer("PersistentKeepaliveInterval", 0, 0, 65535),
+            keepalive=int_option(backend, "PersistentKeepaliveInterval", 0, 0, 65535),
             mode=mode,
-            mtu=integer("MTU", 0, 0, 65535),
+            mtu=int_option(backend, "MTU", 0, 0, 65535),
         )
         if opts.mtu and opts.mtu - OVERHEAD < 1280:
             raise ConfigError(f"Backend.MTU {opts.mtu} is too small for WireGuard (minimum {1280 + OVERHEAD})")
@@ -237,7 +232,7 @@ class WireguardBackend(BackendBase):
                 continue
             out.wg_peers.append(WgPeer(
                 dev.name, key, endpoint(public, _port(data, dev.port)),
-                tuple(str(s) for _, s in sorted(subnets, key=lambda fs: fs[0].version)),
+                sorted_cidrs(str(s) for _, s in subnets),
                 self.options.keepalive, self.options.psk))
         return out
 

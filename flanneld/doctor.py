@@ -22,7 +22,7 @@ from .ctl_views import human_duration
 from .firewall import NFT_TABLE, FirewallSpec, iptables_rules, iptables_tool, nft_script
 from .lease import Lease
 from .leases import Listed, Listing
-from .netstate import Fdb, Neigh, ObservedLink, Route, WgPeer
+from .netstate import Fdb, Neigh, ObservedLink, Route, WgPeer, sorted_cidrs
 from .nlcodec import IFF_UP, NUD_PERMANENT, RTN_BLACKHOLE, RTN_UNICAST, RTNH_F_ONLINK, RTPROT_KERNEL
 from .subnetenv import SubnetEnv
 from .wgkeys import Key, WgKeyError
@@ -139,9 +139,8 @@ def read_wireguard() -> tuple[dict[str, dict[str, object]], set[WgPeer]]:
                 devices[cols[0]] = {"public_key": cols[2], "listen_port": int(cols[3])}
             elif len(cols) == 9:  # interface, public key, psk, endpoint, allowed ips, handshake, rx, tx, keepalive
                 dev, key, psk, endpoint, allowed, *_counters, keepalive = cols
-                ips = () if allowed == "(none)" else tuple(sorted((str(ipaddress.ip_network(c)) for c in
-                                                                   allowed.split(",")),
-                                                                  key=lambda c: (":" in c, c)))
+                ips = () if allowed == "(none)" else sorted_cidrs(str(ipaddress.ip_network(c))
+                                                                  for c in allowed.split(","))
                 peers.add(WgPeer(dev, key, "" if endpoint == "(none)" else endpoint, ips,
                                  0 if keepalive == "off" else int(keepalive),
                                  None if psk == "(none)" else Key.from_base64(psk)))

@@ -99,6 +99,11 @@ class WireguardLink:
         return 6 if 6 in self.versions else 4
 
 
+def sorted_cidrs(cidrs: Iterable[str]) -> tuple[str, ...]:
+    """A peer's AllowedIPs in the one order planner, kernel readers and doctor all use: IPv4 first."""
+    return tuple(sorted(cidrs, key=lambda c: (":" in c, c)))
+
+
 @dataclass(frozen=True, slots=True)
 class WgPeer:
     """One WireGuard peer of one of our devices: the peer table's entry, keyed by public key."""

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from . import nlcodec as nl
 from .kernel import BulkSocket, KernelError
+from .netstate import sorted_cidrs
 from .wgkeys import ZERO, Key
 from .wguapi import DeviceState, PeerChange, PeerState
 
@@ -146,7 +147,7 @@ def _parse_peer(raw: memoryview) -> PeerState:
     return PeerState(
         public_key=Key(bytes(a[WGPEER_A_PUBLIC_KEY])).base64,
         endpoint=_parse_endpoint(a[WGPEER_A_ENDPOINT]) if WGPEER_A_ENDPOINT in a else "",
-        allowed_ips=tuple(sorted(ips, key=lambda c: (":" in c, c))),
+        allowed_ips=sorted_cidrs(ips),
         keepalive=struct.unpack_from("=H", a[WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL])[0]
         if WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL in a else 0,
         psk=None if psk == ZERO else psk,
@@ -172,7 +173,7 @@ def parse_device(payloads: Iterable[memoryview]) -> DeviceState:
             peer = _parse_peer(raw)
             if peer.public_key in peers:
                 earlier = peers[peer.public_key]
-                joined = tuple(sorted({*earlier.allowed_ips, *peer.allowed_ips}, key=lambda c: (":" in c, c)))
+                joined = sorted_cidrs({*earlier.allowed_ips, *peer.allowed_ips})
                 peer = PeerState(earlier.public_key, earlier.endpoint, joined, earlier.keepalive, earlier.psk,
                                  earlier.last_handshake, earlier.rx_bytes, earlier.tx_bytes)
             peers[peer.public_key] = peer

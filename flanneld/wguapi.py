@@ -19,6 +19,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .netstate import sorted_cidrs
 from .wgkeys import ZERO, Key, WgKeyError
 
 RUN_DIR = "/var/run/wireguard"  # wireguard-go's, fixed at build time
@@ -98,7 +99,7 @@ def parse_get(text: str) -> DeviceState:
 
     def finish() -> None:
         if peer is not None:
-            ips = tuple(sorted(peer.pop("allowed_ips"), key=_cidr_order))  # type: ignore[arg-type]
+            ips = sorted_cidrs(peer.pop("allowed_ips"))  # type: ignore[arg-type]
             peers[peer["public_key"]] = PeerState(allowed_ips=ips, **peer)  # type: ignore[arg-type,index]
 
     for line in text.splitlines():
@@ -131,10 +132,6 @@ def parse_get(text: str) -> DeviceState:
             raise UapiError(f"unreadable {name} in the device's reply: {exc}") from None
     finish()
     return DeviceState(private, port, peers)
-
-
-def _cidr_order(cidr: str) -> tuple[int, str]:
-    return (6 if ":" in cidr else 4, cidr)
 
 
 class UapiClient:
