@@ -116,9 +116,7 @@ def wait(check, timeout: float, what: str) -> float:  # type: ignore[no-untyped-
 
 def start_all(nodes: list[lab.Node], endpoint: str) -> None:
     for node in nodes:
-        # faulthandler: a daemon that does not stop is made to print every thread's stack (SIGABRT)
-        node.start_flanneld(endpoint, PREFIX, "--log-format=json", "--reconcile-interval=60",
-                            env={"PYTHONFAULTHANDLER": "1"})
+        node.start_flanneld(endpoint, PREFIX, "--log-format=json", "--reconcile-interval=60")
 
 
 def stop_all(nodes: list[lab.Node]) -> None:
@@ -131,8 +129,10 @@ def stop_all(nodes: list[lab.Node]) -> None:
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGABRT)
-                proc.wait(10)
+                proc.send_signal(signal.SIGUSR1)  # every thread's stack into the log
+                time.sleep(1)
+                proc.kill()
+                proc.wait()
                 raise SystemExit(f"flanneld on {node.ns} did not stop within 60 s of SIGTERM:\n"
                                  f"{node.log()[-6000:]}") from None
         node.procs.clear()

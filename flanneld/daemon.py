@@ -3,7 +3,7 @@
 Start-up (:mod:`flanneld.startup`) ends in a running :class:`~flanneld.overlay.Overlay`, which
 the loop thread alone owns. Other threads only send it typed events (:mod:`flanneld.events`):
 lease batches from the watcher, raw netlink notification batches from the monitor (the loop
-decides what is drift: it owns the reconciler's maps), a stop from the signal handler. The loop's
+decides what is drift: it owns the reconciler's maps), a stop from the signal thread. The loop's
 own timers drive lease renewal, the firewall check and the periodic full reconcile.
 SIGTERM/SIGINT end the loop and leave devices, routes, rules, subnet.env and the lease in place,
 so a restart is hitless.
@@ -36,6 +36,7 @@ from .leases import SUBNET_TTL, LeaseEvent, LeaseWatcher
 from .metrics import Metrics
 from .overlay import Overlay, OverlaySettings
 from .registry import Registry, RegistryError
+from .signals import call_on_signals, dump_stacks_on
 from .startup import StartSettings, start, validate
 
 log = logging.getLogger("flanneld")
@@ -104,8 +105,8 @@ class Daemon:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT. Returns the exit status."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        call_on_signals(self._on_signal)
+        dump_stacks_on(signal.SIGUSR1)
         log.info("flanneld %s starting; etcd %s", __version__, self.opts.etcd.describe())
         try:
             # what can fail on the node's own account fails now, before a lease or a device exists
@@ -134,10 +135,10 @@ class Daemon:
         self.health_server.start()
         log.info("serving /healthz, /readyz and /metrics on %s:%d", host, self.health_server.port)
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
+    def _on_signal(self, sig: signal.Signals) -> None:
+        """On the signal thread (:mod:`flanneld.signals`), so taking the queue's lock is safe."""
         if not self.stop_event.is_set():
-            log.info("received %s: stopping, leaving the data plane and lease in place",
-                     signal.Signals(signum).name)
+            log.info("received %s: stopping, leaving the data plane and lease in place", sig.name)
         self.stop_event.set()
         self.events.put(Stop())
 

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import click
@@ -22,6 +23,7 @@ from . import lab
 from .etcd_options import EtcdOptions
 from .lease import decode_lease, leases_prefix
 from .registry import Registry
+from .signals import call_on_signals
 from .subnetenv import read
 
 PREFIX = "/coreos.com/network"
@@ -39,6 +41,7 @@ def main(nodes: int, network: str, check: bool) -> None:
     """Run a flannel cluster in network namespaces on this machine (needs root)."""
     if os.geteuid() != 0:
         raise click.ClickException("the demo creates network namespaces: run it as root")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # while setting up: as Ctrl-C, then clean up
     lab.cleanup_stale()
     cluster = lab.Lab()
     etcd = None
@@ -67,11 +70,13 @@ def main(nodes: int, network: str, check: bool) -> None:
         ok = _check(pods)
         if check or not ok:
             sys.exit(0 if ok else 1)
+        stop = threading.Event()
+        call_on_signals(lambda _sig: stop.set())
         _say(f"\nThe cluster is up. Try:\n  sudo ip netns exec {pods[0].name} ping {pods[-1].addr}\n"
              f"  sudo ip netns exec {members[0].ns} ip route\n"
              f"  sudo ip netns exec {cluster.ctl} {lab._tool('flannelctl')} --etcd-endpoints={etcd.endpoint} "
              "subnets list\nPress Ctrl-C to stop and remove everything.")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stop.wait()
     finally:
         if etcd is not None:
             etcd.destroy()

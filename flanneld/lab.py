@@ -157,6 +157,15 @@ def enable_auth(server: EtcdServer, user: str, password: str, prefix: str) -> No
     server.root_user = "root:rootpw"
 
 
+def tail(path: str, lines: int = 20) -> str:
+    """The last `lines` lines of a log file ('' if there is none)."""
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def _tool(name: str) -> str:
     """A console script of this installation (next to the running interpreter), else from PATH."""
     import sys
@@ -271,11 +280,7 @@ class EtcdServer:
         return {int(line.strip(), 16) for line in out[1:] if line.strip()}
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            with open(self.log_path, errors="replace") as fh:
-                return "".join(fh.readlines()[-lines:])
-        except OSError:
-            return ""
+        return tail(self.log_path, lines)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -560,6 +565,21 @@ class Node:
                 return fh.read()
         except OSError:
             return ""
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Signal one of this node's processes and wait for it; one that hangs (a daemon) is made
+        to print every thread's stack (SIGUSR1) into its log, killed, and reported with that log."""
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            proc.kill()
+            proc.wait()
+            log_path = getattr(proc, "log_path", "")
+            raise LabError(f"process {proc.pid} on {self.ns} did not exit within {timeout}s of "
+                           f"{signal.Signals(sig).name}; the end of {log_path}:\n{tail(log_path, 200)}") from None
 
     def stop_processes(self) -> None:
         for proc in self.procs:

@@ -89,9 +89,7 @@ class Cluster:
 
     @staticmethod
     def stop(node: lab.Node, sig: int = signal.SIGTERM) -> int:
-        proc = node.procs.pop()
-        proc.send_signal(sig)
-        return proc.wait(15)
+        return node.stop(node.procs.pop(), sig)
 
     # -- state -------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The README's main command: the demo cluster comes up, passes its checks and cleans up."""
 
+import signal
 import subprocess
 
 from flanneld import lab
@@ -12,4 +13,25 @@ def test_demo_check_mode_passes_and_leaves_nothing_behind():
     assert result.returncode == 0, result.stderr
     assert "all checks passed" in result.stderr
     assert result.stderr.count(" ok (") == 3  # 2 pod pings + the masqueraded outside ping
+    assert set(lab.list_namespaces()) == before
+
+
+def test_sigterm_stops_a_waiting_demo_and_it_removes_its_namespaces():
+    # the same ending as Ctrl-C: a SIGTERM used to kill the demo before its clean-up ran
+    before = set(lab.list_namespaces())
+    proc = subprocess.Popen([lab._tool("flanneld-demo"), "--nodes", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        assert any("The cluster is up" in line for line in seen), "".join(seen)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, rest
+    assert "removed the demo namespaces" in rest
     assert set(lab.list_namespaces()) == before
