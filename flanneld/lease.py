@@ -29,9 +29,13 @@ IPv6Network = ipaddress.IPv6Network
 SUBNETS_DIR = "subnets"
 _ZERO_V4_KEY = "0.0.0.0-0"
 _KEY_RE = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})(?:&([0-9a-f:]+)-(\d{1,3}))?")
+_V4_KEY_RE = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})-([0-9]{1,2})")
 _KNOWN_FIELDS = ("PublicIP", "PublicIPv6", "BackendType", "BackendData", "BackendV6Data")
+_KNOWN_SET = frozenset(_KNOWN_FIELDS)
 _KNOWN_LOWER = {name.lower(): name for name in _KNOWN_FIELDS}
 _DECODER = json.JSONDecoder()
+_GO_ESCAPES = re.compile(r'["\\<>&\x00-\x1f\u2028\u2029]')  # what _go_string must escape
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _NEEDS_COMPACTING = re.compile("[ \t\r\n<>&\u2028\u2029]")
 UNSET_V4 = ipaddress.IPv4Address(0)  # Go's zero ip.IP4: "PublicIP":"0.0.0.0"
 
@@ -60,6 +64,8 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
 
     Cached (bounded, to keep the daemon small): contending acquirers re-list the same keys.
     """
+    if (fast := _V4_KEY_RE.fullmatch(key)) is not None and (subnet := _v4_network(fast.groups())) is not None:
+        return subnet, None  # the common key, parsed without ipaddress's text parser (5 -> 1.5 us)
     match = _KEY_RE.fullmatch(key)
     if match is None:
         raise LeaseDecodeError(f"{key!r} is not a subnet key")
@@ -71,6 +77,22 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network | None, IPv6Network | None]:
         subnet = _key_network(key, f"{v4_ip}/{v4_len}", 4)
     subnet6 = _key_network(key, f"{v6_ip}/{v6_len}", 6) if v6_ip is not None else None
     return subnet, subnet6  # type: ignore[return-value]
+
+
+def _v4_network(groups: tuple[str, ...]) -> IPv4Network | None:
+    """``a.b.c.d-len`` as ipaddress would read it, or None to let the general path say why not."""
+    value = 0
+    for octet in groups[:4]:
+        if octet[0] == "0" and len(octet) > 1:
+            return None  # leading zeros: ipaddress refuses them
+        number = int(octet)
+        if number > 255:
+            return None
+        value = value << 8 | number
+    try:
+        return IPv4Network((value, int(groups[4])))  # strict: host bits set is refused
+    except ValueError:
+        return None
 
 
 def _key_network(key: str, text: str, version: int) -> IPv4Network | IPv6Network:
@@ -93,6 +115,8 @@ def leases_prefix(prefix: str) -> str:
 
 def _go_string(text: str) -> str:
     """Encode a string the way Go's encoding/json does (HTML-safe, UTF-8 kept)."""
+    if _GO_ESCAPES.search(text) is None:
+        return f'"{text}"'  # addresses, names: nothing to escape
     out = ['"']
     for ch in text:
         code = ord(ch)
@@ -278,11 +302,20 @@ def decode_lease(key: str, value: bytes | str) -> Lease:
     Field names match case-insensitively as in Go; null means unset. Raises LeaseDecodeError.
     """
     subnet, subnet6 = parse_subnet_key(key)
+    raw = value
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             raise LeaseDecodeError(f"value of {key!r} is not UTF-8") from None
+    else:
+        raw = value.encode("utf-8")
+    lease = _decode_canonical(key, subnet, subnet6, value, raw)
+    return lease if lease is not None else _decode_general(key, subnet, subnet6, value)
+
+
+def _decode_general(key: str, subnet: IPv4Network | None, subnet6: IPv6Network | None, value: str) -> Lease:
+    """Any JSON object: its own scanner keeps each field's raw text (and says what is wrong)."""
     try:
         pairs = _split_object(value)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -321,6 +354,39 @@ def decode_lease(key: str, value: bytes | str) -> Lease:
         extra=tuple(extra),
         key=key,
     )
+
+
+def _decode_canonical(key: str, subnet: IPv4Network | None, subnet6: IPv6Network | None, text: str,
+                      raw: bytes) -> Lease | None:
+    """The value as Go writes it (every node's), decoded by the C JSON parser; None otherwise.
+
+    The lease built is accepted only if encoding it gives back the stored bytes exactly, which
+    also proves its raw BackendData is the stored text: whatever is not canonical (whitespace,
+    other field spellings, unknown fields, escapes) takes the general path below. ~3x faster.
+    """
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if type(obj) is not dict or not obj.keys() <= _KNOWN_SET:
+        return None
+    public_ip, public_ipv6 = obj.get("PublicIP"), obj.get("PublicIPv6")
+    backend_type = obj.get("BackendType", "")
+    if type(public_ip) is not str or not (public_ipv6 is None or type(public_ipv6) is str) \
+            or type(backend_type) is not str:
+        return None
+    ip4 = _ip(public_ip)
+    ip6 = _ip(public_ipv6) if public_ipv6 is not None else None
+    if ip4 is None or ip4.version != 4 or (public_ipv6 is not None and (ip6 is None or ip6.version != 6)):
+        return None
+    lease = Lease(subnet, subnet6, ip4, ip6, backend_type,  # type: ignore[arg-type]
+                  _compact_dump(obj, "BackendData"), _compact_dump(obj, "BackendV6Data"), key=key)
+    return lease if encode_value(lease) == raw else None
+
+
+def _compact_dump(obj: dict[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    return None if value is None else compact_json(_COMPACT.encode(value))
 
 
 def _raw_or_none(raw: str | None) -> str | None:
