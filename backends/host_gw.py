@@ -69,7 +69,7 @@ class HostGwBackend(BackendBase):
             subnet, public, ours = fam.subnet(peer), fam.public(peer), fam.public(self.publics)
             if subnet is None:
                 continue  # a single-stack peer in a dual-stack cluster: nothing for this family
-            if not subnet.subnet_of(fc.network):  # type: ignore[arg-type]
+            if not fc.contains(subnet):
                 out.skip(f"subnet {subnet} is outside the network {fc.network}", "outside-network")
             elif public is None:
                 out.skip(f"no {fam} public address", "no-public-address")

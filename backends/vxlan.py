@@ -198,7 +198,7 @@ class VxlanBackend(BackendBase):
         subnet, public = fam.subnet(peer), fam.public(peer)
         if subnet is None:
             return None  # a single-stack peer in a dual-stack cluster: nothing for this family
-        if not subnet.subnet_of(f.fam.network):  # type: ignore[arg-type]
+        if not f.fam.contains(subnet):
             return f"subnet {subnet} is outside the network {f.fam.network}", "outside-network"
         if public is None:
             return f"no {fam} public address", "no-public-address"

@@ -132,7 +132,7 @@ class WireguardBackend(BackendBase):
         self.provider = provider
         self.blackhole = blackhole
         self.publics = published_addresses(config, ext)
-        self.networks = {fc.family.version: fc.network for fc in config.families()}
+        self.ranges = {fc.family.version: fc for fc in config.families()}
         families = tuple(fc.family for fc in config.families())
         if options.mode == "separate":
             self.devices = [_Device(DEVICE if f.version == 4 else DEVICE_V6,
@@ -206,12 +206,12 @@ class WireguardBackend(BackendBase):
         for dev in self.devices:
             subnets = []
             for f in dev.families:
-                network = self.networks[f.version]
+                fc = self.ranges[f.version]
                 subnet = f.subnet(peer)
                 if subnet is None:
                     continue  # a single-stack peer in a dual-stack cluster: nothing for this family
-                if not subnet.subnet_of(network):  # type: ignore[arg-type]
-                    out.skip(f"subnet {subnet} is outside the network {network}", "outside-network")
+                if not fc.contains(subnet):
+                    out.skip(f"subnet {subnet} is outside the network {fc.network}", "outside-network")
                     continue
                 subnets.append((f, subnet))
             if not subnets:

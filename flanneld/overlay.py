@@ -143,8 +143,9 @@ class Overlay:
         """Fold lease events into the peer plans; write the change. Returns a reason for a full reconcile."""
         added, removed = PeerPlan(), PeerPlan()
         full_reason = ""
+        for kind, count in Counter(ev.kind for ev in events).items():
+            self.metrics.lease_events.labels(kind=kind).inc(count)
         for ev in events:
-            self.metrics.lease_events.labels(kind=ev.kind).inc()
             key = ev.key
             if key == self.own.key:
                 if incremental:  # the initial listing may predate our own write; the watch brings it
@@ -214,8 +215,7 @@ class Overlay:
         """Warn once per lease whose subnet departs from the config (it is programmed all the same)."""
         reasons = [f"{fc.family} subnet {subnet}: {why}" for fc in self.config.families()
                    if (subnet := fc.family.subnet(lease)) is not None
-                   and subnet.subnet_of(fc.network)  # type: ignore[arg-type]
-                   and (why := fc.misfit(subnet))]
+                   and (why := fc.misfit(subnet)) and fc.contains(subnet)]
         text = "; ".join(reasons)
         if text and self._misfit_logged.get(key) != text:
             log.warning("lease %s%s does not fit the network config (%s); programming it anyway: its node routes "

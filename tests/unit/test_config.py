@@ -206,3 +206,14 @@ def test_nested_config_objects_match_field_names_in_any_case():
     cfg = parse_config('{"Network": "10.5.0.0/16", "backend": {"type": "VXLAN", "vni": 4, "Extra": {"inner": 1}}}')
     assert cfg.backend.type == "vxlan" and cfg.backend.get("VNI") == 4
     assert cfg.backend.get("extra").get("INNER") == 1
+
+
+@pytest.mark.parametrize("subnet", ["198.18.0.0/24", "198.18.255.248/29", "198.18.0.0/16", "198.19.0.0/24",
+                                    "198.0.0.0/8", "198.17.255.0/24", "2001:db8:1800::/64", "0.0.0.0/0"])
+def test_contains_agrees_with_ipaddress_subnet_of(subnet):
+    fc = parse_config('{"Network": "198.18.0.0/16"}').ipv4
+    six = parse_config('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "2001:db8:1800::/56"}').ipv6
+    net = ipaddress.ip_network(subnet)
+    for family in (fc, six):
+        expected = net.version == family.network.version and net.subnet_of(family.network)
+        assert family.contains(net) is expected
