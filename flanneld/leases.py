@@ -21,7 +21,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .allocator import OutOfSubnets, pick_subnet
@@ -388,9 +388,9 @@ class LeaseManager:
 class LeaseEvent:
     """A lease came, changed or went. Carries the raw value (for "removed": the last known one).
 
-    The value was validated when the event was made, by decoding it: that decoded lease rides
-    along (`decoded`) so the loop plans it without decoding it again (a start with 5000 leases
-    decoded each twice). A removal has none; `lease` decodes its last value on access.
+    The value was validated when the event was made, by decoding it. That decoded lease may ride
+    along (`decoded`: watch batches, which are small, and the start's listing, planned as it is
+    read) so the loop plans it without decoding it again; otherwise `lease` decodes on access.
     """
 
     kind: str  # "added" | "changed" | "removed"
@@ -439,18 +439,25 @@ class LeaseWatcher:
             self._warned.add((key, mod_revision))
             log.warning("ignoring malformed lease entry %s: %s", key, reason)
 
+    def list_leases(self) -> tuple[int, list[KeyValue]]:
+        """A serializable listing: a restart storm of N nodes costs the leader nothing and a gRPC
+        proxy can answer from its cache. Nothing is missed: the watch starts right after the
+        revision the listing reflects, however far behind the answering member was."""
+        return self.registry.list_prefix(self.head, serializable=True)
+
     def resync(self, listing: tuple[int, list[KeyValue]] | None = None) -> list[LeaseEvent]:
         """List everything (or take `listing`, one made moments ago), diff against what we know,
-        adopt the listing.
+        adopt the listing. The events carry raw values only (they cross to the loop thread in one
+        list: a re-list of thousands must not hold thousands of decoded leases at once)."""
+        return list(self.adopt(listing or self.list_leases(), keep_decoded=False))
 
-        The listing is serializable: a restart storm of N nodes costs the leader nothing and a
-        gRPC proxy can answer from its cache. Nothing is missed: the watch starts right after the
-        revision the listing reflects, however far behind the answering member was (or however
-        old the listing handed in is).
-        """
-        revision, kvs = listing or self.registry.list_prefix(self.head, serializable=True)
+    def adopt(self, listing: tuple[int, list[KeyValue]], keep_decoded: bool = True) -> Iterator[LeaseEvent]:
+        """The events that turn what we know into `listing`, one at a time; the view becomes the
+        listing once they are all taken. With `keep_decoded` each event carries the lease it
+        was validated as: a consumer that plans each as it comes (the start) decodes nothing
+        twice and holds one decoded lease at a time."""
+        revision, kvs = listing
         bad_keys = set()
-        events: list[LeaseEvent] = []
         fresh: dict[str, tuple[bytes, int]] = {}
         for kv in kvs:
             key = kv.key[len(self.head):]
@@ -464,18 +471,18 @@ class LeaseWatcher:
                 self._warn_junk(kv.key, kv.mod_revision, str(exc))
                 bad_keys.add(key)
                 continue
-            events.append(LeaseEvent("added" if old is None else "changed", key, kv.value, kv.lease_id, lease))
             fresh[key] = (kv.value, kv.lease_id)
+            yield LeaseEvent("added" if old is None else "changed", key, kv.value, kv.lease_id,
+                             lease if keep_decoded else None)
         for key, old in self.known.items():
             if key in fresh:
                 continue
             if key in bad_keys:
                 fresh[key] = old  # still there but unreadable now: keep the last good value
             else:
-                events.append(self._removed(key, old))
+                yield self._removed(key, old)
         self.known = fresh
         self.revision = revision
-        return events
 
     def apply(self, batch: WatchBatch) -> list[LeaseEvent]:
         """Fold one watch batch into the view."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import subnetenv
@@ -139,13 +139,15 @@ class Overlay:
 
     # -- peers -------------------------------------------------------------------------------
 
-    def apply_lease_events(self, events: list[LeaseEvent], incremental: bool) -> str:
-        """Fold lease events into the peer plans; write the change. Returns a reason for a full reconcile."""
+    def apply_lease_events(self, events: Iterable[LeaseEvent], incremental: bool) -> str:
+        """Fold lease events into the peer plans; write the change. Returns a reason for a full reconcile.
+
+        `events` is iterated once: the start hands in the listing's events as they are decoded."""
         added, removed = PeerPlan(), PeerPlan()
         full_reason = ""
-        for kind, count in Counter(ev.kind for ev in events).items():
-            self.metrics.lease_events.labels(kind=kind).inc(count)
+        kinds: Counter[str] = Counter()
         for ev in events:
+            kinds[ev.kind] += 1
             key = ev.key
             if key == self.own.key:
                 if incremental:  # the initial listing may predate our own write; the watch brings it
@@ -170,6 +172,8 @@ class Overlay:
                 public = lease.public_ip if lease.subnet else lease.public_ipv6
                 log.info("lease %s %s (%s)", ev.kind, lease.describe(), public,
                          extra={"lease": lease.describe(), "peer": str(public), "event": ev.kind})
+        for kind, count in kinds.items():
+            self.metrics.lease_events.labels(kind=kind).inc(count)
         self._count_peers()
         if incremental and not full_reason and (added.wg_peers or removed.wg_peers) and self._shared_keys(added,
                                                                                                    removed):

@@ -116,10 +116,10 @@ def start(registry: Registry, kernel: Kernel, s: StartSettings, metrics: Metrics
     watcher = LeaseWatcher(registry, s.overlay.prefix)
     # the listing our lease was found and acquired with: the watch catches up from its revision
     # (our own write included), so a start costs etcd one listing
-    initial = retry("listing leases", lambda: watcher.resync(leases.take_listing()), stop)
-    if initial is None:
+    listing = retry("listing leases", lambda: leases.take_listing() or watcher.list_leases(), stop)
+    if listing is None:
         return None
-    overlay.apply_lease_events(initial, incremental=False)  # type: ignore[arg-type]
+    overlay.apply_lease_events(watcher.adopt(listing), incremental=False)  # type: ignore[arg-type]
     overlay.full_reconcile("start")
     overlay.write_subnet_env()
     return overlay, watcher
