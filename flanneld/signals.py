@@ -12,10 +12,13 @@ and a thread of our own reads it and runs the callback, where taking any lock is
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
+
+log = logging.getLogger("flanneld")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -42,7 +45,10 @@ def call_on_signals(callback: Callable[[signal.Signals], None],
         while True:
             for signum in os.read(read_fd, 64):
                 if signum in wanted:
-                    callback(signal.Signals(signum))
+                    try:
+                        callback(signal.Signals(signum))
+                    except Exception:  # the next SIGTERM must still be heard
+                        log.exception("handling %s failed", signal.Signals(signum).name)
 
     threading.Thread(target=read, name="signals", daemon=True).start()
 

@@ -73,3 +73,23 @@ def test_sigusr1_prints_every_threads_stack_and_the_process_goes_on() -> None:
     """)
     assert proc.returncode == 0 and proc.stdout == "still running\n"
     assert proc.stderr.count("(most recent call first)") >= 2, proc.stderr  # main + the sleeper
+
+
+def test_a_failing_callback_does_not_deafen_the_process_to_the_next_signal() -> None:
+    proc = run("""
+        import os, signal, sys, threading
+        from flanneld.signals import call_on_signals
+        calls = []
+        done = threading.Event()
+        def on_stop(sig):
+            calls.append(sig.name)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            done.set()
+        call_on_signals(on_stop)
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Event().wait(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(0 if done.wait(5) else 3)
+    """)
+    assert proc.returncode == 0 and "handling SIGTERM failed" in proc.stderr and "boom" in proc.stderr
