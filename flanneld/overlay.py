@@ -46,6 +46,28 @@ def retry(what: str, fn: Callable[[], object], stop: threading.Event, delay: flo
     return None
 
 
+@dataclass
+class PeerCounts:
+    """Running totals over the peer plans, for /metrics and the shared-key check: kept up to date
+    per change instead of recounted over every plan on each lease event (at 5000 peers that
+    recount was 0.5 ms of a 0.6 ms event, on every node, for every lease put)."""
+
+    skipped: int = 0  # plans with at least one skipped part
+    skip_kinds: Counter[str] = field(default_factory=Counter)  # plans per skip kind
+    backends: Counter[str] = field(default_factory=Counter)  # plans per BackendType
+    wg_keys: Counter[str] = field(default_factory=Counter)  # WireGuard peer entries per public key
+
+    def add(self, plan: PeerPlan, sign: int) -> None:
+        """Count `plan` in (sign 1) or out (sign -1)."""
+        if plan.skipped:
+            self.skipped += sign
+            for kind in set(plan.skipped_kinds):
+                self.skip_kinds[kind] += sign
+        self.backends[plan.backend_type] += sign
+        for peer in plan.wg_peers:
+            self.wg_keys[peer.key] += sign
+
+
 @dataclass(frozen=True)
 class OverlaySettings:
     prefix: str  # etcd key prefix
@@ -71,7 +93,8 @@ class Overlay:
     devices: dict[str, Device]
     own: Lease = field(init=False)
     firewall: Firewall = field(init=False)
-    peers: dict[str, PeerPlan] = field(default_factory=dict)
+    peers: dict[str, PeerPlan] = field(default_factory=dict)  # changed only by _set_plan/_drop_plan
+    counts: PeerCounts = field(default_factory=PeerCounts)
     _skip_logged: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _misfit_logged: dict[str, str] = field(default_factory=dict)
 
@@ -113,7 +136,7 @@ class Overlay:
         self.adopt_lease(got.lease)  # type: ignore[attr-defined]
         if changed:
             log.warning("our subnet changed to %s", self.own.describe())
-            self.peers.pop(self.own.key, None)
+            self._drop_plan(self.own.key)
             self.firewall = Firewall(firewall_spec(self.config, self.own, self.settings))
             self.firewall.apply()
             self.write_subnet_env()
@@ -154,13 +177,13 @@ class Overlay:
                     full_reason = self._own_lease_event(ev) or full_reason
                 continue
             lease = ev.lease  # decoded once here, dropped after planning
-            old = self.peers.pop(key, None)
+            old = self._drop_plan(key)
             if old is not None:
                 _extend(removed, old)
             if ev.kind != "removed":
                 plan = self.backend.plan_peer(lease)
                 plan.backend_type = lease.backend_type
-                self.peers[key] = plan
+                self._set_plan(key, plan)
                 _extend(added, plan)
                 self._log_skips(key, plan)
                 self._log_misfit(key, lease)
@@ -192,20 +215,29 @@ class Overlay:
         (the incremental path writes one lease's peer; one_per_key merges them)."""
         came = Counter(p.key for p in added.wg_peers)
         keys = set(came) | {p.key for p in removed.wg_peers}
-        holders = Counter(p.key for plan in self.peers.values() for p in plan.wg_peers if p.key in keys)
+        holders = self.counts.wg_keys
         return any(holders[key] > came[key] for key in keys if holders[key] > 1 or key not in came)
 
+    def _set_plan(self, key: str, plan: PeerPlan) -> None:
+        self.peers[key] = plan
+        self.counts.add(plan, 1)
+
+    def _drop_plan(self, key: str) -> PeerPlan | None:
+        plan = self.peers.pop(key, None)
+        if plan is not None:
+            self.counts.add(plan, -1)
+        return plan
+
     def _count_peers(self) -> None:
-        m = self.metrics
+        m, counts = self.metrics, self.counts
         m.peers.set(len(self.peers))
-        skipped = [p for p in self.peers.values() if p.skipped]
-        m.skipped.set(len(skipped))
-        kinds = Counter(kind for p in skipped for kind in set(p.skipped_kinds))
+        m.skipped.set(counts.skipped)
         for kind in SKIP_KINDS:
-            m.skipped_by_reason.labels(reason=kind).set(kinds.get(kind, 0))
+            m.skipped_by_reason.labels(reason=kind).set(counts.skip_kinds[kind])
         m.peers_by_backend.clear()  # a type no peer runs any more disappears
-        for backend, count in Counter(p.backend_type for p in self.peers.values()).items():
-            m.peers_by_backend.labels(backend=backend or "none").set(count)
+        for backend, count in counts.backends.items():
+            if count:
+                m.peers_by_backend.labels(backend=backend or "none").set(count)
 
     def _log_skips(self, key: str, plan: PeerPlan) -> None:
         reasons = tuple(plan.skipped)

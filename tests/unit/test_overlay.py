@@ -6,10 +6,13 @@ import ipaddress
 import json
 import logging
 import threading
+from collections import Counter
 
 import pytest
 from fakes import FakeKernel, FakeRegistry
 from flanneld.backends import External, NodeSettings, create_backend, published_addresses
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flanneld import nlcodec as nl
 from flanneld.config import parse_config
@@ -102,6 +105,37 @@ def test_skips_and_misfits_are_logged_once(node, caplog):
     assert caplog.text.count("198.18.32.0-20 does not fit the network config") == 1
     assert "198.18.32.0/20" in routes(kernel) and "198.18.5.0/24" not in routes(kernel)
     assert parse(overlay.metrics.render())[("flanneld_skipped_peers", (("reason", "backend-data"),))] == 1
+
+
+VARIANTS = {
+    "good": lambda n: value(n),
+    "no-mac": lambda n: json.dumps({"PublicIP": f"198.51.100.{10 + n}", "BackendType": "vxlan"}).encode(),
+    "host-gw": lambda n: json.dumps({"PublicIP": f"198.51.100.{10 + n}", "BackendType": "host-gw"}).encode(),
+    "untyped": lambda n: json.dumps({"PublicIP": f"198.51.100.{10 + n}"}).encode(),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "removed"]), st.integers(2, 9), st.sampled_from(sorted(VARIANTS))),
+                max_size=25))
+def test_peer_counts_kept_per_change_equal_a_recount(tmp_path_factory, steps):
+    # /metrics' peer, skip and backend numbers are running totals: after any sequence of events
+    # they must be what counting every plan afresh gives
+    overlay, _, _ = started(tmp_path_factory.mktemp("counts"))
+    for what, n, variant in steps:
+        kind = "removed" if what == "removed" else ("changed" if f"198.18.{n}.0-24" in overlay.peers else "added")
+        if kind == "removed" and f"198.18.{n}.0-24" not in overlay.peers:
+            continue
+        overlay.apply_lease_events([event(kind, n, VARIANTS[variant](n))], incremental=True)
+    plans = overlay.peers.values()
+    samples = parse(overlay.metrics.render())
+    assert samples.get(("flanneld_peers", ()), 0) == len(plans)
+    assert samples.get(("flanneld_skipped_leases", ()), 0) == sum(1 for p in plans if p.skipped)
+    for reason in ("backend-data", "backend-type"):
+        expected = sum(1 for p in plans if reason in p.skipped_kinds)
+        assert samples.get(("flanneld_skipped_peers", (("reason", reason),)), 0) == expected
+    by_backend = Counter(p.backend_type or "none" for p in plans)
+    assert {labels[0][1]: v for (name, labels), v in samples.items() if name == "flanneld_peer_leases"} == by_backend
 
 
 def test_failed_writes_ask_for_a_full_reconcile(node):
