@@ -97,7 +97,6 @@ def list_leases(registry: Registry, prefix: str) -> Listing:
 class OwnLease:
     lease: Lease
     etcd_lease: int  # 0: a reservation, never expires
-    mod_revision: int
     expires_at: float | None  # time.monotonic() deadline; None for reservations
 
     @property
@@ -307,9 +306,7 @@ class LeaseManager:
             log.info("lost the race for %s, retrying", lease.describe())
             return None
         log.info("allocated subnet lease %s", lease.describe())
-        created = self.registry.get(key)
-        return OwnLease(lease, etcd_lease, created.mod_revision if created else 0,
-                        time.monotonic() + self.ttl)
+        return OwnLease(lease, etcd_lease, time.monotonic() + self.ttl)
 
     def _reuse(self, mine: Listed, attrs: LeaseAttrs) -> OwnLease | None:
         lease = attrs.lease(mine.lease.subnet, mine.lease.subnet6, mine.lease.extra)
@@ -330,8 +327,10 @@ class LeaseManager:
             return None
         kind = "reservation" if not etcd_lease else "lease"
         log.info("reusing our %s %s", kind, lease.describe())
-        current = self.registry.get(mine.kv.key)
-        return OwnLease(lease, etcd_lease, current.mod_revision if current else mine.kv.mod_revision, expires)
+        # no read-back: had the key changed since the (serializable) listing, the watch, which
+        # starts from that listing's revision, brings the change and the loop restores or
+        # re-acquires our lease
+        return OwnLease(lease, etcd_lease, expires)
 
     def _settle(self, new: OwnLease) -> None:
         """Adopt `new`; revoke any etcd lease we no longer use so at most one exists."""
@@ -373,9 +372,7 @@ class LeaseManager:
         if not self.registry.txn([Compare(key, "version", ">", 0)],
                                  puts=[(key, encode_value(lease), self.own.etcd_lease)]):
             return False
-        current = self.registry.get(key)
         self.own.lease = lease
-        self.own.mod_revision = current.mod_revision if current else self.own.mod_revision
         log.info("republished lease %s", lease.describe())
         return True
 

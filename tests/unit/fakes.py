@@ -9,6 +9,7 @@ registry keeps revisions like etcd: every put/delete bumps the revision, a listi
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -156,13 +157,16 @@ class FakeRegistry:
         self.data: dict[str, KeyValue] = {}
         self.revision = 1
         self.etcd_leases: dict[int, int] = {}  # id -> TTL
+        self.requests: Counter[str] = Counter()  # what a client asked for, by call
 
     def grant(self, ttl: int) -> int:
+        self.requests["grant"] += 1
         lease_id = 0x1000 + len(self.etcd_leases)
         self.etcd_leases[lease_id] = ttl
         return lease_id
 
     def keepalive(self, lease_id: int) -> int:
+        self.requests["keepalive"] += 1
         return self.etcd_leases.get(lease_id, 0)
 
     def revoke(self, lease_id: int) -> None:
@@ -185,16 +189,19 @@ class FakeRegistry:
         return True
 
     def get(self, key: str) -> KeyValue | None:
+        self.requests["get"] += 1
         return self.data.get(key)
 
     def list_prefix(self, prefix: str, revision: int | None = None,
                     serializable: bool = False) -> tuple[int, list[KeyValue]]:
+        self.requests["list"] += 1
         return self.revision, [kv for key, kv in sorted(self.data.items()) if key.startswith(prefix)]
 
     def txn(self, compares, puts=(), deletes=()) -> bool:  # type: ignore[no-untyped-def]
         """Single-key compares (version/mod) as etcd evaluates them; ranges are not modelled."""
         import operator
 
+        self.requests["txn"] += 1
         ops = {"==": operator.eq, "<": operator.lt, ">": operator.gt, "!=": operator.ne}
         for c in compares:
             if c.range_end is not None:

@@ -263,8 +263,10 @@ def test_a_start_lists_once_when_its_lease_is_unchanged_and_again_after_writing(
     first.acquire(attrs)
     assert first.take_listing() is None  # it created its lease: the watcher lists afresh
     again = LeaseManager(registry, CONFIG, PREFIX)  # type: ignore[arg-type]  # the restart
+    registry.requests.clear()
     assert again.find_own(published_addresses(CONFIG, EXT)) is not None
     again.acquire(attrs)
+    assert registry.requests == {"list": 1, "keepalive": 1}  # and no read-back of our own key
     _revision, kvs = again.take_listing()  # type: ignore[misc]
     assert [kv.key for kv in kvs] == [HEAD + first.own.lease.key]  # type: ignore[union-attr]
     assert again.take_listing() is None
