@@ -64,8 +64,12 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
 
 
-def etcd_sum(members: lab.EtcdCluster, name: str) -> float:
-    return sum(lab.etcd_metric(m.endpoint, name) for m in members.members)
+def etcd_sum(members: lab.EtcdCluster, name: str, having: str = "") -> float:
+    return sum(lab.etcd_metric(m.endpoint, name, having) for m in members.members)
+
+
+MEASURABLE_ETCD_CPU_S = 0.5
+RANGES = ("grpc_server_handled_total", 'grpc_method="Range"')  # range (get/list) requests etcd answered
 
 
 def node_subnet(node: lab.Node) -> str | None:
@@ -216,6 +220,7 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
     pinger = Pinger(pods[0], pods[1].addr) if pods else None
     cpu_etcd0 = sum(proc_cpu(p) for p in etcd_pids)
     sent0 = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total")
+    ranges0 = etcd_sum(members, *RANGES)
     stop_all(nodes)
     storm_start = time.monotonic()
     start_all(nodes, endpoint)
@@ -228,6 +233,7 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
     storm_cpu_total = sum(proc_cpu(p) for p in etcd_pids) - cpu_etcd0
     storm_cpu = max(0.0, storm_cpu_total - idle_rate * storm_s)
     storm_bytes = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total") - sent0
+    storm_ranges = etcd_sum(members, *RANGES) - ranges0
     lost = pinger.stop()[1] if pinger else 0
     subnets = [node_subnet(n) for n in nodes]
     stop_all(nodes)
@@ -238,7 +244,8 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
         "propagation_p99_ms": round(lags[min(len(lags) - 1, int(len(lags) * 0.99))], 1),
         "propagation_max_ms": round(lags[-1], 1),
         "storm_s": round(storm_s, 2), "storm_lost_pings": lost, "storm_etcd_cpu_s": round(storm_cpu, 3),
-        "storm_etcd_cpu_total_s": round(storm_cpu_total, 2),
+        "storm_etcd_cpu_total_s": round(storm_cpu_total, 2), "storm_etcd_floor_cpu_s": round(idle_rate * storm_s, 2),
+        "storm_etcd_ranges": int(storm_ranges),
         "storm_etcd_sent_mb": round(storm_bytes / 1e6, 1), "storm_daemon_cpu_s": round(storm_daemon_cpu, 1),
         "storm_cpu_bound_s": round(storm_daemon_cpu / (os.cpu_count() or 1), 1), "etcd_watchers": watchers,
         "etcd_watch_streams": streams,
@@ -303,9 +310,11 @@ def main() -> int:
                  (f"{m}: restart storm -> full mesh", f"{r['storm_s']:.1f} s, {r['storm_lost_pings']} pings lost"),
                  (f"{m}: daemons' CPU to get ready (storm floor here)",
                   f"{r['storm_daemon_cpu_s']:.1f} CPU s ({r['storm_cpu_bound_s']:.1f} s on {os.cpu_count()} cores)"),
-                 (f"{m}: etcd during the storm (beyond its floor; total)",
-                  f"{r['storm_etcd_cpu_s']:.2f} CPU s ({r['storm_etcd_cpu_total_s']:.2f}), "
-                  f"{r['storm_etcd_sent_mb']:.1f} MB sent"),
+                 (f"{m}: etcd during the storm: CPU beyond floor (total - floor)",
+                  f"{r['storm_etcd_cpu_s']:.2f} s ({r['storm_etcd_cpu_total_s']:.2f} - "
+                  f"{r['storm_etcd_floor_cpu_s']:.2f})"),
+                 (f"{m}: etcd during the storm: ranges answered, sent",
+                  f"{r['storm_etcd_ranges']}, {r['storm_etcd_sent_mb']:.1f} MB"),
                  (f"{m}: etcd watchers / watch streams", f"{r['etcd_watchers']:.0f} / {r['etcd_watch_streams']:.0f}"),
                  (f"{m}: daemon RSS avg/max, idle CPU",
                   f"{r['daemon_rss_mb_avg']:.1f}/{r['daemon_rss_mb_max']:.1f} MB, {r['daemon_idle_cpu_pct']:.2f} %")]
@@ -319,9 +328,14 @@ def main() -> int:
         verdict["proxy_watchers_ok"] = by["proxy"]["etcd_watchers"] <= BUDGET["proxy_watchers_max"]
     if "direct" in by:
         verdict["direct_watchers_ge_n"] = by["direct"]["etcd_watchers"] >= args.nodes
-    if "proxy" in by and "direct" in by and by["direct"]["storm_etcd_cpu_s"] > 0:
-        verdict["proxy_etcd_cpu_ok"] = (by["proxy"]["storm_etcd_cpu_s"] / by["direct"]["storm_etcd_cpu_s"]
-                                        <= BUDGET["proxy_vs_direct_etcd_cpu"])
+    if "proxy" in by and "direct" in by:
+        # judged only when the direct storm cost etcd clearly more than its floor: on 2 cores
+        # saturated by the daemons' own starts it often does not (etcd gets no more CPU than idle)
+        direct_cost = by["direct"]["storm_etcd_cpu_s"]
+        verdict["proxy_etcd_cpu_measurable"] = direct_cost >= MEASURABLE_ETCD_CPU_S
+        if direct_cost >= MEASURABLE_ETCD_CPU_S:
+            verdict["proxy_etcd_cpu_ok"] = (by["proxy"]["storm_etcd_cpu_s"] / direct_cost
+                                            <= BUDGET["proxy_vs_direct_etcd_cpu"])
     report(rows, {"bench": "scale", "nodes": args.nodes, "leases": args.leases, "budget": BUDGET,
                   "results": results, **verdict})
     hard = ("no_duplicate_subnets", "proxy_watchers_ok", "direct_watchers_ge_n")

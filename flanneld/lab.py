@@ -395,14 +395,15 @@ class EtcdProxy:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def etcd_metric(endpoint: str, name: str) -> float:
-    """The sum of one metric's samples on an etcd member's (or proxy's) /metrics."""
+def etcd_metric(endpoint: str, name: str, having: str = "") -> float:
+    """The sum of one metric's samples on an etcd member's (or proxy's) /metrics; with `having`,
+    only the samples whose line contains it (a label, e.g. 'grpc_method="Range"')."""
     import urllib.request
 
     with urllib.request.urlopen(f"{endpoint}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and (line[len(name):len(name) + 1] in (" ", "{")))
+               if line.startswith(name) and (line[len(name):len(name) + 1] in (" ", "{")) and having in line)
 
 
 # ---------------------------------------------------------------------------------------------
