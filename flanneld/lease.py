@@ -31,11 +31,9 @@ _ZERO_V4_KEY = "0.0.0.0-0"
 _KEY_RE = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3})-(\d{1,2})(?:&([0-9a-f:]+)-(\d{1,3}))?")
 _V4_KEY_RE = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})-([0-9]{1,2})")
 _KNOWN_FIELDS = ("PublicIP", "PublicIPv6", "BackendType", "BackendData", "BackendV6Data")
-_KNOWN_SET = frozenset(_KNOWN_FIELDS)
 _KNOWN_LOWER = {name.lower(): name for name in _KNOWN_FIELDS}
 _DECODER = json.JSONDecoder()
 _GO_ESCAPES = re.compile(r'["\\<>&\x00-\x1f\u2028\u2029]')  # what _go_string must escape
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _NEEDS_COMPACTING = re.compile("[ \t\r\n<>&\u2028\u2029]")
 UNSET_V4 = ipaddress.IPv4Address(0)  # Go's zero ip.IP4: "PublicIP":"0.0.0.0"
 
@@ -302,20 +300,11 @@ def decode_lease(key: str, value: bytes | str) -> Lease:
     Field names match case-insensitively as in Go; null means unset. Raises LeaseDecodeError.
     """
     subnet, subnet6 = parse_subnet_key(key)
-    raw = value
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             raise LeaseDecodeError(f"value of {key!r} is not UTF-8") from None
-    else:
-        raw = value.encode("utf-8")
-    lease = _decode_canonical(key, subnet, subnet6, value, raw)
-    return lease if lease is not None else _decode_general(key, subnet, subnet6, value)
-
-
-def _decode_general(key: str, subnet: IPv4Network | None, subnet6: IPv6Network | None, value: str) -> Lease:
-    """Any JSON object: its own scanner keeps each field's raw text (and says what is wrong)."""
     try:
         pairs = _split_object(value)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -354,39 +343,6 @@ def _decode_general(key: str, subnet: IPv4Network | None, subnet6: IPv6Network |
         extra=tuple(extra),
         key=key,
     )
-
-
-def _decode_canonical(key: str, subnet: IPv4Network | None, subnet6: IPv6Network | None, text: str,
-                      raw: bytes) -> Lease | None:
-    """The value as Go writes it (every node's), decoded by the C JSON parser; None otherwise.
-
-    The lease built is accepted only if encoding it gives back the stored bytes exactly, which
-    also proves its raw BackendData is the stored text: whatever is not canonical (whitespace,
-    other field spellings, unknown fields, escapes) takes the general path below. ~3x faster.
-    """
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    if type(obj) is not dict or not obj.keys() <= _KNOWN_SET:
-        return None
-    public_ip, public_ipv6 = obj.get("PublicIP"), obj.get("PublicIPv6")
-    backend_type = obj.get("BackendType", "")
-    if type(public_ip) is not str or not (public_ipv6 is None or type(public_ipv6) is str) \
-            or type(backend_type) is not str:
-        return None
-    ip4 = _ip(public_ip)
-    ip6 = _ip(public_ipv6) if public_ipv6 is not None else None
-    if ip4 is None or ip4.version != 4 or (public_ipv6 is not None and (ip6 is None or ip6.version != 6)):
-        return None
-    lease = Lease(subnet, subnet6, ip4, ip6, backend_type,  # type: ignore[arg-type]
-                  _compact_dump(obj, "BackendData"), _compact_dump(obj, "BackendV6Data"), key=key)
-    return lease if encode_value(lease) == raw else None
-
-
-def _compact_dump(obj: dict[str, Any], name: str) -> str | None:
-    value = obj.get(name)
-    return None if value is None else compact_json(_COMPACT.encode(value))
 
 
 def _raw_or_none(raw: str | None) -> str | None:
