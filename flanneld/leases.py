@@ -436,7 +436,7 @@ class LeaseWatcher:
             self._warned.add((key, mod_revision))
             log.warning("ignoring malformed lease entry %s: %s", key, reason)
 
-    def list_leases(self) -> tuple[int, list[KeyValue]]:
+    def serializable_listing(self) -> tuple[int, list[KeyValue]]:
         """A serializable listing: a restart storm of N nodes costs the leader nothing and a gRPC
         proxy can answer from its cache. Nothing is missed: the watch starts right after the
         revision the listing reflects, however far behind the answering member was."""
@@ -446,7 +446,7 @@ class LeaseWatcher:
         """List everything (or take `listing`, one made moments ago), diff against what we know,
         adopt the listing. The events carry raw values only (they cross to the loop thread in one
         list: a re-list of thousands must not hold thousands of decoded leases at once)."""
-        return list(self.adopt(listing or self.list_leases(), keep_decoded=False))
+        return list(self.adopt(listing or self.serializable_listing(), keep_decoded=False))
 
     def adopt(self, listing: tuple[int, list[KeyValue]], keep_decoded: bool = True) -> Iterator[LeaseEvent]:
         """The events that turn what we know into `listing`, one at a time; the view becomes the

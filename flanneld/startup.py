@@ -116,7 +116,7 @@ def start(registry: Registry, kernel: Kernel, s: StartSettings, metrics: Metrics
     watcher = LeaseWatcher(registry, s.overlay.prefix)
     # the listing our lease was found and acquired with: the watch catches up from its revision
     # (our own write included), so a start costs etcd one listing
-    listing = retry("listing leases", lambda: leases.take_listing() or watcher.list_leases(), stop)
+    listing = retry("listing leases", lambda: leases.take_listing() or watcher.serializable_listing(), stop)
     if listing is None:
         return None
     overlay.apply_lease_events(watcher.adopt(listing), incremental=False)  # type: ignore[arg-type]
