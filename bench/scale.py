@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -131,14 +130,9 @@ def stop_all(nodes: list[lab.Node]) -> None:
     for node in nodes:
         for proc in node.procs:
             try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGUSR1)  # every thread's stack into the log
-                time.sleep(1)
-                proc.kill()
-                proc.wait()
-                raise SystemExit(f"flanneld on {node.ns} did not stop within 60 s of SIGTERM:\n"
-                                 f"{node.log()[-6000:]}") from None
+                node.wait_stopped(proc, signal.SIGTERM, 60)
+            except lab.LabError as exc:  # its log, every thread's stack included
+                raise SystemExit(str(exc)) from None
         node.procs.clear()
 
 

@@ -568,9 +568,13 @@ class Node:
             return ""
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        """Signal one of this node's processes and wait for it; one that hangs (a daemon) is made
-        to print every thread's stack (SIGUSR1) into its log, killed, and reported with that log."""
+        """Signal one of this node's processes and wait for it (see wait_stopped)."""
         proc.send_signal(sig)
+        return self.wait_stopped(proc, sig, timeout)
+
+    def wait_stopped(self, proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
+        """Wait for a process sent `sig`; one that hangs (a daemon) is made to print every
+        thread's stack (SIGUSR1) into its log, killed, and reported with that log (LabError)."""
         try:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
