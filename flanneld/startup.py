@@ -114,8 +114,8 @@ def start(registry: Registry, kernel: Kernel, s: StartSettings, metrics: Metrics
 
     phase("programming peers")
     watcher = LeaseWatcher(registry, s.overlay.prefix)
-    # the listing our lease was found and acquired with: the watch catches up from its revision
-    # (our own write included), so a start costs etcd one listing
+    # find_own's listing if acquiring wrote nothing (a restart costs etcd one listing), else a
+    # fresh one made after our write (see LeaseManager.take_listing); the watch goes on from it
     listing = retry("listing leases", lambda: leases.take_listing() or watcher.serializable_listing(), stop)
     if listing is None:
         return None
