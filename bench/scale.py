@@ -7,7 +7,9 @@ For each mode (direct to the members; through one `etcd grpc-proxy`), same run:
 - 20 lease puts → programmed on all N nodes: p50 / p99 / max, timestamped on the nodes (each
   daemon's JSON log line for the event, written as it programs it);
 - restart storm: all N SIGTERMed and restarted at once → full mesh again, pings lost between two
-  pods meanwhile, etcd CPU seconds and bytes sent during the storm;
+  pods meanwhile, etcd CPU seconds and bytes sent during the storm, this bench's own CPU; and its
+  baseline, same run: N bare clients started at once that only load the libraries a daemon must
+  (gRPC and the etcd client, prometheus-client, an HTTP server) and list the leases once;
 - etcd's own view: watchers and watch streams; per-daemon RSS and idle CPU.
 Everything runs in namespaces (never the root one); the fake peers get no traffic.
 
@@ -21,6 +23,7 @@ import argparse
 import ipaddress
 import json
 import os
+import resource
 import signal
 import statistics
 import sys
@@ -58,6 +61,12 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def harness_cpu() -> float:
+    """CPU seconds this bench and the commands it ran (`ip`) have used: the storm shares the cores with it."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
@@ -68,6 +77,7 @@ def etcd_sum(members: lab.EtcdCluster, name: str, having: str = "") -> float:
 
 
 MEASURABLE_ETCD_CPU_S = 0.5
+READY = b'"message": "ready: '  # the daemon's JSON log line when it declares readiness
 RANGES = ("grpc_server_handled_total", 'grpc_method="Range"')  # range (get/list) requests etcd answered
 
 
@@ -76,23 +86,50 @@ def node_subnet(node: lab.Node) -> str | None:
     return str(env.lease_subnet) if env else None
 
 
+class LogTail:
+    """The complete lines each node's daemon log gained since the last read, from where the log
+    ended when this was made (a restarted daemon appends to its node's log)."""
+
+    def __init__(self, nodes: list[lab.Node]) -> None:
+        self.offsets = {n.ns: _size(n.log_path()) for n in nodes}
+
+    def lines(self, node: lab.Node) -> list[bytes]:
+        with open(node.log_path(), "rb") as fh:
+            fh.seek(self.offsets[node.ns])
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        self.offsets[node.ns] += end
+        return chunk[:end].splitlines()
+
+
+def _size(path: str) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
 class Progress:
     """Which nodes are done (ready, meshed), so each poll asks only the others.
 
-    Polling all N nodes every round would itself load the machine the daemons start on (N HTTP
-    requests answered by N daemons, N `ip` processes, every 0.1 s): the measurement must not be
-    what it measures.
+    Make it before starting the daemons: a node is ready when its daemon logs that it is, read
+    from the log as it grows. Polling /readyz instead had N daemons answer HTTP requests every
+    round while they started (and `ip` runs only for nodes not yet meshed): the measurement must
+    not be what it measures.
     """
 
     def __init__(self, nodes: list[lab.Node]) -> None:
         self.nodes = nodes
+        self.tail = LogTail(nodes)
         self.ready: set[str] = set()
         self.meshed: set[str] = set()
 
     def all_ready(self) -> bool:
         for node in self.nodes:
-            if node.ns not in self.ready and ready(node):
+            if node.ns in self.ready:
+                continue
+            if any(READY in line for line in self.tail.lines(node)):
                 self.ready.add(node.ns)
+            elif node.procs[-1].poll() is not None:
+                raise SystemExit(f"flanneld on {node.ns} exited with {node.procs[-1].returncode}: "
+                                 f"{node.log()[-2000:]}")
         return len(self.ready) == len(self.nodes)
 
     def all_meshed(self) -> bool:
@@ -106,6 +143,37 @@ class Progress:
             if all(subnets[o.ns] in have for o in self.nodes if o is not node):
                 self.meshed.add(node.ns)
         return len(self.meshed) == len(self.nodes)
+
+
+# What any daemon on this stack costs to start, at the least: the interpreter, the libraries it
+# must load (gRPC and the etcd client, prometheus-client, an HTTP server) and one serializable
+# listing of every lease. N of these started at once are the storm's floor on this machine.
+FLOOR_CLIENT = """
+import http.server, sys
+import prometheus_client
+from flanneld.etcd_options import EtcdOptions
+from flanneld.registry import Registry
+_, endpoints, prefix, head = sys.argv
+registry = Registry(EtcdOptions(endpoints=tuple(endpoints.split(",")), prefix=prefix))
+revision, kvs = registry.list_prefix(head, serializable=True)
+sys.exit(0 if kvs else 1)
+"""
+
+
+def storm_floor(nodes: list[lab.Node], endpoint: str) -> tuple[float, float]:
+    """N floor clients (FLOOR_CLIENT) started at once, one per node: seconds until all are done,
+    and their CPU seconds."""
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    procs = [node.popen([sys.executable, "-c", FLOOR_CLIENT, endpoint, PREFIX, leases_prefix(PREFIX)], "floor")
+             for node in nodes]
+    for node, proc in zip(nodes, procs, strict=True):
+        if proc.wait(300) != 0:
+            raise SystemExit(f"floor client on {node.ns} failed: {node.log('floor')[-2000:]}")
+        node.procs.remove(proc)
+    seconds = time.monotonic() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
 
 
 def wait(check, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
@@ -136,13 +204,6 @@ def stop_all(nodes: list[lab.Node]) -> None:
         node.procs.clear()
 
 
-def ready(node: lab.Node) -> bool:
-    try:
-        return node.http("/readyz", timeout=1)[0] == 200
-    except OSError:
-        return False
-
-
 class Programmed:
     """When each node's daemon programmed each lease, from its JSON log lines ("lease added"),
     reading only what the logs gained since the last poll (rereading N whole logs every 0.1 s
@@ -150,18 +211,12 @@ class Programmed:
 
     def __init__(self, nodes: list[lab.Node]) -> None:
         self.nodes = nodes
-        self.offsets = {n.ns: 0 for n in nodes}
+        self.tail = LogTail(nodes)
         self.seen: dict[str, dict[str, float]] = {n.ns: {} for n in nodes}
 
     def poll(self) -> None:
         for node in self.nodes:
-            path = node.procs[-1].log_path  # type: ignore[attr-defined]
-            with open(path, "rb") as fh:
-                fh.seek(self.offsets[node.ns])
-                chunk = fh.read()
-            end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
-            self.offsets[node.ns] += end
-            for line in chunk[:end].splitlines():
+            for line in self.tail.lines(node):
                 if b'"event": "added"' in line:
                     doc = json.loads(line)
                     stamp = datetime.strptime(doc["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
@@ -186,8 +241,8 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
     time.sleep(3)
     idle_rate = (sum(proc_cpu(p) for p in etcd_pids) - idle0) / 3
     t0 = time.monotonic()
-    start_all(nodes, endpoint)
     progress = Progress(nodes)
+    start_all(nodes, endpoint)
     ready_s = wait(progress.all_ready, 600, "all ready")
     mesh_s = wait(progress.all_meshed, 600, "full mesh") + ready_s
     time.sleep(2)
@@ -216,14 +271,17 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
     sent0 = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total")
     ranges0 = etcd_sum(members, *RANGES)
     stop_all(nodes)
+    floor_s, floor_cpu = storm_floor(nodes, endpoint)
+    harness0 = harness_cpu()
+    progress = Progress(nodes)
     storm_start = time.monotonic()
     start_all(nodes, endpoint)
-    progress = Progress(nodes)
     wait(progress.all_ready, 600, "all ready after the storm")
     # what the daemons' own starts cost: on C cores the storm cannot end before this / C
     storm_daemon_cpu = sum(proc_cpu(n.procs[-1].pid) for n in nodes)
     wait(progress.all_meshed, 600, "full mesh after the storm")
     storm_s = time.monotonic() - storm_start
+    storm_harness_cpu = harness_cpu() - harness0
     storm_cpu_total = sum(proc_cpu(p) for p in etcd_pids) - cpu_etcd0
     storm_cpu = max(0.0, storm_cpu_total - idle_rate * storm_s)
     storm_bytes = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total") - sent0
@@ -241,7 +299,9 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
         "storm_etcd_cpu_total_s": round(storm_cpu_total, 2), "storm_etcd_floor_cpu_s": round(idle_rate * storm_s, 2),
         "storm_etcd_ranges": int(storm_ranges),
         "storm_etcd_sent_mb": round(storm_bytes / 1e6, 1), "storm_daemon_cpu_s": round(storm_daemon_cpu, 1),
-        "storm_cpu_bound_s": round(storm_daemon_cpu / (os.cpu_count() or 1), 1), "etcd_watchers": watchers,
+        "storm_cpu_bound_s": round(storm_daemon_cpu / (os.cpu_count() or 1), 1),
+        "storm_harness_cpu_s": round(storm_harness_cpu, 1),
+        "storm_floor_s": round(floor_s, 2), "storm_floor_cpu_s": round(floor_cpu, 1), "etcd_watchers": watchers,
         "etcd_watch_streams": streams,
         "daemon_rss_mb_avg": round(statistics.mean(rss), 1), "daemon_rss_mb_max": round(max(rss), 1),
         "daemon_idle_cpu_pct": round(idle_cpu * 100, 2), "duplicate_subnets": len(subnets) - len(set(subnets)),
@@ -281,8 +341,9 @@ def main() -> int:
             pods = None
             for mode in args.modes.split(","):
                 if pods is None and len(nodes) >= 2:
+                    progress = Progress(nodes[:2])
                     start_all(nodes[:2], members.endpoint_for(lab.CTL_IP))
-                    wait(Progress(nodes[:2]).all_ready, 60, "pod nodes ready")
+                    wait(progress.all_ready, 60, "pod nodes ready")
                     pods = (nodes[0].add_pod(str(read(nodes[0].subnet_file).subnet), 1),
                             nodes[1].add_pod(str(read(nodes[1].subnet_file).subnet), 1))
                     stop_all(nodes[:2])
@@ -304,6 +365,9 @@ def main() -> int:
                  (f"{m}: restart storm -> full mesh", f"{r['storm_s']:.1f} s, {r['storm_lost_pings']} pings lost"),
                  (f"{m}: daemons' CPU to get ready (storm floor here)",
                   f"{r['storm_daemon_cpu_s']:.1f} CPU s ({r['storm_cpu_bound_s']:.1f} s on {os.cpu_count()} cores)"),
+                 (f"{m}: storm floor: N bare clients (imports + one listing) at once",
+                  f"{r['storm_floor_s']:.1f} s, {r['storm_floor_cpu_s']:.1f} CPU s"),
+                 (f"{m}: this bench's own CPU during the storm (polls, `ip`)", f"{r['storm_harness_cpu_s']:.1f} CPU s"),
                  (f"{m}: etcd during the storm: CPU beyond floor (total - floor)",
                   f"{r['storm_etcd_cpu_s']:.2f} s ({r['storm_etcd_cpu_total_s']:.2f} - "
                   f"{r['storm_etcd_floor_cpu_s']:.2f})"),

@@ -471,12 +471,10 @@ class Node:
 
     def popen(self, argv: Sequence[str], log_name: str, env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
-        path = os.path.join(self.lab.dir, f"{self.ns}-{log_name}.log")
-        log = open(path, "ab")  # noqa: SIM115 - owned by the child process
+        log = open(self.log_path(log_name), "ab")  # noqa: SIM115 - owned by the child process
         proc = subprocess.Popen(self.wrap(argv), stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         log.close()
-        proc.log_path = path  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
 
@@ -560,9 +558,13 @@ class Node:
             time.sleep(0.05)
         raise LabError(f"flanneld on {self.ns} not ready after {timeout}s: {self.log()[-2000:]}")
 
+    def log_path(self, name: str = "flanneld") -> str:
+        """Where popen() sends the output of the process it started under `name` (appended to)."""
+        return os.path.join(self.lab.dir, f"{self.ns}-{name}.log")
+
     def log(self, name: str = "flanneld") -> str:
         try:
-            with open(os.path.join(self.lab.dir, f"{self.ns}-{name}.log"), errors="replace") as fh:
+            with open(self.log_path(name), errors="replace") as fh:
                 return fh.read()
         except OSError:
             return ""
