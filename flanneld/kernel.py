@@ -304,6 +304,8 @@ class Kernel:
         """The interface of the main table's default route of this family (lowest metric)."""
         best: tuple[int, int] | None = None
         for _kind, payload in self.bulk.dump(nl.dump_routes(self.bulk.next_seq(), family.af)):
+            if payload[1] != 0:  # rtm_dst_len: with thousands of peer routes, parse only defaults
+                continue
             rec = nl.parse_route(payload)
             if rec.dst_len == 0 and rec.table == nl.RT_TABLE_MAIN and rec.oif is not None and \
                     (best is None or rec.metric < best[0]):

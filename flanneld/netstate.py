@@ -1,7 +1,10 @@
 """Desired kernel state: the value types planners produce and the reconciler enforces, pure.
 
 Addresses are canonical strings (``inet_ntop`` form, lower-case MACs) so planner output,
-netlink dumps and log lines compare and print alike. Each table entry has a ``key``: the part
+netlink dumps and log lines compare and print alike. The table entries (addresses, neighbours,
+FDB entries, routes) are named tuples: a node with 5000 peers builds, hashes and compares 15,000
+of them on every start and full reconcile, and a tuple does each in C (a dataclass's generated
+``__hash__`` and ``__eq__`` are Python calls). Each table entry has a ``key``: the part
 the kernel uses to identify it. The diff replaces entries in place when only their value
 changed (no window without a route or neighbour), and deletes only entries whose key is no
 longer desired.
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .wgkeys import Key
@@ -120,14 +123,12 @@ class WgPeer:
         return (self.dev, self.public_key)
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
+class Address(NamedTuple):
     dev: str
     cidr: str  # "198.18.3.0/32"
 
 
-@dataclass(frozen=True, slots=True)
-class Neigh:
+class Neigh(NamedTuple):
     dev: str
     ip: str
     mac: str
@@ -137,8 +138,7 @@ class Neigh:
         return (self.dev, self.ip)
 
 
-@dataclass(frozen=True, slots=True)
-class Fdb:
+class Fdb(NamedTuple):
     dev: str
     mac: str
     dst: str
@@ -148,8 +148,7 @@ class Fdb:
         return (self.dev, self.mac)
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     """A main-table route; ``gateway``/``dev`` are None for a blackhole."""
 
     dst: str  # "198.18.2.0/24"

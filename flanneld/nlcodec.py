@@ -14,6 +14,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # message types
 NLMSG_ERROR = 2
@@ -227,8 +228,10 @@ def attrs(payload: memoryview, offset: int) -> dict[int, memoryview]:
     return found
 
 
-@dataclass(frozen=True, slots=True)
-class NeighRecord:
+class NeighRecord(NamedTuple):
+    """A neighbour/FDB message's fields (a named tuple: a dump makes thousands, a dataclass costs
+    five times as much to build)."""
+
     family: int
     ifindex: int
     state: int
@@ -245,8 +248,9 @@ def parse_neigh(payload: memoryview) -> NeighRecord:
                        bytes(lladdr) if lladdr is not None else None)
 
 
-@dataclass(frozen=True, slots=True)
-class RouteRecord:
+class RouteRecord(NamedTuple):
+    """A route message's fields (a named tuple, as NeighRecord)."""
+
     family: int
     dst: bytes
     dst_len: int
