@@ -35,6 +35,22 @@ _KNOWN_LOWER = {name.lower(): name for name in _KNOWN_FIELDS}
 _DECODER = json.JSONDecoder()
 _GO_ESCAPES = re.compile(r'["\\<>&\x00-\x1f\u2028\u2029]')  # what _go_string must escape
 _NEEDS_COMPACTING = re.compile("[ \t\r\n<>&\u2028\u2029]")
+
+# A value exactly as Go's json.Marshal(LeaseAttrs) writes it (and encode_value does): the known
+# fields in struct order, addresses as plain strings, BackendData/BackendV6Data flat objects of
+# strings that need no escaping and integers. Such a value decodes from one match (~6 us a lease
+# instead of ~13; a start decodes every lease): it has no unknown fields, no duplicates, no case
+# variants, nothing to compact. Anything else, malformed values included, takes the general path.
+_PLAIN = r'[^"\\\x00-\x20<>&\u2028\u2029]'  # a string character Go writes as it is
+_SCALAR = rf'"{_PLAIN}*"|-?(?:0|[1-9][0-9]*)|true|false|null'
+_FLAT_OBJECT = rf'\{{(?:"{_PLAIN}*":(?:{_SCALAR})(?:,"{_PLAIN}*":(?:{_SCALAR}))*)?\}}'
+_GO_WRITTEN = re.compile(
+    r'\{"PublicIP":"([0-9.]+)"'
+    r'(?:,"PublicIPv6":(?:null|"([0-9A-Fa-f:.]+)"))?'
+    r'(?:,"BackendType":"([A-Za-z0-9._-]*)")?'
+    rf'(?:,"BackendData":(null|{_FLAT_OBJECT}))?'
+    rf'(?:,"BackendV6Data":(null|{_FLAT_OBJECT}))?'
+    r'\}')
 UNSET_V4 = ipaddress.IPv4Address(0)  # Go's zero ip.IP4: "PublicIP":"0.0.0.0"
 
 
@@ -305,6 +321,31 @@ def decode_lease(key: str, value: bytes | str) -> Lease:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             raise LeaseDecodeError(f"value of {key!r} is not UTF-8") from None
+    match = _GO_WRITTEN.fullmatch(value)
+    if match is not None and (lease := _go_written(key, subnet, subnet6, match)) is not None:
+        return lease
+    return _decode_general(key, subnet, subnet6, value)
+
+
+def _go_written(key: str, subnet: IPv4Network | None, subnet6: IPv6Network | None,
+                match: re.Match[str]) -> Lease | None:
+    """The lease a _GO_WRITTEN match spells; None for an address the general path must refuse."""
+    v4, v6, backend_type, data, data6 = match.groups()
+    public_ip = _ip(v4)
+    if public_ip is None or public_ip.version != 4:
+        return None
+    public_ipv6 = None
+    if v6 is not None:
+        public_ipv6 = _ip(v6)
+        if public_ipv6 is None or public_ipv6.version != 6:
+            return None
+    return Lease(subnet, subnet6, public_ip, public_ipv6, backend_type or "",  # type: ignore[arg-type]
+                 None if data is None or data == "null" else data,
+                 None if data6 is None or data6 == "null" else data6, (), key)
+
+
+def _decode_general(key: str, subnet: IPv4Network | None, subnet6: IPv6Network | None, value: str) -> Lease:
+    """Any JSON object, field by field as Go reads it (see decode_lease)."""
     try:
         pairs = _split_object(value)
     except (json.JSONDecodeError, RecursionError) as exc:

@@ -1,11 +1,13 @@
 """Lease key/value codecs against byte strings written by upstream Flannel."""
 
 import ipaddress
+import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flanneld import lease as lease_module
 from flanneld.lease import (
     Lease,
     LeaseAttrs,
@@ -144,3 +146,69 @@ def test_generated_leases_round_trip(public_ip, public_ipv6, mac, third_octet, b
     decoded = decode_lease(lease.key, encode_value(lease))
     assert decoded == lease
     assert isinstance(decoded, Lease)
+
+
+# -- the fast path for values as Go writes them must decode exactly as the general one ------------
+
+def _general(key, value):
+    subnet, subnet6 = parse_subnet_key(key)
+    return lease_module._decode_general(key, subnet, subnet6, value.decode("utf-8"))
+
+
+@pytest.mark.parametrize(("key", "value"), UPSTREAM[:5])
+def test_values_as_go_writes_them_take_the_fast_path(monkeypatch, key, value):
+    expected = _general(key, value)
+
+    def refuse(*_args):
+        raise AssertionError("took the general path")
+
+    monkeypatch.setattr(lease_module, "_decode_general", refuse)
+    assert decode_lease(key, value) == expected
+
+
+scalars = st.one_of(st.text(max_size=6), st.integers(-3, 3), st.booleans(), st.none(), st.floats(0, 2))
+flat = st.dictionaries(st.text(max_size=6), scalars, max_size=3).map(lambda d: json.dumps(d, separators=(",", ":")))
+nested = st.dictionaries(st.text(max_size=3), st.dictionaries(st.text(max_size=3), scalars, max_size=2),
+                         max_size=2).map(json.dumps)
+plain_flat = st.just('{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}')
+quoted = st.sampled_from(['"0.0.0.0"', '"01.2.3.4"', '"1.2.3"', '"2001:db8:51::3"', '"300.1.1.1"', "null", '"a"', "7"])
+
+
+def mostly(usual, *others):
+    """`usual` in about half the examples: values as Go writes them must be common, so each
+    perturbation of them (one field at a time) is tried against a value that is otherwise canonical."""
+    return st.one_of(usual, st.one_of(*others))
+
+
+fields = st.tuples(
+    mostly(st.just('"198.51.100.7"'), quoted),  # PublicIP
+    mostly(st.sampled_from(["null", '"2001:db8:51::3"']), st.none(), quoted),  # PublicIPv6
+    mostly(st.just('"vxlan"'), st.none(), st.sampled_from(['""', '"a b"', '"x<y"', "null", "1"])),  # BackendType
+    mostly(plain_flat, st.none(), st.just("null"), flat, nested, st.just("[1]")),  # BackendData
+    mostly(st.none(), st.just("null"), plain_flat, flat, nested),  # BackendV6Data
+    mostly(st.just(False), st.just(True)),  # members in reverse order
+    mostly(st.just(""), st.sampled_from([" ", ',"Extra":1', ',"publicip":"198.51.100.9"',
+                                         ',"PublicIP":"198.51.100.9"'])),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(fields)
+def test_fast_path_decodes_exactly_as_the_general_path(parts):
+    *values, backwards, tail = parts
+    names = ("PublicIP", "PublicIPv6", "BackendType", "BackendData", "BackendV6Data")
+    members = [f'"{name}":{raw}' for name, raw in zip(names, values, strict=True) if raw is not None]
+    if backwards:
+        members.reverse()
+    value = ("{" + ",".join(members) + tail + "}").encode()
+    key = "10.5.52.0-24"
+    try:
+        expected = _general(key, value)
+    except LeaseDecodeError as exc:
+        with pytest.raises(LeaseDecodeError) as got:
+            decode_lease(key, value)
+        assert str(got.value) == str(exc)
+        return
+    decoded = decode_lease(key, value)
+    assert decoded == expected
+    assert encode_value(decoded) == encode_value(expected)
