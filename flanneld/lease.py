@@ -281,11 +281,17 @@ class LeaseAttrs:
                      self.backend_data, self.backend_v6_data, extra)
 
 
+_GO_OBJECTS = json.JSONDecoder(object_hook=GoObject)  # made once: json.loads(raw, object_hook=...) makes one a call
+
+
 def _decode_object(raw: str | None) -> GoObject:
     """BackendData as upstream reads it: field names match in any case (``VtepMac`` is ``VtepMAC``)."""
     if raw is None:
         return GoObject()
-    value = json.loads(raw, object_hook=GoObject)
+    if raw.find("{", 1) == -1:  # no object inside (as every backend writes it): no hook to call back
+        flat = json.loads(raw)
+        return GoObject(flat) if isinstance(flat, dict) else GoObject()
+    value = _GO_OBJECTS.decode(raw)
     return value if isinstance(value, GoObject) else GoObject()
 
 

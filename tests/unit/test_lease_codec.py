@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flanneld import lease as lease_module
+from flanneld.gofields import GoObject
 from flanneld.lease import (
     Lease,
     LeaseAttrs,
@@ -212,3 +213,14 @@ def test_fast_path_decodes_exactly_as_the_general_path(parts):
     decoded = decode_lease(key, value)
     assert decoded == expected
     assert encode_value(decoded) == encode_value(expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(flat, nested, st.just("[1]"), st.just('"{x"'), st.just("7"), st.just('[{"a":1}]')))
+def test_backend_data_reads_as_go_objects_at_every_level(raw):
+    reference = json.loads(raw, object_hook=GoObject)
+    expected = reference if isinstance(reference, GoObject) else GoObject()
+    got = LeaseAttrs(backend_data=raw).lease(ipaddress.ip_network("10.5.52.0/24"), None).backend
+    assert type(got) is GoObject
+    assert got == expected
+    assert all(type(v) is GoObject for v in got.values() if isinstance(v, dict))
