@@ -1,12 +1,11 @@
 """Backends: each turns (own lease, peer leases, config) into a desired kernel state.
 
-Installed as ``flanneld.backends``. Importing this package registers every backend of this
-build; the daemon, doctor and flannelctl find them by ``Backend.Type`` (:func:`lookup`).
+Installed as ``flanneld.backends``. The daemon, doctor and flannelctl find a backend by its
+``Backend.Type`` (:func:`lookup`), which imports its module (registering it) on first use.
 """
 
 from __future__ import annotations
 
-from . import alloc, extension, host_gw, vxlan, wireguard  # noqa: F401 - each registers itself
 from .base import (
     Backend,
     BackendType,
