@@ -322,7 +322,9 @@ def test_sigterm_exit_zero_and_systemd_notification(make_cluster, tmp_path):
     sock.settimeout(20)
     cluster.start(node, env={"NOTIFY_SOCKET": sock_path})
     assert sock.recv(4096).decode().startswith("READY=1\nSTATUS=lease 198.18.")
-    # SIGUSR1: every thread's stack into the log (what to ask for when a daemon seems stuck), no stop
+    # SIGUSR1: every thread's stack into the log (what to ask for when a daemon seems stuck), no stop;
+    # READY=1 comes before the watch, netlink and config threads start: wait for them to run
+    eventually(lambda: "watching leases from revision" in node.log(), timeout=5, what="the lease watch")
     node.procs[-1].send_signal(signal.SIGUSR1)
     eventually(lambda: node.log().count("(most recent call first)") >= 4, timeout=3, what="stacks in the log")
     assert 'File "' in node.log() and node.http("/readyz")[0] == 200
