@@ -7,9 +7,9 @@ For each mode (direct to the members; through one `etcd grpc-proxy`), same run:
 - 20 lease puts → programmed on all N nodes: p50 / p99 / max, timestamped on the nodes (each
   daemon's JSON log line for the event, written as it programs it);
 - restart storm: all N SIGTERMed and restarted at once → full mesh again, pings lost between two
-  pods meanwhile, etcd CPU seconds and bytes sent during the storm, this bench's own CPU; and its
-  baseline, same run: N bare clients started at once that only load the libraries a daemon must
-  (gRPC and the etcd client, prometheus-client, an HTTP server) and list the leases once;
+  pods meanwhile, etcd CPU seconds and bytes sent during the storm, this bench's and the proxy's
+  CPU; and its baseline, same run: N bare clients started at once that only load the libraries a
+  daemon must (gRPC and the etcd client, prometheus-client, an HTTP server) and list the leases once;
 - etcd's own view: watchers and watch streams; per-daemon RSS and idle CPU.
 Everything runs in namespaces (never the root one); the fake peers get no traffic.
 
@@ -267,6 +267,8 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
         time.sleep(0.05)
 
     pinger = Pinger(pods[0], pods[1].addr) if pods else None
+    assert proxy.proc is not None
+    cpu_proxy0 = proc_cpu(proxy.proc.pid)  # it shares the cores whether or not this mode uses it
     cpu_etcd0 = sum(proc_cpu(p) for p in etcd_pids)
     sent0 = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total")
     ranges0 = etcd_sum(members, *RANGES)
@@ -282,6 +284,7 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
     wait(progress.all_meshed, 600, "full mesh after the storm")
     storm_s = time.monotonic() - storm_start
     storm_harness_cpu = harness_cpu() - harness0
+    storm_proxy_cpu = proc_cpu(proxy.proc.pid) - cpu_proxy0
     storm_cpu_total = sum(proc_cpu(p) for p in etcd_pids) - cpu_etcd0
     storm_cpu = max(0.0, storm_cpu_total - idle_rate * storm_s)
     storm_bytes = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total") - sent0
@@ -300,7 +303,7 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
         "storm_etcd_ranges": int(storm_ranges),
         "storm_etcd_sent_mb": round(storm_bytes / 1e6, 1), "storm_daemon_cpu_s": round(storm_daemon_cpu, 1),
         "storm_cpu_bound_s": round(storm_daemon_cpu / (os.cpu_count() or 1), 1),
-        "storm_harness_cpu_s": round(storm_harness_cpu, 1),
+        "storm_harness_cpu_s": round(storm_harness_cpu, 1), "storm_proxy_cpu_s": round(storm_proxy_cpu, 1),
         "storm_floor_s": round(floor_s, 2), "storm_floor_cpu_s": round(floor_cpu, 1), "etcd_watchers": watchers,
         "etcd_watch_streams": streams,
         "daemon_rss_mb_avg": round(statistics.mean(rss), 1), "daemon_rss_mb_max": round(max(rss), 1),
@@ -367,7 +370,8 @@ def main() -> int:
                   f"{r['storm_daemon_cpu_s']:.1f} CPU s ({r['storm_cpu_bound_s']:.1f} s on {os.cpu_count()} cores)"),
                  (f"{m}: storm floor: N bare clients (imports + one listing) at once",
                   f"{r['storm_floor_s']:.1f} s, {r['storm_floor_cpu_s']:.1f} CPU s"),
-                 (f"{m}: this bench's own CPU during the storm (polls, `ip`)", f"{r['storm_harness_cpu_s']:.1f} CPU s"),
+                 (f"{m}: during the storm: this bench's own CPU (polls, `ip`), the proxy's",
+                  f"{r['storm_harness_cpu_s']:.1f} / {r['storm_proxy_cpu_s']:.1f} CPU s"),
                  (f"{m}: etcd during the storm: CPU beyond floor (total - floor)",
                   f"{r['storm_etcd_cpu_s']:.2f} s ({r['storm_etcd_cpu_total_s']:.2f} - "
                   f"{r['storm_etcd_floor_cpu_s']:.2f})"),
