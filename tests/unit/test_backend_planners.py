@@ -8,6 +8,7 @@ import json
 import pytest
 from flanneld.backends import External, NodeSettings, create_backend, lookup, supported, validate_backend
 from flanneld.backends.extension import ExtensionOptions, argv_for, run_hook
+from underlay import DUAL, EXT, V4
 
 from flanneld.config import ConfigError, parse_config
 from flanneld.lease import LeaseAttrs, encode_value
@@ -15,10 +16,6 @@ from flanneld.netstate import Route
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network
-EXT = External("eth0", 2, 1500, A("198.51.100.11"), A("198.51.100.11"), A("2001:db8:51::11"), A("2001:db8:51::11"),
-               (N("198.51.100.0/24"), N("2001:db8:51::/64")))
-V4 = {"Network": "198.18.0.0/16"}
-DUAL = {"Network": "198.18.0.0/16", "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56"}
 V6 = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56"}
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 from flanneld.backends import External, validate_backend
 from flanneld.backends.vxlan import VxlanBackend, VxlanOptions
+from underlay import EXT
 
 from flanneld.config import ConfigError, parse_config
 from flanneld.lease import LeaseAttrs, backend_json
@@ -13,8 +14,6 @@ from flanneld.netstate import Address, Device, Fdb, Neigh, Route
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network
-EXT = External("eth0", 2, 1500, A("198.51.100.11"), A("198.51.100.11"), A("2001:db8:51::11"), A("2001:db8:51::11"),
-               (N("198.51.100.0/24"), N("2001:db8:51::/64")))
 
 
 def backend(extra=None, options=None, blackhole=False):

@@ -11,8 +11,9 @@ import stat
 import struct
 
 import pytest
-from flanneld.backends import External, NodeSettings, create_backend, lookup
+from flanneld.backends import NodeSettings, create_backend, lookup
 from flanneld.backends.wireguard import WireguardOptions
+from underlay import DUAL, EXT, V4
 
 from flanneld import wggenl
 from flanneld.config import ConfigError, parse_config
@@ -23,10 +24,6 @@ from flanneld.wguapi import DeviceState, PeerChange, encode_set, parse_get
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network
-EXT = External("eth0", 2, 1500, A("198.51.100.11"), A("198.51.100.11"), A("2001:db8:51::11"), A("2001:db8:51::11"),
-               (N("198.51.100.0/24"), N("2001:db8:51::/64")))
-V4 = {"Network": "198.18.0.0/16"}
-DUAL = {"Network": "198.18.0.0/16", "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56"}
 # RFC 7748 section 6.1: Alice's private and public key
 PRIVATE = Key(bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"))
 PUBLIC = base64.b64encode(bytes.fromhex("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")).decode()
