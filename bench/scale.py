@@ -77,6 +77,7 @@ def etcd_sum(members: lab.EtcdCluster, name: str, having: str = "") -> float:
 
 
 MEASURABLE_ETCD_CPU_S = 0.5
+IDLE_S = 8  # how long etcd's floor is measured before each storm
 READY = b'"message": "ready: '  # the daemon's JSON log line when it declares readiness
 RANGES = ("grpc_server_handled_total", 'grpc_method="Range"')  # range (get/list) requests etcd answered
 
@@ -234,12 +235,6 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
              puts: int, first_put: int, pods: tuple[lab.Pod, lab.Pod] | None) -> dict[str, float]:
     endpoint = proxy.endpoint_for(lab.CTL_IP) if mode == "proxy" else members.endpoint_for(lab.CTL_IP)
     etcd_pids = [m.proc.pid for m in members.members if m.proc is not None]
-    # etcd's floor (raft heartbeats, no daemon connected), subtracted from what the storm costs it.
-    # Measured with daemons connected instead it would count their watches' idle cost, which the
-    # storm itself interrupts: a noisy baseline that once ate the direct storm's whole cost.
-    idle0 = sum(proc_cpu(p) for p in etcd_pids)
-    time.sleep(3)
-    idle_rate = (sum(proc_cpu(p) for p in etcd_pids) - idle0) / 3
     t0 = time.monotonic()
     progress = Progress(nodes)
     start_all(nodes, endpoint)
@@ -267,13 +262,21 @@ def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: 
         time.sleep(0.05)
 
     pinger = Pinger(pods[0], pods[1].addr) if pods else None
-    assert proxy.proc is not None
-    cpu_proxy0 = proc_cpu(proxy.proc.pid)  # it shares the cores whether or not this mode uses it
-    cpu_etcd0 = sum(proc_cpu(p) for p in etcd_pids)
-    sent0 = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total")
-    ranges0 = etcd_sum(members, *RANGES)
     stop_all(nodes)
     floor_s, floor_cpu = storm_floor(nodes, endpoint)
+    # etcd's floor (raft heartbeats, no daemon connected), subtracted from what the storm costs it:
+    # measured just before the storm, over seconds with nothing connected. With daemons connected
+    # it would count their watches' idle cost, which the storm itself interrupts (a noisy baseline
+    # that once ate the direct storm's whole cost); measured over 3 s it varied 1.7x between runs.
+    time.sleep(1)
+    idle0 = sum(proc_cpu(p) for p in etcd_pids)
+    time.sleep(IDLE_S)
+    idle_rate = (sum(proc_cpu(p) for p in etcd_pids) - idle0) / IDLE_S
+    assert proxy.proc is not None
+    cpu_proxy0 = proc_cpu(proxy.proc.pid)  # it shares the cores whether or not this mode uses it
+    sent0 = etcd_sum(members, "etcd_network_client_grpc_sent_bytes_total")
+    ranges0 = etcd_sum(members, *RANGES)
+    cpu_etcd0 = sum(proc_cpu(p) for p in etcd_pids)  # after those scrapes: the storm's, not theirs
     harness0 = harness_cpu()
     progress = Progress(nodes)
     storm_start = time.monotonic()
