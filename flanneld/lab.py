@@ -471,10 +471,12 @@ class Node:
 
     def popen(self, argv: Sequence[str], log_name: str, env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
-        log = open(self.log_path(log_name), "ab")  # noqa: SIM115 - owned by the child process
+        path = self.log_path(log_name)
+        log = open(path, "ab")  # noqa: SIM115 - owned by the child process
         proc = subprocess.Popen(self.wrap(argv), stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
         log.close()
+        proc.log_path = path  # type: ignore[attr-defined]  # what wait_stopped reports
         self.procs.append(proc)
         return proc
 

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -312,6 +313,18 @@ def test_healthz_reflects_etcd(make_cluster, session_lab):
         eventually(lambda: node.http("/healthz")[0] == 200, timeout=20, what="healthy again")
     finally:
         server.destroy()
+
+
+def test_a_process_that_ignores_sigterm_is_killed_and_reported_with_its_log(make_cluster):
+    # what the suite and the benches do with a daemon that hangs on stop: the error shows its log
+    node = make_cluster(1, NETWORK).nodes[0]
+    proc = node.popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                       "print('still here', flush=True); time.sleep(60)"], "stubborn")
+    eventually(lambda: "still here" in node.log("stubborn"), timeout=10, what="the process running")
+    with pytest.raises(lab.LabError) as err:
+        node.stop(proc, signal.SIGTERM, timeout=1)
+    assert proc.returncode is not None  # asked for its stacks (SIGUSR1), then killed
+    assert "did not exit within 1s of SIGTERM" in str(err.value) and "still here" in str(err.value)
 
 
 def test_sigterm_exit_zero_and_systemd_notification(make_cluster, tmp_path):
