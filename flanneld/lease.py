@@ -337,8 +337,8 @@ def _go_written(key: str, subnet: IPv4Network | None, subnet6: IPv6Network | Non
                 match: re.Match[str]) -> Lease | None:
     """The lease a _GO_WRITTEN match spells; None for an address the general path must refuse."""
     v4, v6, backend_type, data, data6 = match.groups()
-    public_ip = _ip(v4)
-    if public_ip is None or public_ip.version != 4:
+    public_ip = _ip(v4)  # digits and dots: IPv4 or nothing
+    if public_ip is None:
         return None
     public_ipv6 = None
     if v6 is not None:
