@@ -1,26 +1,6 @@
-"""Backends: each turns (own lease, peer leases, config) into a desired kernel state.
+"""The backends: plug-ins, each a pure planner registered by its ``Backend.Type``.
 
-Installed as ``flanneld.backends``. The daemon, doctor and flannelctl find a backend by its
-``Backend.Type`` (:func:`lookup`), which imports its module (registering it) on first use.
+Installed as ``flanneld.backends``. The contract they implement (``Backend``, ``PeerPlan``,
+``register``/``lookup``) lives in :mod:`flanneld.plan.backend`, which imports a backend's module
+here the first time its type is looked up.
 """
-
-from __future__ import annotations
-
-from .base import (
-    Backend,
-    BackendType,
-    External,
-    NodeSettings,
-    PeerPlan,
-    Plan,
-    create_backend,
-    lookup,
-    merge,
-    published_addresses,
-    register,
-    supported,
-    validate_backend,
-)
-
-__all__ = ["Backend", "BackendType", "External", "NodeSettings", "PeerPlan", "Plan", "create_backend", "lookup",
-           "merge", "published_addresses", "register", "supported", "validate_backend"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import BackendConfig, NetworkConfig
-from ..lease import Lease, LeaseAttrs
-from ..netstate import DesiredState, Device
-from .base import BackendBase, BackendType, External, PeerPlan, published_addresses, register
+from flanneld.model.config import BackendConfig, NetworkConfig
+from flanneld.model.lease import Lease, LeaseAttrs
+from flanneld.plan.backend import BackendBase, BackendType, External, PeerPlan, published_addresses, register
+from flanneld.plan.state import DesiredState, Device
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from ..config import BackendConfig, ConfigError, NetworkConfig
-from ..lease import Lease, LeaseAttrs, compact_json
-from ..netstate import DesiredState, Device
-from .base import BackendBase, BackendType, External, PeerPlan, published_addresses, register
+from flanneld.model.config import BackendConfig, ConfigError, NetworkConfig
+from flanneld.model.lease import Lease, LeaseAttrs, compact_json
+from flanneld.plan.backend import BackendBase, BackendType, External, PeerPlan, published_addresses, register
+from flanneld.plan.state import DesiredState, Device
 
 log = logging.getLogger("flanneld.extension")
 COMMANDS = ("PreStartupCommand", "PostStartupCommand", "SubnetAddCommand", "SubnetRemoveCommand")

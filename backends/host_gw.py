@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from ..config import BackendConfig, ConfigError, NetworkConfig
-from ..lease import Lease, LeaseAttrs
-from ..netstate import DesiredState, Device, Route
-from .base import (
+from flanneld.model.config import BackendConfig, ConfigError, NetworkConfig
+from flanneld.model.lease import Lease, LeaseAttrs
+from flanneld.plan.backend import (
     BackendBase,
     BackendType,
     External,
@@ -24,6 +23,7 @@ from .base import (
     published_addresses,
     register,
 )
+from flanneld.plan.state import DesiredState, Device, Route
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..config import BackendConfig, ConfigError, FamilyConfig, NetworkConfig
-from ..family import IPV4, IPV6, Family, family_of
-from ..lease import Lease, LeaseAttrs, backend_json
-from ..netstate import Address, DesiredState, Device, Fdb, Neigh, ObservedLink, Route, VxlanLink
-from .base import (
+from flanneld.model.config import BackendConfig, ConfigError, FamilyConfig, NetworkConfig
+from flanneld.model.family import IPV4, IPV6, Family, family_of
+from flanneld.model.lease import Lease, LeaseAttrs, backend_json
+from flanneld.plan.backend import (
     BackendBase,
     BackendType,
     External,
@@ -31,6 +30,7 @@ from .base import (
     published_addresses,
     register,
 )
+from flanneld.plan.state import Address, DesiredState, Device, Fdb, Neigh, ObservedLink, Route, VxlanLink
 
 ENCAP_OVERHEAD = {4: 50, 6: 70}
 DEFAULT_PORT = 8472  # the kernel's (Linux's historical VXLAN port), which upstream uses

@@ -20,12 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..config import BackendConfig, ConfigError, NetworkConfig
-from ..family import IPV4, IPV6, Family
-from ..lease import Lease, LeaseAttrs, backend_json
-from ..netstate import Address, DesiredState, Device, ObservedLink, Route, WgPeer, WireguardLink, sorted_cidrs
-from ..wgkeys import Key, WgKeyError, key_file, load, load_or_create, public_of
-from .base import (
+from flanneld.model.config import BackendConfig, ConfigError, NetworkConfig
+from flanneld.model.family import IPV4, IPV6, Family
+from flanneld.model.lease import Lease, LeaseAttrs, backend_json
+from flanneld.model.wgkeys import Key, WgKeyError, key_file, load, load_or_create, public_of
+from flanneld.plan.backend import (
     BackendBase,
     BackendType,
     External,
@@ -36,6 +35,7 @@ from .base import (
     published_addresses,
     register,
 )
+from flanneld.plan.state import Address, DesiredState, Device, ObservedLink, Route, WgPeer, WireguardLink, sorted_cidrs
 
 log = logging.getLogger(__name__)
 

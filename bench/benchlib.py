@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from flanneld import lab
+from flanneld.lab import cluster as lab
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import time
 
 from flanneld.cni import install, plugin
 
-from flanneld import lab
+from flanneld.lab import cluster as lab
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 SUBNET_ENV = "FLANNEL_NETWORK=198.18.0.0/16\nFLANNEL_SUBNET=198.18.5.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ={}\n"

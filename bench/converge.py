@@ -24,10 +24,10 @@ import time
 
 from benchlib import etcd_in_namespace
 
-from flanneld import lab
-from flanneld.etcd_options import EtcdOptions
-from flanneld.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
-from flanneld.registry import Registry
+from flanneld.etcd.client import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.lab import cluster as lab
+from flanneld.model.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
 
 PREFIX = "/coreos.com/network"
 # The bench writes peer leases itself from 198.18.0.8/29 upwards (up to ~198.18.163.0 for 5000 + 200);

@@ -6,7 +6,7 @@ line. Baselines, measured in the same run: `etcdctl get --prefix` of the same ke
 without TTLs), and the lease-TTL lookup through grpcio alone instead of the pipelined HTTP/2 path.
 Budget (issue "flannelctl"): `subnets list` over 5000 leases in under 1 s.
 
-Both HTTP/2 paths are measured in the same run: our own framing (flanneld.h2_unary) and the same
+Both HTTP/2 paths are measured in the same run: our own framing (flanneld.etcd.h2_unary) and the same
 pipelined calls on python-hyper's h2 library (bench/h2_library.py), in process and end to end
 (`subnets list` with the h2-library session swapped in).
 
@@ -26,10 +26,12 @@ import time
 import h2_library
 from benchlib import etcd_in_namespace, report
 
-from flanneld import h2_unary, lab, registry
-from flanneld.etcd_options import EtcdOptions
-from flanneld.lease import leases_prefix
-from flanneld.registry import Registry
+from flanneld.etcd import client as registry
+from flanneld.etcd import h2_unary
+from flanneld.etcd.client import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.lab import cluster as lab
+from flanneld.model.lease import leases_prefix
 
 PREFIX = "/coreos.com/network"
 CONFIG = {"Network": "198.18.0.0/16", "SubnetLen": 30, "Backend": {"Type": "vxlan"}}
@@ -88,7 +90,7 @@ def main() -> int:
         ctl = lab._tool("flannelctl")
         list_s = timed([ctl, "subnets", "list"], env, args.runs, args.leases)
         swapped = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import h2_library; from flanneld import h2_unary; "
-                   "h2_unary.call_many = h2_library.call_many_h2; from flanneld.ctl import main; "
+                   "h2_unary.call_many = h2_library.call_many_h2; from flanneld.ctl.cli import main; "
                    "sys.argv[0] = 'flannelctl'; main()")
         list_h2lib_s = timed([sys.executable, "-c", swapped, os.path.dirname(os.path.abspath(__file__)), "subnets",
                               "list"], env, args.runs, args.leases)

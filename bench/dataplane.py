@@ -27,10 +27,10 @@ import time
 
 from benchlib import etcd_in_namespace, report
 
-from flanneld import lab
-from flanneld.etcd_options import EtcdOptions
-from flanneld.registry import Registry
-from flanneld.subnetenv import read
+from flanneld.etcd.client import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.lab import cluster as lab
+from flanneld.model.subnetenv import read
 
 PREFIX = "/coreos.com/network"
 BUDGET = {"ours_vs_hand_built": 0.95}

@@ -1,4 +1,4 @@
-"""The same pipelined unary calls as flanneld.h2_unary, on python-hyper's h2 (sans-IO) library.
+"""The same pipelined unary calls as flanneld.etcd.h2_unary, on python-hyper's h2 (sans-IO) library.
 
 Only for bench/ctl.py, which measures both in one run to decide whether a maintained protocol
 implementation can replace our own framing within flannelctl's budget (README: Performance).
@@ -14,7 +14,7 @@ import h2.connection
 import h2.events
 import h2.settings
 
-from flanneld.h2_unary import H2Error, Target, grpc_body, grpc_message
+from flanneld.etcd.h2_unary import H2Error, Target, grpc_body, grpc_message
 
 
 def call_many_h2(target: Target, method: str, requests: Sequence[bytes], timeout: float) -> list[bytes | None]:

@@ -21,11 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from benchlib import etcd_in_namespace, report
 
-from flanneld.config import parse_config
-from flanneld.etcd_options import EtcdOptions
-from flanneld.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
-from flanneld.leases import LeaseManager, LeaseWatcher
-from flanneld.registry import Registry
+from flanneld.etcd.client import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.leases.manager import LeaseManager, LeaseWatcher
+from flanneld.model.config import parse_config
+from flanneld.model.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
 
 PREFIX = "/coreos.com/network"
 CONFIG = {"Network": "198.18.0.0/16", "SubnetLen": 26, "Backend": {"Type": "vxlan"}}

@@ -35,11 +35,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchlib import report
 from netlab import Pinger
 
-from flanneld import lab
-from flanneld.etcd_options import EtcdOptions
-from flanneld.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
-from flanneld.registry import Registry
-from flanneld.subnetenv import read
+from flanneld.etcd.client import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.lab import cluster as lab
+from flanneld.model.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
+from flanneld.model.subnetenv import read
 
 PREFIX = "/coreos.com/network"
 CONFIG = {"Network": "198.18.0.0/16", "SubnetLen": 29, "SubnetMin": "198.18.192.0", "Backend": {"Type": "vxlan"}}
@@ -152,8 +152,8 @@ class Progress:
 FLOOR_CLIENT = """
 import http.server, sys
 import prometheus_client
-from flanneld.etcd_options import EtcdOptions
-from flanneld.registry import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.etcd.client import Registry
 _, endpoints, prefix, head = sys.argv
 registry = Registry(EtcdOptions(endpoints=tuple(endpoints.split(",")), prefix=prefix))
 revision, kvs = registry.list_prefix(head, serializable=True)

@@ -17,7 +17,7 @@ import click
 from flanneld.cni import plugin
 
 from flanneld import __version__
-from flanneld.atomicfile import write_atomically
+from flanneld.model.atomicfile import write_atomically
 
 CONFLIST_NAME = "10-flannel.conflist"
 

@@ -12,11 +12,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from flanneld import lab
-from flanneld.etcd_options import EtcdOptions
-from flanneld.lease import decode_lease, leases_prefix, subnet_key
-from flanneld.registry import Registry
-from flanneld.subnetenv import SubnetEnv, read
+from flanneld.etcd.client import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.lab import cluster as lab
+from flanneld.model.lease import decode_lease, leases_prefix, subnet_key
+from flanneld.model.subnetenv import SubnetEnv, read
 
 _counter = itertools.count(1)
 # Daemons lease below 198.18.200.0: tests put made-up peers (and junk) from 198.18.200.0 up, where

@@ -9,7 +9,7 @@ import time
 import pytest
 from netlab import eventually, link, ping, routes, tcp_exchange
 
-from flanneld.lease import leases_prefix
+from flanneld.model.lease import leases_prefix
 
 HOST_GW = {"Network": "198.18.0.0/16", "Backend": {"Type": "host-gw"}}
 V6_NET = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56"}

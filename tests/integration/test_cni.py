@@ -14,7 +14,7 @@ import uuid
 import pytest
 from netlab import NETWORK, ping
 
-from flanneld import lab
+from flanneld.lab import cluster as lab
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 

@@ -11,8 +11,8 @@ import time
 import pytest
 from netlab import NETWORK
 
-from flanneld import lab
-from flanneld.lease import leases_prefix
+from flanneld.lab import cluster as lab
+from flanneld.model.lease import leases_prefix
 
 DUAL = {"Network": "198.18.0.0/16", "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56",
         "Backend": {"Type": "vxlan"}}

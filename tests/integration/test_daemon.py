@@ -14,9 +14,9 @@ import time
 import pytest
 from netlab import NETWORK, eventually, fdbs, link, neighs, ping, routes, tcp_exchange
 
-from flanneld import lab
-from flanneld.lease import leases_prefix
-from flanneld.leases import LeaseWatcher
+from flanneld.lab import cluster as lab
+from flanneld.leases.manager import LeaseWatcher
+from flanneld.model.lease import leases_prefix
 
 
 def gateway(cluster, node) -> str:
@@ -293,8 +293,8 @@ def test_healthz_reflects_etcd(make_cluster, session_lab):
     try:
         cluster = make_cluster(1, None, etcd_endpoint=server.endpoint_for(lab.CTL_IP))
         cluster.registry.close()
-        from flanneld.etcd_options import EtcdOptions
-        from flanneld.registry import Registry
+        from flanneld.etcd.client import Registry
+        from flanneld.etcd.options import EtcdOptions
 
         cluster.registry = Registry(EtcdOptions(endpoints=(server.endpoint,), prefix=cluster.prefix))
         cluster.set_config(NETWORK)
@@ -426,12 +426,12 @@ def test_tx_checksum_offload_switch(make_cluster):
     cluster.start_all()
     node = cluster.nodes[0]
     out = node.sh(lab._tool("python3"), "-c",
-                  "from flanneld.kernel import Kernel; print(Kernel().tx_checksum('flannel.1'))").stdout
+                  "from flanneld.dataplane.netlink import Kernel; print(Kernel().tx_checksum('flannel.1'))").stdout
     assert out.strip() == "False"
 
 
 def test_peer_mac_change_replaces_stale_fdb_entry(make_cluster):
-    from flanneld.lease import LeaseAttrs, backend_json, encode_value
+    from flanneld.model.lease import LeaseAttrs, backend_json, encode_value
 
     cluster = make_cluster(2, NETWORK)
     cluster.start_all()

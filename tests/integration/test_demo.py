@@ -3,7 +3,7 @@
 import signal
 import subprocess
 
-from flanneld import lab
+from flanneld.lab import cluster as lab
 
 
 def test_demo_check_mode_passes_and_leaves_nothing_behind():

@@ -16,11 +16,11 @@ import time
 import pytest
 from netlab import NETWORK, Cluster, Pinger, eventually, fdbs, link, routes
 
-from flanneld import lab
-from flanneld.etcd_options import EtcdOptions
-from flanneld.lease import leases_prefix
-from flanneld.metrics import parse
-from flanneld.registry import Registry, RegistryError
+from flanneld.etcd.client import Registry, RegistryError
+from flanneld.etcd.options import EtcdOptions
+from flanneld.lab import cluster as lab
+from flanneld.model.lease import leases_prefix
+from flanneld.node.metrics import parse
 
 SOAK = pytest.mark.soak
 PASSWORD = "fault-suite-Pa55word-q7"

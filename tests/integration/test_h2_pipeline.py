@@ -8,9 +8,10 @@ import threading
 import pytest
 from pyetcd import etcdrpc
 
-from flanneld import h2_unary, lab
-from flanneld.etcd_options import EtcdOptions
-from flanneld.registry import Registry
+from flanneld.etcd import h2_unary
+from flanneld.etcd.client import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.lab import cluster as lab
 
 TTL_METHOD = "/etcdserverpb.Lease/LeaseTimeToLive"
 

@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from flanneld import lab
-from flanneld.config import parse_config
-from flanneld.etcd_options import EtcdOptions
-from flanneld.lease import LeaseAttrs, backend_json, decode_lease, encode_value, leases_prefix
-from flanneld.leases import LeaseError, LeaseManager, LeaseWatcher, list_leases
-from flanneld.registry import Registry
-from flanneld.subnetenv import SubnetEnv
+from flanneld.etcd.client import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.lab import cluster as lab
+from flanneld.leases.manager import LeaseError, LeaseManager, LeaseWatcher, list_leases
+from flanneld.model.config import parse_config
+from flanneld.model.lease import LeaseAttrs, backend_json, decode_lease, encode_value, leases_prefix
+from flanneld.model.subnetenv import SubnetEnv
 
 NET = {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}
 

@@ -6,8 +6,8 @@ import json
 
 from netlab import NETWORK, eventually, routes
 
-from flanneld import lab
-from flanneld.metrics import parse
+from flanneld.lab import cluster as lab
+from flanneld.node.metrics import parse
 
 
 def scrape(node: lab.Node) -> dict:

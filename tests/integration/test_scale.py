@@ -7,10 +7,10 @@ import signal
 import pytest
 from netlab import NETWORK, Pinger, eventually, routes
 
-from flanneld import lab
-from flanneld.etcd_options import EtcdOptions
-from flanneld.lease import leases_prefix
-from flanneld.registry import Registry
+from flanneld.etcd.client import Registry
+from flanneld.etcd.options import EtcdOptions
+from flanneld.lab import cluster as lab
+from flanneld.model.lease import leases_prefix
 
 WATCHERS = "etcd_debugging_mvcc_watcher_total"
 

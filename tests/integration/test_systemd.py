@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from netlab import NETWORK, eventually, routes
 
-from flanneld import lab
+from flanneld.lab import cluster as lab
 
 
 def test_install_unit_writes_a_unit_systemd_accepts(tmp_path):

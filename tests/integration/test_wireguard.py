@@ -19,7 +19,7 @@ import time
 import pytest
 from netlab import Pinger, eventually, ping, routes, tcp_exchange
 
-from flanneld import lab
+from flanneld.lab import cluster as lab
 
 pytestmark = pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go is not installed")
 

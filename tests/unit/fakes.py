@@ -13,10 +13,10 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flanneld import nlcodec as nl
-from flanneld.kernel import KernelError, LinkInfo, WriteFailure
-from flanneld.netstate import VxlanLink, WgPeer
-from flanneld.registry import KeyValue
+from flanneld.dataplane import nlcodec as nl
+from flanneld.dataplane.netlink import KernelError, LinkInfo, WriteFailure
+from flanneld.etcd.client import KeyValue
+from flanneld.plan.state import VxlanLink, WgPeer
 
 
 class FakeBulk:
@@ -129,7 +129,7 @@ class FakeKernel:
                                                    up=up if up is not None else link.up)
 
     def addresses(self, index: int | None = None):  # type: ignore[no-untyped-def]
-        from flanneld.kernel import AddrInfo
+        from flanneld.dataplane.netlink import AddrInfo
 
         return [AddrInfo(ix, ip, plen, 0, True) for ix, entries in self.addrs.items() for ip, plen in entries
                 if index is None or ix == index]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from flanneld.lease import decode_lease
-from flanneld.leases import Listed, Listing
-from flanneld.registry import KeyValue
+from flanneld.etcd.client import KeyValue
+from flanneld.leases.manager import Listed, Listing
+from flanneld.model.lease import decode_lease
 
 
 def listing(*entries: tuple[str, str, int]) -> Listing:

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flanneld.allocator import MAX_CANDIDATES, OutOfSubnets, free_subnets, pick_subnet
-from flanneld.config import parse_config
+from flanneld.leases.allocator import MAX_CANDIDATES, OutOfSubnets, free_subnets, pick_subnet
+from flanneld.model.config import parse_config
 
 N = ipaddress.ip_network
 

@@ -6,13 +6,13 @@ import ipaddress
 import json
 
 import pytest
-from flanneld.backends import External, NodeSettings, create_backend, lookup, supported, validate_backend
 from flanneld.backends.extension import ExtensionOptions, argv_for, run_hook
 from underlay import DUAL, EXT, V4
 
-from flanneld.config import ConfigError, parse_config
-from flanneld.lease import LeaseAttrs, encode_value
-from flanneld.netstate import Route
+from flanneld.model.config import ConfigError, parse_config
+from flanneld.model.lease import LeaseAttrs, encode_value
+from flanneld.plan.backend import External, NodeSettings, create_backend, lookup, supported, validate_backend
+from flanneld.plan.state import Route
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flanneld.config import ConfigError, parse_config
+from flanneld.model.config import ConfigError, parse_config
 
 
 def cfg(**doc):
@@ -186,7 +186,7 @@ def test_misfit_names_what_departs_from_the_config():
 
 
 def test_config_monitor_verdicts():
-    from flanneld.config_monitor import judge
+    from flanneld.node.config_monitor import judge
 
     running = parse_config('{"Network": "10.5.0.0/16"}')
     ok = lambda c: None  # noqa: E731

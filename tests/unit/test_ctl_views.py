@@ -8,8 +8,8 @@ import json
 import pytest
 from listings import listing
 
-from flanneld import ctl_views as v
-from flanneld.config import parse_config
+from flanneld.ctl import views as v
+from flanneld.model.config import parse_config
 
 V4 = parse_config('{"Network": "198.18.0.0/16", "SubnetMin": "198.18.1.0", "SubnetMax": "198.18.200.0"}')
 DUAL = parse_config('{"Network": "198.18.0.0/16", "EnableIPv6": true, "IPv6Network": "2001:db8:1800::/56"}')

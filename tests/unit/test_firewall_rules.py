@@ -2,7 +2,7 @@
 
 import ipaddress
 
-from flanneld.firewall import FamilyRules, FirewallSpec, iptables_rules, nft_script
+from flanneld.dataplane.firewall import FamilyRules, FirewallSpec, iptables_rules, nft_script
 
 N = ipaddress.ip_network
 V4 = FamilyRules(N("10.5.0.0/16"), N("10.5.72.0/24"))
@@ -76,7 +76,7 @@ def _saved(chains, flushed=()):
 
 def test_drift_is_judged_against_the_intended_rules_not_a_listing_after_install():
     """A flush landing between our install and a listing must not become the reference (it was, once)."""
-    from flanneld.firewall import Firewall
+    from flanneld.dataplane.firewall import Firewall
 
     spec = FirewallSpec((V4,), masq=True, forward=True)
     chains = iptables_rules(spec, V4)
@@ -90,7 +90,7 @@ def test_drift_is_judged_against_the_intended_rules_not_a_listing_after_install(
 
 
 def test_nft_listing_with_the_kernels_indentation_is_not_drift():
-    from flanneld.firewall import Firewall
+    from flanneld.dataplane.firewall import Firewall
 
     spec = FirewallSpec((V4,), masq=True, forward=True, nftables=True)
     script = nft_script(spec, V4)

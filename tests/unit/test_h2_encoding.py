@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flanneld.h2_unary import Target, frame, grpc_body, grpc_message, header_block, hpack_int
+from flanneld.etcd.h2_unary import Target, frame, grpc_body, grpc_message, header_block, hpack_int
 
 
 @pytest.mark.parametrize(("value", "bits", "encoded"), [

@@ -2,8 +2,8 @@
 
 import pytest
 
-from flanneld.iface import Iface, IfaceError, IfaceOptions, choose, external
-from flanneld.kernel import AddrInfo
+from flanneld.dataplane.iface import Iface, IfaceError, IfaceOptions, choose, external
+from flanneld.dataplane.netlink import AddrInfo
 
 ETH0 = Iface("eth0", 2, 1500, True, (
     AddrInfo(2, "fe80::1", 64, 253, True), AddrInfo(2, "198.51.100.11", 24, 0, False),

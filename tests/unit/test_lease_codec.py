@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flanneld import lease as lease_module
-from flanneld.gofields import GoObject
-from flanneld.lease import (
+from flanneld.model import lease as lease_module
+from flanneld.model.gofields import GoObject
+from flanneld.model.lease import (
     Lease,
     LeaseAttrs,
     LeaseDecodeError,

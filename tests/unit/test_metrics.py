@@ -1,6 +1,6 @@
 """/metrics on prometheus-client: the series keep their names, process metrics come for free."""
 
-from flanneld.metrics import Metrics, parse
+from flanneld.node.metrics import Metrics, parse
 
 
 class Watch:

@@ -1,6 +1,6 @@
 """Desired-vs-actual diff: in-place replacement by key, deletion of what is no longer wanted."""
 
-from flanneld.netstate import Fdb, Neigh, Route, diff
+from flanneld.plan.state import Fdb, Neigh, Route, diff
 
 
 def test_changed_value_is_replaced_not_deleted():

@@ -6,7 +6,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from flanneld import nlcodec as nl
+from flanneld.dataplane import nlcodec as nl
 
 
 def pyroute2_bytes(msg_class, msg_type, flags, seq, fields, nla):

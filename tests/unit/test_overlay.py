@@ -1,4 +1,4 @@
-"""The daemon's event handling (flanneld.overlay) on the in-memory kernel and registry, without root."""
+"""The daemon's event handling (flanneld.node.overlay) on the in-memory kernel and registry, without root."""
 
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ from collections import Counter
 
 import pytest
 from fakes import FakeKernel, FakeRegistry
-from flanneld.backends import External, NodeSettings, create_backend, published_addresses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flanneld import nlcodec as nl
-from flanneld.config import parse_config
-from flanneld.lease import leases_prefix
-from flanneld.leases import LeaseEvent, LeaseManager, LeaseWatcher
-from flanneld.metrics import Metrics, parse
-from flanneld.netstate import Device
-from flanneld.overlay import Overlay, OverlaySettings
-from flanneld.reconciler import Reconciler
-from flanneld.registry import KeyValue, WatchBatch, WatchEvent
+from flanneld.dataplane import nlcodec as nl
+from flanneld.dataplane.reconciler import Reconciler
+from flanneld.etcd.client import KeyValue, WatchBatch, WatchEvent
+from flanneld.leases.manager import LeaseEvent, LeaseManager, LeaseWatcher
+from flanneld.model.config import parse_config
+from flanneld.model.lease import leases_prefix
+from flanneld.node.metrics import Metrics, parse
+from flanneld.node.overlay import Overlay, OverlaySettings
+from flanneld.plan.backend import External, NodeSettings, create_backend, published_addresses
+from flanneld.plan.state import Device
 
 A = ipaddress.ip_address
 PREFIX = "/test/network"
@@ -224,7 +224,7 @@ def test_wireguard_leases_sharing_a_key_are_merged_by_a_full_reconcile(tmp_path,
     incremental path hands such changes to a full reconcile, which programs one merged peer."""
     from fakes import FakeWireguard
 
-    from flanneld import devices
+    from flanneld.dataplane import devices
 
     fake = FakeWireguard()
     monkeypatch.setitem(devices.KINDS, "wireguard", fake)

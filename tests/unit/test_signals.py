@@ -22,7 +22,7 @@ def test_a_signal_arriving_while_the_main_thread_holds_the_callbacks_lock_is_sti
     # `lock` here forever: that is how a daemon came to ignore SIGTERM inside queue.Queue.get.
     proc = run("""
         import os, signal, sys, threading, time
-        from flanneld.signals import call_on_signals
+        from flanneld.node.signals import call_on_signals
         lock = threading.Lock()
         handled = threading.Event()
         def on_stop(sig):
@@ -43,7 +43,7 @@ def test_stop_signals_arrive_while_the_main_thread_waits_on_a_queue() -> None:
     # the daemon's own shape: the loop blocks on its event queue, the signal thread puts a Stop
     proc = run("""
         import os, queue, signal, sys, threading
-        from flanneld.signals import call_on_signals
+        from flanneld.node.signals import call_on_signals
         events = queue.Queue()
         call_on_signals(lambda sig: events.put(sig.name))
         def send():
@@ -64,7 +64,7 @@ def test_stop_signals_arrive_while_the_main_thread_waits_on_a_queue() -> None:
 def test_sigusr1_prints_every_threads_stack_and_the_process_goes_on() -> None:
     proc = run("""
         import os, signal, threading, time
-        from flanneld.signals import dump_stacks_on
+        from flanneld.node.signals import dump_stacks_on
         dump_stacks_on(signal.SIGUSR1)
         threading.Thread(target=time.sleep, args=(2,), name="sleeper", daemon=True).start()
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -78,7 +78,7 @@ def test_sigusr1_prints_every_threads_stack_and_the_process_goes_on() -> None:
 def test_a_failing_callback_does_not_deafen_the_process_to_the_next_signal() -> None:
     proc = run("""
         import os, signal, sys, threading
-        from flanneld.signals import call_on_signals
+        from flanneld.node.signals import call_on_signals
         calls = []
         done = threading.Event()
         def on_stop(sig):

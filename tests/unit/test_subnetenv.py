@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from flanneld import subnetenv
-from flanneld.lease import Lease
+from flanneld.model import subnetenv
+from flanneld.model.lease import Lease
 
 N = ipaddress.ip_network
 

@@ -4,13 +4,13 @@ import ipaddress
 import json
 
 import pytest
-from flanneld.backends import External, validate_backend
 from flanneld.backends.vxlan import VxlanBackend, VxlanOptions
 from underlay import EXT
 
-from flanneld.config import ConfigError, parse_config
-from flanneld.lease import LeaseAttrs, backend_json
-from flanneld.netstate import Address, Device, Fdb, Neigh, Route
+from flanneld.model.config import ConfigError, parse_config
+from flanneld.model.lease import LeaseAttrs, backend_json
+from flanneld.plan.backend import External, validate_backend
+from flanneld.plan.state import Address, Device, Fdb, Neigh, Route
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network

@@ -11,16 +11,16 @@ import stat
 import struct
 
 import pytest
-from flanneld.backends import NodeSettings, create_backend, lookup
 from flanneld.backends.wireguard import WireguardOptions
 from underlay import DUAL, EXT, V4
 
-from flanneld import wggenl
-from flanneld.config import ConfigError, parse_config
-from flanneld.lease import LeaseAttrs, decode_lease, encode_value
-from flanneld.netstate import Address, Route, WgPeer
-from flanneld.wgkeys import Key, WgKeyError, generate_private, load_or_create, public_of
-from flanneld.wguapi import DeviceState, PeerChange, encode_set, parse_get
+from flanneld.dataplane.wireguard import genl as wggenl
+from flanneld.dataplane.wireguard.uapi import DeviceState, PeerChange, encode_set, parse_get
+from flanneld.model.config import ConfigError, parse_config
+from flanneld.model.lease import LeaseAttrs, decode_lease, encode_value
+from flanneld.model.wgkeys import Key, WgKeyError, generate_private, load_or_create, public_of
+from flanneld.plan.backend import NodeSettings, create_backend, lookup
+from flanneld.plan.state import Address, Route, WgPeer
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from flanneld.backends import External
+from flanneld.plan.backend import External
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network

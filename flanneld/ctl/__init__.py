@@ -1,0 +1,2 @@
+"""flannelctl: the command line, its views (rows, tables, YAML) and doctor.
+"""

@@ -1,0 +1,144 @@
+"""Choosing the external interface and the addresses we publish (``--iface`` and friends).
+
+Upstream rules: ``--iface`` values (names or IPs) are tried in order, first match wins; then
+``--iface-regex`` values, each matched against interface addresses first, then names; then
+``--iface-can-reach`` (the interface the kernel would route that address through); otherwise
+the interface holding the default route. Addresses are ranked global before link-local and
+permanent before dynamic. ``--public-ip``/``--public-ipv6`` override what we publish.
+
+:func:`choose` is pure (it works on a snapshot), :func:`select` takes the snapshot.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from flanneld.dataplane.netlink import AddrInfo, Kernel, KernelError
+from flanneld.dataplane.nlcodec import RT_SCOPE_UNIVERSE
+from flanneld.model.family import IPV4, IPV6
+from flanneld.plan.backend import External
+
+
+class IfaceError(Exception):
+    """No usable external interface; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class IfaceOptions:
+    ifaces: tuple[str, ...] = ()
+    regexes: tuple[str, ...] = ()
+    can_reach: str = ""
+    public_ip: str = ""
+    public_ipv6: str = ""
+
+
+@dataclass(frozen=True)
+class Iface:
+    name: str
+    index: int
+    mtu: int
+    up: bool
+    addrs: tuple[AddrInfo, ...] = field(default=())
+
+    def ranked(self, version: int) -> list[AddrInfo]:
+        """This family's addresses, global before link-local, permanent before dynamic."""
+        mine = [a for a in self.addrs if a.version == version]
+        return sorted(mine, key=lambda a: (a.scope != RT_SCOPE_UNIVERSE, not a.permanent))
+
+    def first_global(self, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        for a in self.ranked(version):
+            if a.scope == RT_SCOPE_UNIVERSE:
+                return ipaddress.ip_address(a.ip)
+        return None
+
+
+def _by_ip(interfaces: list[Iface], ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Iface | None:
+    for iface in interfaces:
+        if any(ipaddress.ip_address(a.ip) == ip for a in iface.addrs):
+            return iface
+    return None
+
+
+def choose(interfaces: list[Iface], opts: IfaceOptions, default_index: int | None,
+           can_reach: tuple[int | None, str | None] | None = None) -> tuple[Iface, str]:
+    """The interface to use and a phrase saying why (for the log)."""
+    if opts.ifaces:
+        for spec in opts.ifaces:
+            try:
+                ip = ipaddress.ip_address(spec)
+            except ValueError:
+                found = next((i for i in interfaces if i.name == spec), None)
+            else:
+                found = _by_ip(interfaces, ip)
+            if found is not None:
+                return found, f"--iface {spec}"
+    if opts.regexes:
+        for pattern in opts.regexes:
+            try:
+                regex = re.compile(pattern)
+            except re.error as exc:
+                raise IfaceError(f"--iface-regex {pattern!r} is not a valid regular expression: {exc}") from None
+            for iface in interfaces:
+                if any(regex.search(a.ip) for a in iface.ranked(4) + iface.ranked(6)):
+                    return iface, f"--iface-regex {pattern} (address)"
+            for iface in interfaces:
+                if regex.search(iface.name):
+                    return iface, f"--iface-regex {pattern} (name)"
+    if opts.ifaces or opts.regexes:
+        tried = ", ".join([*(f"--iface {s}" for s in opts.ifaces), *(f"--iface-regex {r}" for r in opts.regexes)])
+        raise IfaceError(f"failed to find an interface matching {tried}")
+    if opts.can_reach:
+        if can_reach is None or can_reach[0] is None:
+            raise IfaceError(f"--iface-can-reach {opts.can_reach}: no route to it")
+        found = next((i for i in interfaces if i.index == can_reach[0]), None)
+        if found is None:
+            raise IfaceError(f"--iface-can-reach {opts.can_reach}: the route's interface vanished")
+        return found, f"--iface-can-reach {opts.can_reach}"
+    if default_index is None:
+        raise IfaceError("no default route: use --iface, --iface-regex or --iface-can-reach to pick an interface")
+    found = next((i for i in interfaces if i.index == default_index), None)
+    if found is None:
+        raise IfaceError("the default route's interface vanished")
+    return found, "default route"
+
+
+def external(iface: Iface, opts: IfaceOptions, need_v4: bool, need_v6: bool) -> External:
+    """Addresses to run over and to publish on the chosen interface."""
+    ip4 = iface.first_global(4)
+    ip6 = iface.first_global(6)
+    if need_v4 and ip4 is None:
+        raise IfaceError(f"interface {iface.name} has no IPv4 address")
+    if need_v6 and ip6 is None:
+        raise IfaceError(f"interface {iface.name} has no global IPv6 address")
+    try:
+        public = ipaddress.IPv4Address(opts.public_ip) if opts.public_ip else ip4
+        public6 = ipaddress.IPv6Address(opts.public_ipv6) if opts.public_ipv6 else ip6
+    except ValueError as exc:
+        raise IfaceError(f"bad --public-ip/--public-ipv6: {exc}") from None
+    onlink = tuple(ipaddress.ip_network(f"{a.ip}/{a.prefixlen}", strict=False)
+                   for a in iface.addrs if a.scope == RT_SCOPE_UNIVERSE)
+    return External(iface.name, iface.index, iface.mtu, ip4 if need_v4 else None,  # type: ignore[arg-type]
+                    public if need_v4 else None, ip6 if need_v6 else None,  # type: ignore[arg-type]
+                    public6 if need_v6 else None, onlink)  # type: ignore[arg-type]
+
+
+def snapshot(kernel: Kernel) -> list[Iface]:
+    addrs = kernel.addresses()
+    return [Iface(link.name, link.index, link.mtu, link.up, tuple(a for a in addrs if a.index == link.index))
+            for link in kernel.links()]
+
+
+def select(kernel: Kernel, opts: IfaceOptions, need_v4: bool, need_v6: bool) -> tuple[External, str]:
+    """Pick the external interface in the current namespace."""
+    interfaces = snapshot(kernel)
+    reach = None
+    if opts.can_reach:
+        try:
+            reach = kernel.route_get(opts.can_reach)
+        except KernelError as exc:
+            raise IfaceError(f"--iface-can-reach {opts.can_reach}: {exc}") from None
+    default = kernel.default_route_oif(IPV4 if need_v4 else IPV6)
+    iface, why = choose(interfaces, opts, default, reach)
+    return external(iface, opts, need_v4, need_v6), why

@@ -1,0 +1,287 @@
+"""``flanneld`` command line: upstream flag names and defaults, ``FLANNELD_*`` environment forms.
+
+Every flag may be spelled ``--name`` or Go-style ``-name``, with ``=value`` or a separate
+value; boolean flags accept ``--flag`` or ``--flag=true|false`` (Go's ParseBool spellings).
+The command line wins over the environment; an empty environment value counts as unset.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from flanneld import __version__
+from flanneld.etcd.options import (
+    DEFAULT_ENDPOINTS,
+    DEFAULT_PREFIX,
+    EndpointError,
+    EtcdOptions,
+    parse_endpoint,
+    quiet_grpc,
+)
+
+TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+class GoBool(click.ParamType):
+    name = "bool"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lstrip("=")
+        if text in TRUE:
+            return True
+        if text in FALSE:
+            return False
+        self.fail(f"{value!r} is not a boolean (use true or false)", param, ctx)
+
+
+class GoInt(click.ParamType):
+    """An integer that also accepts Go's ``-v=2`` spelling of short flags."""
+
+    name = "integer"
+
+    def __init__(self, low: int | None = None, high: int | None = None) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            number = value
+        else:
+            try:
+                number = int(str(value).lstrip("="))
+            except ValueError:
+                self.fail(f"{value!r} is not an integer", param, ctx)
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+            self.fail(f"{number} is not in {self.low}..{self.high}", param, ctx)
+        return number
+
+
+class IPAddress(click.ParamType):
+    """An IP address (of one family if `version` is given); empty means "not set"."""
+
+    name = "ip"
+
+    def __init__(self, version: int | None = None) -> None:
+        self.version = version
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        if not text:
+            return ""
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            self.fail(f"{text!r} is not an IP address", param, ctx)
+        if self.version and addr.version != self.version:
+            self.fail(f"{text!r} is not an IPv{self.version} address", param, ctx)
+        return str(addr)
+
+
+class Endpoints(click.ParamType):
+    """Comma-separated etcd endpoint URLs, each checked (see etcd_options.parse_endpoint)."""
+
+    name = "urls"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        endpoints = tuple(e.strip() for e in str(value).split(",") if e.strip())
+        if not endpoints:
+            self.fail("no endpoints given", param, ctx)
+        for endpoint in endpoints:
+            try:
+                parse_endpoint(endpoint)
+            except EndpointError as exc:
+                self.fail(str(exc), param, ctx)
+        return endpoints
+
+
+class Regex(click.ParamType):
+    name = "regex"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            self.fail(f"{value!r} is not a valid regular expression: {exc}", param, ctx)
+        return str(value)
+
+
+def flag(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An option spelled --name and -name (Go style)."""
+    dest = name.replace("-", "_")
+    return click.option(f"--{name}", f"-{name}", dest, **kwargs)
+
+
+def bool_flag(name: str, default: bool, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return flag(name, type=GoBool(), is_flag=False, flag_value="true", default="true" if default else "false",
+                show_default=True, help=help)
+
+
+def etcd_flags_with_env(*env_prefixes: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The etcd connection flags shared by flanneld and flannelctl.
+
+    With `env_prefixes` each flag also reads ``<PREFIX>_ETCD_<NAME>`` (first prefix wins); without,
+    the command's ``auto_envvar_prefix`` supplies the environment form.
+    """
+    def env(name: str) -> dict[str, Any]:
+        if not env_prefixes:
+            return {}
+        return {"envvar": [f"{p}_{name.upper().replace('-', '_')}" for p in env_prefixes], "show_envvar": True}
+
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed([
+            flag("etcd-endpoints", type=Endpoints(), default=",".join(DEFAULT_ENDPOINTS), show_default=True,
+                 help="Comma-separated etcd endpoints (http:// or https://).", **env("etcd-endpoints")),
+            flag("etcd-prefix", default=DEFAULT_PREFIX, show_default=True, help="etcd key prefix.",
+                 **env("etcd-prefix")),
+            flag("etcd-keyfile", default="", help="TLS client key file.", **env("etcd-keyfile")),
+            flag("etcd-certfile", default="", help="TLS client certificate file.", **env("etcd-certfile")),
+            flag("etcd-cafile", default="", help="TLS CA file (honoured on its own, without a client certificate).",
+                 **env("etcd-cafile")),
+            flag("etcd-username", default="", help="etcd user.", **env("etcd-username")),
+            flag("etcd-password", default="", help="etcd password (never logged).", show_default=False,
+                 **env("etcd-password")),
+        ]):
+            fn = decorator(fn)
+        return fn
+    return apply
+
+
+etcd_flags = etcd_flags_with_env()
+
+
+def etcd_options(kw: dict[str, Any]) -> EtcdOptions:
+    """Build EtcdOptions from the etcd_flags values (removed from `kw`)."""
+    return EtcdOptions(
+        endpoints=kw.pop("etcd_endpoints"),
+        prefix=kw.pop("etcd_prefix").rstrip("/") or "/",
+        keyfile=kw.pop("etcd_keyfile"),
+        certfile=kw.pop("etcd_certfile"),
+        cafile=kw.pop("etcd_cafile"),
+        username=kw.pop("etcd_username"),
+        password=kw.pop("etcd_password"),
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the structured fields a call gave."""
+
+    FIELDS = ("lease", "peer", "event", "trigger", "key", "device")
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        for name in self.FIELDS:
+            if name in record.__dict__:
+                doc[name] = record.__dict__[name]
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(verbosity: int, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else logging.INFO, handlers=[handler])
+    if verbosity < 4:  # gRPC internals only at -v=4
+        logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+@click.command(context_settings={"auto_envvar_prefix": "FLANNELD", "help_option_names": ["--help", "-h"]},
+               epilog="Every flag can also be set as FLANNELD_<FLAG> (upper case, '-' as '_'); "
+                      "the command line wins.")
+@etcd_flags
+@flag("iface", multiple=True, help="Interface name or IP to use (repeatable; first match wins).")
+@flag("iface-regex", type=Regex(), multiple=True, help="Regex matched against interface IPs, then names (repeatable).")
+@flag("iface-can-reach", type=IPAddress(), default="", help="Use the interface the kernel would route to this IP.")
+@flag("public-ip", type=IPAddress(4), default="", help="IPv4 address published to peers (default: the interface's).")
+@flag("public-ipv6", type=IPAddress(6), default="",
+      help="IPv6 address published to peers (default: the interface's).")
+@flag("subnet-file", default="/run/flannel/subnet.env", show_default=True, help="Where to write subnet.env.")
+@flag("subnet-lease-renew-margin", type=GoInt(1, 1439), default=60, show_default=True,
+      help="Renew the lease this many minutes before it expires.")
+@bool_flag("ip-masq", False, "Install masquerade rules for traffic leaving the overlay.")
+@bool_flag("ip-masq-fully-random-disable", False, "Masquerade without --random-fully.")
+@flag("iptables-resync", type=GoInt(1, 86400), default=5, show_default=True,
+      help="Seconds between firewall drift checks.")
+@bool_flag("iptables-forward-rules", True, "Install FORWARD accept rules for the overlay network.")
+@bool_flag("ip-blackhole-route", False, "Keep a (low-priority) blackhole route for our subnet.")
+@flag("healthz-ip", type=IPAddress(), default="0.0.0.0", show_default=True,
+      help="Address for /healthz, /readyz, /metrics.")
+@flag("healthz-port", type=GoInt(0, 65535), default=0, show_default=True, help="Port for them (0: off).")
+@flag("wireguard-provider", type=click.Choice(["auto", "kernel", "userspace"]), default="auto", show_default=True,
+      help="wireguard backend: the kernel module, userspace wireguard-go, or the kernel's when it has one.")
+@flag("reconcile-interval", type=GoInt(1, 86400), default=30, show_default=True,
+      help="Seconds between full kernel-state reconciles (drift is also repaired on netlink events).")
+@click.option("-v", "--v", "verbosity", type=GoInt(0, 10), default=0, help="Log verbosity (2: debug).")
+@flag("log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+      help="Log lines as text, or one JSON object per line (time, level, logger, message, fields).")
+@click.option("--version", "-version", "show_version", is_flag=True, help="Print the version and exit.")
+def flanneld_command(show_version: bool, verbosity: int, log_format: str, **kw: Any) -> None:
+    """flanneld: the per-node overlay network daemon (etcd v3; vxlan, host-gw, wireguard, alloc, extension)."""
+    if show_version:
+        click.echo(__version__)
+        return
+    quiet_grpc(verbose=verbosity >= 4)  # before grpc is imported (the same level shows grpc's Python logs)
+    from flanneld.dataplane.iface import IfaceOptions
+    from flanneld.node.daemon import Daemon, DaemonOptions  # keeps --help and --version fast
+
+    setup_logging(verbosity, log_format)
+    etcd = etcd_options(kw)
+    options = DaemonOptions(
+        etcd=etcd,
+        iface=IfaceOptions(tuple(_split(kw["iface"])), tuple(kw["iface_regex"]), kw["iface_can_reach"],
+                           kw["public_ip"], kw["public_ipv6"]),
+        subnet_file=kw["subnet_file"],
+        renew_margin_minutes=kw["subnet_lease_renew_margin"],
+        ip_masq=kw["ip_masq"],
+        masq_random_fully=not kw["ip_masq_fully_random_disable"],
+        iptables_resync=kw["iptables_resync"],
+        forward_rules=kw["iptables_forward_rules"],
+        blackhole_route=kw["ip_blackhole_route"],
+        wireguard_provider=kw["wireguard_provider"],
+        healthz_ip=kw["healthz_ip"],
+        healthz_port=kw["healthz_port"],
+        reconcile_interval=kw["reconcile_interval"],
+    )
+    sys.exit(Daemon(options).run())
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    """FLANNELD_IFACE may hold several comma-separated values; names and IPs never contain commas."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "install-cni":
+        from flanneld.cni.install import install_command
+
+        install_command(args=sys.argv[2:], prog_name="flanneld install-cni")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "install-unit":
+        from flanneld.node.systemd import install_unit_command
+
+        install_unit_command(args=sys.argv[2:], prog_name="flanneld install-unit")
+        return
+    try:
+        flanneld_command.main(prog_name="flanneld", standalone_mode=False)
+    except click.UsageError as exc:  # one line for the journal, not click's usage block
+        click.echo(f"flanneld: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(1)

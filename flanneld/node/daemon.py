@@ -1,0 +1,299 @@
+"""The per-node daemon: threads, the one event loop, health and shutdown.
+
+Start-up (:mod:`flanneld.node.startup`) ends in a running :class:`~flanneld.node.overlay.Overlay`, which
+the loop thread alone owns. Other threads only send it typed events (:mod:`flanneld.node.events`):
+lease batches from the watcher, raw netlink notification batches from the monitor (the loop
+decides what is drift: it owns the reconciler's maps), a stop from the signal thread. The loop's
+own timers drive lease renewal, the firewall check and the periodic full reconcile.
+SIGTERM/SIGINT end the loop and leave devices, routes, rules, subnet.env and the lease in place,
+so a restart is hitless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import queue
+import select
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from flanneld import __version__
+from flanneld.dataplane.firewall import FirewallError
+from flanneld.dataplane.iface import IfaceError, IfaceOptions
+from flanneld.dataplane.netlink import Kernel, KernelError, Monitor
+from flanneld.etcd.client import Registry, RegistryError
+from flanneld.etcd.options import EtcdOptions
+from flanneld.leases.manager import SUBNET_TTL, LeaseEvent, LeaseWatcher
+from flanneld.model import subnetenv
+from flanneld.model.config import ConfigError
+from flanneld.node.config_monitor import ConfigMonitor
+from flanneld.node.events import Event, LeaseBatch, NetlinkBatch, Stop
+from flanneld.node.health import HealthServer, sd_notify
+from flanneld.node.metrics import Metrics
+from flanneld.node.overlay import Overlay, OverlaySettings
+from flanneld.node.signals import call_on_signals, dump_stacks_on
+from flanneld.node.startup import StartSettings, start, validate
+from flanneld.plan.backend import NodeSettings
+
+log = logging.getLogger("flanneld")
+
+DRIFT_DEBOUNCE = 0.02
+RETRY_AFTER_FAILURE = 1.0
+
+
+class FatalError(Exception):
+    """Start-up cannot continue (bad interface, unsupported config...); exit non-zero."""
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    etcd: EtcdOptions = field(default_factory=EtcdOptions)
+    iface: IfaceOptions = field(default_factory=IfaceOptions)
+    subnet_file: str = subnetenv.DEFAULT_PATH
+    renew_margin_minutes: int = 60
+    ip_masq: bool = False
+    masq_random_fully: bool = True
+    iptables_resync: float = 5.0
+    forward_rules: bool = True
+    blackhole_route: bool = False
+    wireguard_provider: str = "auto"
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0
+    reconcile_interval: float = 30.0
+    lease_ttl: int = SUBNET_TTL
+
+
+class Daemon:
+    def __init__(self, options: DaemonOptions) -> None:
+        self.opts = options
+        self.stop_event = threading.Event()
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.metrics = Metrics(__version__)
+        self.phase = "starting"
+        self.ready = False
+        self.loop_heartbeat = time.monotonic()
+        self.registry: Registry | None = None
+        self.kernel: Kernel | None = None
+        self.monitor: Monitor | None = None
+        self.watcher: LeaseWatcher | None = None
+        self.config_monitor: ConfigMonitor | None = None
+        self.health_server: HealthServer | None = None
+        self.overlay: Overlay | None = None
+
+    # -- observability -----------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, str]:
+        if self.registry is None:
+            return True, ""
+        watcher = self.watcher
+        # Down means it failed: a watch still opening its first stream (just after start) is not.
+        if watcher is not None and self.ready and not watcher.connected and watcher.last_error:
+            return False, f"etcd lease watch is down: {watcher.last_error}"
+        stuck = time.monotonic() - self.loop_heartbeat
+        if self.ready and stuck > max(60.0, 3 * self.opts.reconcile_interval):
+            return False, f"event loop has not run for {stuck:.0f}s"
+        return True, ""
+
+    def readiness(self) -> tuple[bool, str]:
+        return self.ready, self.phase
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT. Returns the exit status."""
+        call_on_signals(self._on_signal)
+        dump_stacks_on(signal.SIGUSR1)
+        log.info("flanneld %s starting; etcd %s", __version__, self.opts.etcd.describe())
+        try:
+            # what can fail on the node's own account fails now, before a lease or a device exists
+            subnetenv.check_writable(self.opts.subnet_file)
+            if self.opts.healthz_port:
+                self._serve_health()
+            self.registry = Registry(self.opts.etcd)
+            if not self._start():
+                return 0
+            self._loop()
+            return 0
+        except (FatalError, IfaceError, ConfigError, FirewallError, RegistryError, KernelError,
+                subnetenv.SubnetEnvError) as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            self._shutdown()
+
+    def _serve_health(self) -> None:
+        host, port = self.opts.healthz_ip, self.opts.healthz_port
+        try:
+            self.health_server = HealthServer(host, port, self.health, self.readiness, self.metrics.render)
+        except OSError as exc:
+            raise FatalError(f"cannot serve /healthz on {host}:{port} (--healthz-ip/--healthz-port): "
+                             f"{exc.strerror or exc}") from None
+        self.health_server.start()
+        log.info("serving /healthz, /readyz and /metrics on %s:%d", host, self.health_server.port)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        """On the signal thread (:mod:`flanneld.node.signals`), so taking the queue's lock is safe."""
+        if not self.stop_event.is_set():
+            log.info("received %s: stopping, leaving the data plane and lease in place", sig.name)
+        self.stop_event.set()
+        self.events.put(Stop())
+
+    def _set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+    def _start(self) -> bool:
+        o = self.opts
+        settings = StartSettings(
+            overlay=OverlaySettings(o.etcd.prefix, o.subnet_file, o.ip_masq, o.masq_random_fully, o.forward_rules),
+            iface=o.iface, node=NodeSettings(blackhole_route=o.blackhole_route,
+                                                wireguard_provider=o.wireguard_provider), lease_ttl=o.lease_ttl,
+            renew_margin_seconds=o.renew_margin_minutes * 60)
+        self.kernel = Kernel()
+        assert self.registry is not None
+        started = start(self.registry, self.kernel, settings, self.metrics, self.stop_event, self._set_phase)
+        if started is None:
+            return False
+        self.overlay, self.watcher = started
+        overlay = self.overlay
+        self.ready = True
+        self.phase = "ready"
+        self.metrics.ready.set(1)
+        self.metrics.watch(self.watcher)
+        sd_notify(f"READY=1\nSTATUS=lease {overlay.own.describe()}, {len(overlay.peers)} peers")
+        log.info("ready: lease %s, %d peers, subnet file %s", overlay.own.describe(), len(overlay.peers),
+                 o.subnet_file)
+
+        release_memory()  # the initial listing's buffers are garbage now
+        threading.Thread(target=self.watcher.run, args=(self._on_leases,), name="lease-watch", daemon=True).start()
+        self.monitor = Monitor()
+        threading.Thread(target=self._watch_netlink, name="netlink-monitor", daemon=True).start()
+        self.config_monitor = ConfigMonitor(self.registry, f"{o.etcd.prefix}/config", overlay.config, validate,
+                                            o.reconcile_interval)
+        threading.Thread(target=self.config_monitor.run, name="config-monitor", daemon=True).start()
+        return True
+
+    # -- threads feeding the loop ------------------------------------------------------------
+
+    def _on_leases(self, events: list[LeaseEvent]) -> None:
+        self.events.put(LeaseBatch(events, time.monotonic()))
+
+    def _watch_netlink(self) -> None:
+        """Forward raw notification batches: deciding what is drift is the loop's business."""
+        assert self.monitor is not None
+        while not self.stop_event.is_set():
+            try:
+                readable, _, _ = select.select([self.monitor], [], [], 0.5)
+                if not readable:
+                    continue
+                batch = self.monitor.read()
+            except (OSError, ValueError) as exc:
+                if not self.stop_event.is_set():
+                    log.error("netlink monitor failed (%s); drift is now only repaired periodically", exc)
+                return
+            if batch != []:
+                self.events.put(NetlinkBatch(batch))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _drift(self, batches: list[NetlinkBatch]) -> str:
+        """Why the notifications call for a full reconcile ('' if they show only what we wanted)."""
+        assert self.overlay is not None
+        is_drift = self.overlay.reconciler.is_drift
+        for batch in batches:
+            if batch.messages is None:
+                return "netlink notifications were lost (buffer overflow)"
+            for kind, payload in batch.messages:
+                if is_drift(kind, payload):
+                    return f"netlink notification {kind}"
+        return ""
+
+    def _loop(self) -> None:
+        overlay = self.overlay
+        assert overlay is not None
+        now = time.monotonic()
+        next_fw = now + self.opts.iptables_resync
+        next_full = now + self.opts.reconcile_interval
+        retry_full_at: float | None = None
+        while not self.stop_event.is_set():
+            self.loop_heartbeat = now = time.monotonic()
+            self.metrics.watch_connected.set(int(self.watcher.connected if self.watcher else 0))
+            renew_in = overlay.leases.seconds_until_renewal()
+            deadlines = [next_fw, next_full] + ([now + renew_in] if renew_in is not None else [])
+            if retry_full_at is not None:
+                deadlines.append(retry_full_at)
+            items = self._collect(max(0.0, min(deadlines) - now))
+            if self.stop_event.is_set():
+                break
+            drift = self._drift([e for e in items if isinstance(e, NetlinkBatch)])
+            if drift:  # a burst of changes (someone flushing a table) is repaired once, after it
+                time.sleep(DRIFT_DEBOUNCE)
+                items += self._collect(0)
+            batches = [e for e in items if isinstance(e, LeaseBatch)]
+            lease_events = [ev for e in batches for ev in e.events]
+            full_reason = ""
+            if lease_events:
+                full_reason = overlay.apply_lease_events(lease_events, incremental=True)
+                done = time.monotonic()  # the kernel has ACKed every entry of these events
+                for batch in batches:
+                    for _ in batch.events:
+                        self.metrics.event_programmed.observe(done - batch.received)
+                if len(lease_events) > 1000:
+                    release_memory()
+            now = time.monotonic()
+            renew_in = overlay.leases.seconds_until_renewal()
+            if renew_in is not None and renew_in <= 0:
+                full_reason = overlay.renew() or full_reason
+            if drift:
+                full_reason = full_reason or "drift"
+            if now >= next_full:
+                full_reason = full_reason or "periodic"
+                next_full = now + self.opts.reconcile_interval
+            if retry_full_at is not None and now >= retry_full_at:
+                full_reason = full_reason or "retry"
+            if full_reason:
+                report = overlay.full_reconcile(full_reason)
+                retry_full_at = time.monotonic() + RETRY_AFTER_FAILURE if report is None or report.failures else None
+            if now >= next_fw:
+                overlay.check_firewall()
+                next_fw = time.monotonic() + self.opts.iptables_resync
+
+    def _collect(self, timeout: float) -> list[Event]:
+        """Wait up to `timeout` for an event, then drain what is queued."""
+        try:
+            items = [self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                items.append(self.events.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _shutdown(self) -> None:
+        self.stop_event.set()
+        if self.ready:
+            sd_notify("STOPPING=1")
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.config_monitor is not None:
+            self.config_monitor.stop()
+        if self.health_server is not None:
+            self.health_server.stop()
+        if self.monitor is not None:
+            self.monitor.close()
+        if self.registry is not None:
+            self.registry.close()
+        if self.kernel is not None:
+            self.kernel.close()
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (keeps RSS at the working set)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
