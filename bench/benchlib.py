@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from flanneld.lab import cluster as lab
+from flanneld import lab
 
 
 @contextmanager

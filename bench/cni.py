@@ -22,7 +22,7 @@ import time
 
 from flanneld.cni import install, plugin
 
-from flanneld.lab import cluster as lab
+from flanneld import lab
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 SUBNET_ENV = "FLANNEL_NETWORK=198.18.0.0/16\nFLANNEL_SUBNET=198.18.5.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ={}\n"
@@ -69,7 +69,7 @@ def main() -> int:
         with open(subnet_file, "w") as fh:
             fh.write(SUBNET_ENV.format(str(args.ip_masq).lower()))
         bin_dir = os.path.join(work, "bin")
-        subprocess.run([lab._tool("flanneld"), "install-cni", "--bin-dir", bin_dir, "--conf-dir",
+        subprocess.run([lab.tool("flanneld"), "install-cni", "--bin-dir", bin_dir, "--conf-dir",
                         os.path.join(work, "net.d")], check=True, capture_output=True)
         wrapper = [os.path.join(bin_dir, "flannel")]
         bridge = [os.path.join(REFERENCE_PLUGINS, "bridge")]

@@ -24,9 +24,9 @@ import time
 
 from benchlib import etcd_in_namespace
 
+from flanneld import lab
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
 from flanneld.model.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
 
 PREFIX = "/coreos.com/network"

@@ -26,11 +26,11 @@ import time
 import h2_library
 from benchlib import etcd_in_namespace, report
 
+from flanneld import lab
 from flanneld.etcd import client as registry
 from flanneld.etcd import h2_unary
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
 from flanneld.model.lease import leases_prefix
 
 PREFIX = "/coreos.com/network"
@@ -87,7 +87,7 @@ def main() -> int:
         ids = load(reg, args.leases)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FLANNELCTL_ETCD_ENDPOINTS": server.endpoint,
                "FLANNELCTL_ETCD_PREFIX": PREFIX, "ETCDCTL_API": "3"}
-        ctl = lab._tool("flannelctl")
+        ctl = lab.tool("flannelctl")
         list_s = timed([ctl, "subnets", "list"], env, args.runs, args.leases)
         swapped = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import h2_library; from flanneld import h2_unary; "
                    "h2_unary.call_many = h2_library.call_many_h2; from flanneld.ctl.cli import main; "

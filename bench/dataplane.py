@@ -27,9 +27,9 @@ import time
 
 from benchlib import etcd_in_namespace, report
 
+from flanneld import lab
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
 from flanneld.model.subnetenv import read
 
 PREFIX = "/coreos.com/network"

@@ -30,14 +30,12 @@ import sys
 import time
 from datetime import UTC, datetime
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
-
 from benchlib import report
-from netlab import Pinger
 
+from flanneld import lab
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
+from flanneld.lab.probes import Pinger
 from flanneld.model.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
 from flanneld.model.subnetenv import read
 

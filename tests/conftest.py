@@ -14,9 +14,9 @@ import uuid
 
 import pytest
 
+from flanneld import lab
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
 
 IS_ROOT = os.geteuid() == 0
 

@@ -19,9 +19,9 @@ import time
 
 import click
 
+from flanneld import lab
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
 from flanneld.model.lease import decode_lease, leases_prefix
 from flanneld.model.subnetenv import read
 from flanneld.node.signals import call_on_signals
@@ -74,7 +74,7 @@ def main(nodes: int, network: str, check: bool) -> None:
         call_on_signals(lambda _sig: stop.set())
         _say(f"\nThe cluster is up. Try:\n  sudo ip netns exec {pods[0].name} ping {pods[-1].addr}\n"
              f"  sudo ip netns exec {members[0].ns} ip route\n"
-             f"  sudo ip netns exec {cluster.ctl} {lab._tool('flannelctl')} --etcd-endpoints={etcd.endpoint} "
+             f"  sudo ip netns exec {cluster.ctl} {lab.tool('flannelctl')} --etcd-endpoints={etcd.endpoint} "
              "subnets list\nPress Ctrl-C to stop and remove everything.")
         stop.wait()
     finally:

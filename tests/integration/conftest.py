@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from netlab import Cluster
+
+from flanneld.lab.flannel import Cluster
 
 
 @pytest.fixture

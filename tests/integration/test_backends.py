@@ -7,8 +7,9 @@ import subprocess
 import time
 
 import pytest
-from netlab import eventually, link, ping, routes, tcp_exchange
 
+from flanneld.lab.probes import eventually, ping, tcp_exchange
+from flanneld.lab.readers import link, routes
 from flanneld.model.lease import leases_prefix
 
 HOST_GW = {"Network": "198.18.0.0/16", "Backend": {"Type": "host-gw"}}

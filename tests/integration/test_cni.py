@@ -12,9 +12,10 @@ import subprocess
 import uuid
 
 import pytest
-from netlab import NETWORK, ping
 
-from flanneld.lab import cluster as lab
+from flanneld import lab
+from flanneld.lab.flannel import NETWORK
+from flanneld.lab.probes import ping
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 
@@ -28,7 +29,7 @@ class Runtime:
         self.bin_dir = str(tmp_path / "bin")
         self.conf_dir = str(tmp_path / "net.d")
         self.tmp = tmp_path
-        out = subprocess.run([lab._tool("flanneld"), "install-cni", "--bin-dir", self.bin_dir, "--conf-dir",
+        out = subprocess.run([lab.tool("flanneld"), "install-cni", "--bin-dir", self.bin_dir, "--conf-dir",
                               self.conf_dir], capture_output=True, text=True, check=True)
         assert "installed" in out.stdout
         self.wrapper = os.path.join(self.bin_dir, "flannel")
@@ -99,7 +100,7 @@ def pod_ip(result: dict) -> str:
 
 def test_install_writes_wrapper_and_upstream_conflist(tmp_path):
     bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
-    cmd = [lab._tool("flanneld"), "install-cni", "--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir)]
+    cmd = [lab.tool("flanneld"), "install-cni", "--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir)]
     subprocess.run(cmd, check=True, capture_output=True)
     wrapper = (bin_dir / "flannel").read_text()
     assert wrapper.splitlines()[0].endswith(" -IS") and os.access(bin_dir / "flannel", os.X_OK)

@@ -9,9 +9,9 @@ import subprocess
 import time
 
 import pytest
-from netlab import NETWORK
 
-from flanneld.lab import cluster as lab
+from flanneld import lab
+from flanneld.lab.flannel import NETWORK
 from flanneld.model.lease import leases_prefix
 
 DUAL = {"Network": "198.18.0.0/16", "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56",
@@ -34,7 +34,7 @@ class Ctl:
     def __init__(self, etcd, prefix: str) -> None:
         self.env = {"PATH": os.environ["PATH"], "FLANNELCTL_ETCD_ENDPOINTS": etcd.endpoint,
                     "FLANNELCTL_ETCD_PREFIX": prefix}
-        self.tool = lab._tool("flannelctl")
+        self.tool = lab.tool("flannelctl")
 
     def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
                  ns: str | None = None) -> subprocess.CompletedProcess[str]:

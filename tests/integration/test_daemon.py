@@ -12,9 +12,11 @@ import threading
 import time
 
 import pytest
-from netlab import NETWORK, eventually, fdbs, link, neighs, ping, routes, tcp_exchange
 
-from flanneld.lab import cluster as lab
+from flanneld import lab
+from flanneld.lab.flannel import NETWORK
+from flanneld.lab.probes import eventually, ping, tcp_exchange
+from flanneld.lab.readers import fdbs, link, neighs, routes
 from flanneld.leases.manager import LeaseWatcher
 from flanneld.model.lease import leases_prefix
 
@@ -364,7 +366,7 @@ def test_environment_flags_and_command_line_precedence(make_cluster):
     env = {"FLANNELD_ETCD_ENDPOINTS": cluster.endpoint, "FLANNELD_ETCD_PREFIX": cluster.prefix,
            "FLANNELD_SUBNET_FILE": node.subnet_file, "FLANNELD_HEALTHZ_PORT": "8471", "FLANNELD_IP_MASQ": "true",
            "FLANNELD_PUBLIC_IP": "198.51.100.77"}
-    node.popen(["flanneld" if not os.path.exists(lab._tool("flanneld")) else lab._tool("flanneld"),
+    node.popen(["flanneld" if not os.path.exists(lab.tool("flanneld")) else lab.tool("flanneld"),
                 "-ip-masq=false"], "flanneld", env=env)
     node.wait_ready()
     assert cluster.env(node).ipmasq is False  # the command line wins
@@ -425,7 +427,7 @@ def test_tx_checksum_offload_switch(make_cluster):
     cluster = make_cluster(1, {**NETWORK, "Backend": {"Type": "vxlan", "DisableTxChecksumOffloading": True}})
     cluster.start_all()
     node = cluster.nodes[0]
-    out = node.sh(lab._tool("python3"), "-c",
+    out = node.sh(lab.tool("python3"), "-c",
                   "from flanneld.dataplane.netlink import Kernel; print(Kernel().tx_checksum('flannel.1'))").stdout
     assert out.strip() == "False"
 

@@ -3,12 +3,12 @@
 import signal
 import subprocess
 
-from flanneld.lab import cluster as lab
+from flanneld import lab
 
 
 def test_demo_check_mode_passes_and_leaves_nothing_behind():
     before = set(lab.list_namespaces())
-    result = subprocess.run([lab._tool("flanneld-demo"), "--check", "--nodes", "2"], capture_output=True,
+    result = subprocess.run([lab.tool("flanneld-demo"), "--check", "--nodes", "2"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "all checks passed" in result.stderr
@@ -19,7 +19,7 @@ def test_demo_check_mode_passes_and_leaves_nothing_behind():
 def test_sigterm_stops_a_waiting_demo_and_it_removes_its_namespaces():
     # the same ending as Ctrl-C: a SIGTERM used to kill the demo before its clean-up ran
     before = set(lab.list_namespaces())
-    proc = subprocess.Popen([lab._tool("flanneld-demo"), "--nodes", "2"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([lab.tool("flanneld-demo"), "--nodes", "2"], stderr=subprocess.PIPE, text=True)
     try:
         seen = []
         for line in proc.stderr:

@@ -14,11 +14,13 @@ import subprocess
 import time
 
 import pytest
-from netlab import NETWORK, Cluster, Pinger, eventually, fdbs, link, routes
 
+from flanneld import lab
 from flanneld.etcd.client import Registry, RegistryError
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
+from flanneld.lab.flannel import NETWORK, Cluster
+from flanneld.lab.probes import Pinger, eventually
+from flanneld.lab.readers import fdbs, link, routes
 from flanneld.model.lease import leases_prefix
 from flanneld.node.metrics import parse
 
@@ -288,7 +290,7 @@ def test_wrong_ca_is_named_in_one_line_without_grpc_noise(make_cluster, own_etcd
     assert "etcd's certificate is not trusted" in line
     assert "Handshake failed" not in node.log() and "ssl_transport_security" not in node.log()
     assert node.http("/readyz")[0] == 503
-    ctl = subprocess.run([lab._tool("flannelctl"), f"--etcd-endpoints={server.endpoint}", f"--etcd-cafile={other.ca}",
+    ctl = subprocess.run([lab.tool("flannelctl"), f"--etcd-endpoints={server.endpoint}", f"--etcd-cafile={other.ca}",
                           "--etcd-timeout=2", "subnets", "list"], capture_output=True, text=True, timeout=60)
     assert ctl.returncode == 1 and ctl.stderr.count("\n") == 1 and "check --etcd-cafile" in ctl.stderr, ctl.stderr
 
@@ -478,7 +480,7 @@ def test_config_made_invalid_while_running_is_warned_once(make_cluster):
 ])
 def test_malformed_flags_are_one_line_and_exit_2(make_cluster, flags, env, message):
     node = make_cluster(1).nodes[0]
-    proc = node.popen([lab._tool("flanneld"), "--etcd-prefix=/flannel-test/never", *flags], "flanneld", env=env)
+    proc = node.popen([lab.tool("flanneld"), "--etcd-prefix=/flannel-test/never", *flags], "flanneld", env=env)
     assert proc.wait(30) == 2
     out = node.log()
     assert out.count("\n") == 1 and out.startswith("flanneld: error: ") and message in out, out
@@ -507,7 +509,7 @@ def test_node_problems_fail_at_once_in_one_line_before_anything_is_programmed(ma
             path = os.path.join(cluster.lab.dir, f"{node.ns}-flanneld.log")
             if os.path.exists(path):
                 os.unlink(path)
-            argv = [lab._tool("flanneld"), f"--etcd-endpoints={cluster.endpoint}", f"--etcd-prefix={cluster.prefix}",
+            argv = [lab.tool("flanneld"), f"--etcd-endpoints={cluster.endpoint}", f"--etcd-prefix={cluster.prefix}",
                     *flags]
             proc = node.popen(argv, "flanneld")
             assert proc.wait(30) == 1, node.log()
@@ -553,12 +555,12 @@ def test_no_secret_in_logs_metrics_or_flannelctl_output(make_cluster, own_etcd, 
     env = {**os.environ, "FLANNELCTL_ETCD_PASSWORD": PASSWORD}
     outputs = []
     for args in (["subnets", "list", "-o", "wide"], ["subnets", "list", "-o", "json"], ["config", "get"], ["stats"]):
-        proc = subprocess.run([lab._tool("flannelctl"), f"--etcd-endpoints={server.endpoint}",
+        proc = subprocess.run([lab.tool("flannelctl"), f"--etcd-endpoints={server.endpoint}",
                                f"--etcd-prefix={cluster.prefix}", "--etcd-username=flannel", *args],
                               capture_output=True, text=True, env=env, timeout=60)
         assert proc.returncode == 0, proc.stderr
         outputs += [proc.stdout, proc.stderr]
-    wrong = subprocess.run([lab._tool("flannelctl"), f"--etcd-endpoints={server.endpoint}", "--etcd-username=flannel",
+    wrong = subprocess.run([lab.tool("flannelctl"), f"--etcd-endpoints={server.endpoint}", "--etcd-username=flannel",
                             f"--etcd-password={PASSWORD}x", "subnets", "list"], capture_output=True, text=True,
                            timeout=60)
     assert wrong.returncode == 1 and "authentication failed" in wrong.stderr

@@ -8,10 +8,10 @@ import threading
 import pytest
 from pyetcd import etcdrpc
 
+from flanneld import lab
 from flanneld.etcd import h2_unary
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
 
 TTL_METHOD = "/etcdserverpb.Lease/LeaseTimeToLive"
 

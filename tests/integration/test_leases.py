@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from flanneld import lab
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
 from flanneld.leases.manager import LeaseError, LeaseManager, LeaseWatcher, list_leases
 from flanneld.model.config import parse_config
 from flanneld.model.lease import LeaseAttrs, backend_json, decode_lease, encode_value, leases_prefix

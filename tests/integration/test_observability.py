@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from netlab import NETWORK, eventually, routes
-
-from flanneld.lab import cluster as lab
+from flanneld import lab
+from flanneld.lab.flannel import NETWORK
+from flanneld.lab.probes import eventually
+from flanneld.lab.readers import routes
 from flanneld.node.metrics import parse
 
 
@@ -58,7 +59,7 @@ def test_metrics_move_with_a_joining_peer_and_a_drift_repair(make_cluster):
 
     # flannelctl doctor -o json and /metrics agree on what both report
     env = {"FLANNELCTL_ETCD_ENDPOINTS": cluster.endpoint, "FLANNELCTL_ETCD_PREFIX": cluster.prefix}
-    doc = json.loads(node1.sh("env", *[f"{k}={v}" for k, v in env.items()], lab._tool("flannelctl"), "doctor",
+    doc = json.loads(node1.sh("env", *[f"{k}={v}" for k, v in env.items()], lab.tool("flannelctl"), "doctor",
                               f"--subnet-file={node1.subnet_file}", "-o", "json", check=False).stdout)
     assert doc["peers"] == {"leases": value(after, "flanneld_peers"),
                             "skipped": value(after, "flanneld_skipped_leases")}

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from flanneld import lab
 from flanneld.etcd.client import Registry, RegistryError
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
 
 PASSWORD = "s3cret-Pa55word-xyzzy"
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import signal
 
 import pytest
-from netlab import NETWORK, Pinger, eventually, routes
 
+from flanneld import lab
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.lab import cluster as lab
+from flanneld.lab.flannel import NETWORK
+from flanneld.lab.probes import Pinger, eventually
+from flanneld.lab.readers import routes
 from flanneld.model.lease import leases_prefix
 
 WATCHERS = "etcd_debugging_mvcc_watcher_total"

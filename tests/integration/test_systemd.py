@@ -6,18 +6,20 @@ import shutil
 import subprocess
 
 import pytest
-from netlab import NETWORK, eventually, routes
 
-from flanneld.lab import cluster as lab
+from flanneld import lab
+from flanneld.lab.flannel import NETWORK
+from flanneld.lab.probes import eventually
+from flanneld.lab.readers import routes
 
 
 def test_install_unit_writes_a_unit_systemd_accepts(tmp_path):
     unit_dir, defaults = tmp_path / "system", tmp_path / "default-flanneld"
     unit_dir.mkdir()
-    argv = [lab._tool("flanneld"), "install-unit", f"--unit-dir={unit_dir}", f"--defaults={defaults}"]
+    argv = [lab.tool("flanneld"), "install-unit", f"--unit-dir={unit_dir}", f"--defaults={defaults}"]
     subprocess.run(argv, check=True, capture_output=True, text=True)
     unit = (unit_dir / "flanneld.service").read_text()
-    assert f"ExecStart={lab._tool('flanneld')}\n" in unit and "Type=notify" in unit
+    assert f"ExecStart={lab.tool('flanneld')}\n" in unit and "Type=notify" in unit
     assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW\n" in unit and "ProtectSystem=strict" in unit
     assert "#FLANNELD_ETCD_ENDPOINTS=" in defaults.read_text()
     if shutil.which("systemd-analyze") is None:
@@ -38,7 +40,7 @@ def test_the_daemon_needs_only_net_admin_and_net_raw(make_cluster):
     """What the unit's CapabilityBoundingSet allows: the whole start-up, masquerading and peers."""
     cluster = make_cluster(2, NETWORK)
     node1, node2 = cluster.nodes
-    argv = ["setpriv", "--bounding-set=-all,+net_admin,+net_raw", "--", lab._tool("flanneld"),
+    argv = ["setpriv", "--bounding-set=-all,+net_admin,+net_raw", "--", lab.tool("flanneld"),
             f"--etcd-endpoints={cluster.endpoint}", f"--etcd-prefix={cluster.prefix}",
             f"--subnet-file={node1.subnet_file}", "--healthz-port=8471", "--ip-masq", "--iptables-resync=1"]
     node1.popen(argv, "flanneld")

@@ -17,9 +17,10 @@ import subprocess
 import time
 
 import pytest
-from netlab import Pinger, eventually, ping, routes, tcp_exchange
 
-from flanneld.lab import cluster as lab
+from flanneld import lab
+from flanneld.lab.probes import Pinger, eventually, ping, tcp_exchange
+from flanneld.lab.readers import routes
 
 pytestmark = pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go is not installed")
 
@@ -260,7 +261,7 @@ def flannelctl(cluster, node, *args: str) -> subprocess.CompletedProcess[str]:
     """flannelctl on `node` (in its private /run, where the key file and wireguard-go's sockets are)."""
     env = {"PATH": os.environ["PATH"], "FLANNELCTL_ETCD_ENDPOINTS": cluster.endpoint,
            "FLANNELCTL_ETCD_PREFIX": cluster.prefix}
-    proc = subprocess.run(node.wrap([lab._tool("flannelctl"), *args]), capture_output=True, text=True, env=env,
+    proc = subprocess.run(node.wrap([lab.tool("flannelctl"), *args]), capture_output=True, text=True, env=env,
                           timeout=60)
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     return proc
@@ -327,7 +328,7 @@ def test_wireguard_needs_only_the_units_two_capabilities(make_cluster):
     """The unit's CapabilityBoundingSet (NET_ADMIN, NET_RAW) suffices for wireguard-go too."""
     cluster = wg_cluster(make_cluster, 2, WG)
     node1, node2 = cluster.nodes
-    argv = ["setpriv", "--bounding-set=-all,+net_admin,+net_raw", "--", lab._tool("flanneld"),
+    argv = ["setpriv", "--bounding-set=-all,+net_admin,+net_raw", "--", lab.tool("flanneld"),
             f"--etcd-endpoints={cluster.endpoint}", f"--etcd-prefix={cluster.prefix}",
             f"--subnet-file={node1.subnet_file}", "--healthz-port=8471", "--iptables-resync=1"]
     os.makedirs(os.path.dirname(node1.subnet_file), exist_ok=True)
