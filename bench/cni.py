@@ -20,9 +20,8 @@ import subprocess
 import sys
 import time
 
-from flanneld.cni import install, plugin
-
 from flanneld import lab
+from flanneld.cni import install, plugin
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 SUBNET_ENV = "FLANNEL_NETWORK=198.18.0.0/16\nFLANNEL_SUBNET=198.18.5.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ={}\n"

@@ -14,9 +14,9 @@ import py_compile
 import sys
 
 import click
-from flanneld.cni import plugin
 
 from flanneld import __version__
+from flanneld.cni import plugin
 from flanneld.model.atomicfile import write_atomically
 
 CONFLIST_NAME = "10-flannel.conflist"

@@ -22,7 +22,7 @@ import click
 from flanneld import __version__
 from flanneld.ctl import views as ctl_views
 from flanneld.etcd.options import EtcdOptions, quiet_grpc
-from flanneld.node.cli import etcd_flags_with_env, etcd_options, flag
+from flanneld.flags import etcd_flags_with_env, etcd_options, flag
 
 ENV_PREFIXES = ("FLANNELCTL", "FLANNELD")
 EXAMPLES = """\b

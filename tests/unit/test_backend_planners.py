@@ -6,9 +6,9 @@ import ipaddress
 import json
 
 import pytest
-from flanneld.backends.extension import ExtensionOptions, argv_for, run_hook
 from underlay import DUAL, EXT, V4
 
+from flanneld.backends.extension import ExtensionOptions, argv_for, run_hook
 from flanneld.model.config import ConfigError, parse_config
 from flanneld.model.lease import LeaseAttrs, encode_value
 from flanneld.plan.backend import External, NodeSettings, create_backend, lookup, supported, validate_backend

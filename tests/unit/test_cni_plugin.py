@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from flanneld.cni import plugin
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from flanneld.cni import plugin
 
 PLUGIN = plugin.__file__
 

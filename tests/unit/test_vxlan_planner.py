@@ -4,9 +4,9 @@ import ipaddress
 import json
 
 import pytest
-from flanneld.backends.vxlan import VxlanBackend, VxlanOptions
 from underlay import EXT
 
+from flanneld.backends.vxlan import VxlanBackend, VxlanOptions
 from flanneld.model.config import ConfigError, parse_config
 from flanneld.model.lease import LeaseAttrs, backend_json
 from flanneld.plan.backend import External, validate_backend

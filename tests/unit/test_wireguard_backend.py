@@ -11,9 +11,9 @@ import stat
 import struct
 
 import pytest
-from flanneld.backends.wireguard import WireguardOptions
 from underlay import DUAL, EXT, V4
 
+from flanneld.backends.wireguard import WireguardOptions
 from flanneld.dataplane.wireguard import genl as wggenl
 from flanneld.dataplane.wireguard.uapi import DeviceState, PeerChange, encode_set, parse_get
 from flanneld.model.config import ConfigError, parse_config
