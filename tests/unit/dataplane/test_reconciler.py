@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import ipaddress
 
-from fakes import FakeKernel, FakeWireguard
-
 from flanneld.dataplane import devices
 from flanneld.dataplane import nlcodec as nl
 from flanneld.dataplane.reconciler import Reconciler
 from flanneld.model.wgkeys import Key
 from flanneld.plan.backend import PeerPlan, merge
 from flanneld.plan.state import Address, DesiredState, Fdb, Neigh, Route, VxlanLink, WgPeer, WireguardLink
+from tests.unit.fakes import FakeKernel, FakeWireguard
 
 LINK = VxlanLink("flannel.1", 1, "198.51.100.11", "eth0", 0, False, False, 1450, "0e:aa:00:00:00:01")
 NET = "198.18.0.0/16"

@@ -11,7 +11,6 @@ import stat
 import struct
 
 import pytest
-from underlay import DUAL, EXT, V4
 
 from flanneld.backends.wireguard import WireguardOptions
 from flanneld.dataplane.wireguard import genl as wggenl
@@ -21,6 +20,7 @@ from flanneld.model.lease import LeaseAttrs, decode_lease, encode_value
 from flanneld.model.wgkeys import Key, WgKeyError, generate_private, load_or_create, public_of
 from flanneld.plan.backend import NodeSettings, create_backend, lookup
 from flanneld.plan.state import Address, Route, WgPeer
+from tests.unit.underlay import DUAL, EXT, V4
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network

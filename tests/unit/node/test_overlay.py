@@ -9,7 +9,6 @@ import threading
 from collections import Counter
 
 import pytest
-from fakes import FakeKernel, FakeRegistry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +22,7 @@ from flanneld.node.metrics import Metrics, parse
 from flanneld.node.overlay import Overlay, OverlaySettings
 from flanneld.plan.backend import External, NodeSettings, create_backend, published_addresses
 from flanneld.plan.state import Device
+from tests.unit.fakes import FakeKernel, FakeRegistry
 
 A = ipaddress.ip_address
 PREFIX = "/test/network"
@@ -222,9 +222,8 @@ def test_renewals_are_jittered_per_node_within_a_tenth_of_the_margin():
 def test_wireguard_leases_sharing_a_key_are_merged_by_a_full_reconcile(tmp_path, monkeypatch):
     """An upstream node that moved leaves its old lease (same public key) until it expires: the
     incremental path hands such changes to a full reconcile, which programs one merged peer."""
-    from fakes import FakeWireguard
-
     from flanneld.dataplane import devices
+    from tests.unit.fakes import FakeWireguard
 
     fake = FakeWireguard()
     monkeypatch.setitem(devices.KINDS, "wireguard", fake)

@@ -6,13 +6,13 @@ import ipaddress
 import json
 
 import pytest
-from underlay import DUAL, EXT, V4
 
 from flanneld.backends.extension import ExtensionOptions, argv_for, run_hook
 from flanneld.model.config import ConfigError, parse_config
 from flanneld.model.lease import LeaseAttrs, encode_value
 from flanneld.plan.backend import External, NodeSettings, create_backend, lookup, supported, validate_backend
 from flanneld.plan.state import Route
+from tests.unit.underlay import DUAL, EXT, V4
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network

@@ -4,13 +4,13 @@ import ipaddress
 import json
 
 import pytest
-from underlay import EXT
 
 from flanneld.backends.vxlan import VxlanBackend, VxlanOptions
 from flanneld.model.config import ConfigError, parse_config
 from flanneld.model.lease import LeaseAttrs, backend_json
 from flanneld.plan.backend import External, validate_backend
 from flanneld.plan.state import Address, Device, Fdb, Neigh, Route
+from tests.unit.underlay import EXT
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network

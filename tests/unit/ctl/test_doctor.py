@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from listings import listing
-
 from flanneld.ctl import doctor
 from flanneld.dataplane.firewall import FamilyRules, FirewallSpec, iptables_rules
 from flanneld.model.config import parse_config
 from flanneld.model.subnetenv import SubnetEnv
 from flanneld.plan.state import Fdb, Neigh, Route
+from tests.unit.listings import listing
 
 CONFIG = parse_config('{"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}')
 OWN_MAC, PEER_MAC = "0e:aa:00:00:00:01", "0e:bb:00:00:00:02"

@@ -6,10 +6,10 @@ import ipaddress
 import json
 
 import pytest
-from listings import listing
 
 from flanneld.ctl import views as v
 from flanneld.model.config import parse_config
+from tests.unit.listings import listing
 
 V4 = parse_config('{"Network": "198.18.0.0/16", "SubnetMin": "198.18.1.0", "SubnetMax": "198.18.200.0"}')
 DUAL = parse_config('{"Network": "198.18.0.0/16", "EnableIPv6": true, "IPv6Network": "2001:db8:1800::/56"}')
