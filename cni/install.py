@@ -18,6 +18,7 @@ import click
 from flanneld import __version__
 from flanneld.cni import plugin
 from flanneld.model.atomicfile import write_atomically
+from flanneld.model.subnetenv import DEFAULT_PATH
 
 CONFLIST_NAME = "10-flannel.conflist"
 
@@ -52,7 +53,7 @@ def conflist(name: str, cni_version: str, subnet_file: str | None, data_dir: str
 @click.option("--network-name", default="cbr0", show_default=True, help="Network name in the conflist.")
 @click.option("--cni-version", default="0.3.1", show_default=True, type=click.Choice(plugin.SUPPORTED_VERSIONS),
               help="cniVersion of the conflist.")
-@click.option("--subnet-file", default=None, help="subnet.env path, if not /run/flannel/subnet.env.")
+@click.option("--subnet-file", default=None, help=f"subnet.env path, if not {DEFAULT_PATH}.")
 @click.option("--data-dir", default=None, help="Plugin state directory, if not /var/lib/cni/flannel.")
 @click.option("--no-conflist", is_flag=True, help="Install the plugin only.")
 @click.option("--force", is_flag=True, help="Overwrite a conflist that differs from ours (e.g. edited by hand).")

@@ -171,15 +171,23 @@ def _is_executable_file(path):
 # -- small helpers ---------------------------------------------------------------------------
 
 
-def _network(cidr):
-    """'10.5.72.1/24' -> '10.5.72.0/24' (also IPv6), without importing ipaddress."""
+def _decimal(text):
+    """ASCII digits only: str.isdigit() also accepts other scripts' digits, which int() then reads."""
+    return text.isascii() and text.isdigit()
+
+
+def _network(cidr, version=None):
+    """'10.5.72.1/24' -> '10.5.72.0/24' (also IPv6; of that IP `version` if given), without importing
+    ipaddress. Accepts what Python's ipaddress and Go's ParseCIDR accept (no leading zeros in IPv4,
+    no IPv6 zone or embedded IPv4): the daemon's reader (flanneld.model.subnetenv) is held to agree."""
     addr, sep, plen_text = cidr.strip().partition("/")
-    if not sep or not plen_text.isdigit():
-        raise ValueError(f"{cidr!r} is not a CIDR")
+    if not sep or not _decimal(plen_text) or (version is not None and (":" in addr) != (version == 6)):
+        raise ValueError(f"{cidr!r} is not a CIDR" if version is None else f"{cidr!r} is not an IPv{version} CIDR")
     plen = int(plen_text)
     if ":" not in addr:
         parts = addr.split(".")
-        if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts) or plen > 32:
+        if (len(parts) != 4 or not all(_decimal(p) and int(p) < 256 and (p == "0" or p[0] != "0") for p in parts)
+                or plen > 32):
             raise ValueError(f"{cidr!r} is not a CIDR")
         value = 0
         for p in parts:
@@ -191,8 +199,10 @@ def _network(cidr):
     head, dbl, tail = addr.partition("::")
     if "::" in tail:
         raise ValueError(f"{cidr!r} is not a CIDR")
-    left = [g for g in head.split(":") if g] if head else []
-    right = [g for g in tail.split(":") if g] if tail else []
+    left = head.split(":") if head else []
+    right = tail.split(":") if tail else []
+    if dbl and len(left) + len(right) > 7:
+        raise ValueError(f"{cidr!r} is not a CIDR")
     groups = left + ["0"] * (8 - len(left) - len(right)) + right if dbl else left
     if len(groups) != 8 or not all(1 <= len(g) <= 4 and all(c in "0123456789abcdefABCDEF" for c in g)
                                    for g in groups):
@@ -236,13 +246,13 @@ def read_subnet_env(path):
             key, _, value = line.partition("=")
             value = value.strip()
             if key == "FLANNEL_NETWORK":
-                env["networks"] = [_network(v) for v in value.split(",") if v.strip()]
+                env["networks"] = [_network(v, 4) for v in value.split(",") if v.strip()]
             elif key == "FLANNEL_SUBNET":
-                env["subnet"] = _network(value)
+                env["subnet"] = _network(value, 4)
             elif key == "FLANNEL_IPV6_NETWORK":
-                env["ipv6_networks"] = [_network(v) for v in value.split(",") if v.strip()]
+                env["ipv6_networks"] = [_network(v, 6) for v in value.split(",") if v.strip()]
             elif key == "FLANNEL_IPV6_SUBNET":
-                env["ipv6_subnet"] = _network(value)
+                env["ipv6_subnet"] = _network(value, 6)
             elif key == "FLANNEL_MTU":
                 env["mtu"] = int(value)
             elif key == "FLANNEL_IPMASQ":

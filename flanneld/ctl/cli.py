@@ -23,6 +23,7 @@ from flanneld import __version__
 from flanneld.ctl import views as ctl_views
 from flanneld.etcd.options import EtcdOptions, quiet_grpc
 from flanneld.flags import etcd_flags_with_env, etcd_options, flag
+from flanneld.model import subnetenv
 
 ENV_PREFIXES = ("FLANNELCTL", "FLANNELD")
 EXAMPLES = """\b
@@ -503,7 +504,7 @@ LEVEL_STYLE = {"ok": ("ok", "green"), "warning": ("warn", "yellow"), "problem": 
 
 
 @cli.command()
-@click.option("--subnet-file", default="/run/flannel/subnet.env", show_default=True,
+@click.option("--subnet-file", default=subnetenv.DEFAULT_PATH, show_default=True,
               envvar="FLANNELD_SUBNET_FILE", help="The node's subnet.env.")
 @click.option("--iptables-forward-rules", type=bool, default=True, show_default=True,
               envvar="FLANNELD_IPTABLES_FORWARD_RULES", help="Whether flanneld installs forward rules.")
@@ -518,7 +519,6 @@ def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output:
     all is well, 1 otherwise.
     """
     from flanneld.ctl import doctor as doc
-    from flanneld.model import subnetenv
 
     config = obj.require_config()
     env, env_problem = None, ""

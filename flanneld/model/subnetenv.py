@@ -11,11 +11,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from flanneld.model.atomicfile import write_atomically
-from flanneld.model.lease import Lease
+if TYPE_CHECKING:  # both CLIs import this module for DEFAULT_PATH: it stays cheap to import
+    from flanneld.model.lease import Lease
 
 DEFAULT_PATH = "/run/flannel/subnet.env"
 
@@ -81,35 +82,55 @@ def for_lease(
 
 
 def parse(text: str) -> SubnetEnv:
-    """Parse subnet.env text; unknown keys and blank/comment lines are ignored."""
-    values: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, value = line.partition("=")
-        if not sep:
-            raise SubnetEnvError(f"line {number}: expected NAME=VALUE, got {line!r}")
-        values[name.strip()] = value.strip()
+    """Parse subnet.env text by the rules the CNI plugin reads it with (upstream's plugin's).
+
+    The plugin keeps a reader of its own (it may import the standard library only), so the two
+    are one contract, pinned by a property test that feeds both the same fuzzed files: a line is
+    split at its first ``=`` (a line without one is a name with an empty value), the name is
+    taken as it stands, the value stripped and parsed as the line is read (a bad value is an
+    error even if the name comes again); unknown names are ignored, the last of a repeated name
+    wins. A network or a subnet, an MTU and IPMASQ must be there.
+    """
+    fields: dict[str, Any] = {}
     try:
-        return SubnetEnv(
-            networks=_networks(values.get("FLANNEL_NETWORK", ""), ipaddress.IPv4Network),
-            subnet=ipaddress.IPv4Interface(values["FLANNEL_SUBNET"]) if values.get("FLANNEL_SUBNET") else None,
-            ipv6_networks=_networks(values.get("FLANNEL_IPV6_NETWORK", ""), ipaddress.IPv6Network),
-            ipv6_subnet=(
-                ipaddress.IPv6Interface(values["FLANNEL_IPV6_SUBNET"])
-                if values.get("FLANNEL_IPV6_SUBNET")
-                else None
-            ),
-            mtu=int(values.get("FLANNEL_MTU", "0") or 0),
-            ipmasq=values.get("FLANNEL_IPMASQ", "false").lower() == "true",
-        )
+        for line in text.splitlines():
+            name, _, value = line.partition("=")
+            if name in _FIELDS:
+                field, parse_value = _FIELDS[name]
+                fields[field] = parse_value(value.strip())
     except ValueError as exc:
         raise SubnetEnvError(str(exc)) from None
+    missing = [name for name in ("FLANNEL_MTU", "FLANNEL_IPMASQ") if _FIELDS[name][0] not in fields]
+    if not fields.get("networks") and not fields.get("ipv6_networks"):
+        missing[:0] = ["FLANNEL_NETWORK or FLANNEL_IPV6_NETWORK"]
+    if fields.get("subnet") is None and fields.get("ipv6_subnet") is None:
+        missing[:0] = ["FLANNEL_SUBNET or FLANNEL_IPV6_SUBNET"]
+    if missing:
+        raise SubnetEnvError(f"missing {', '.join(missing)}")
+    return SubnetEnv(**fields)
+
+
+def _cidr(text: str, cls: type) -> Any:
+    """`cls` of `text`, refusing what ipaddress accepts but the plugin (and Go's ParseCIDR) does not:
+    an IPv6 zone, IPv4 embedded in IPv6, a missing prefix length."""
+    text = text.strip()
+    if "%" in text or "/" not in text or (cls._version == 6 and "." in text):
+        raise ValueError(f"{text!r} is not an IPv{cls._version} CIDR")
+    return cls(text) if cls in (ipaddress.IPv4Interface, ipaddress.IPv6Interface) else cls(text, strict=False)
 
 
 def _networks(text: str, cls: type) -> tuple:
-    return tuple(cls(part.strip()) for part in text.split(",") if part.strip())
+    return tuple(_cidr(part, cls) for part in text.split(",") if part.strip())
+
+
+_FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {  # name -> (SubnetEnv field, value parser)
+    "FLANNEL_NETWORK": ("networks", lambda v: _networks(v, ipaddress.IPv4Network)),
+    "FLANNEL_SUBNET": ("subnet", lambda v: _cidr(v, ipaddress.IPv4Interface)),
+    "FLANNEL_IPV6_NETWORK": ("ipv6_networks", lambda v: _networks(v, ipaddress.IPv6Network)),
+    "FLANNEL_IPV6_SUBNET": ("ipv6_subnet", lambda v: _cidr(v, ipaddress.IPv6Interface)),
+    "FLANNEL_MTU": ("mtu", int),
+    "FLANNEL_IPMASQ": ("ipmasq", lambda v: v == "true"),
+}
 
 
 def read(path: str) -> SubnetEnv | None:
@@ -133,6 +154,8 @@ def check_writable(path: str) -> None:
     The daemon checks this before it leases a subnet or programs anything, so a bad
     --subnet-file fails at once instead of after the data plane was set up.
     """
+    import tempfile
+
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -146,4 +169,6 @@ def check_writable(path: str) -> None:
 
 def write(path: str, env: SubnetEnv) -> None:
     """Atomically replace `path` (mode 0644), creating its directory (0755) if needed."""
+    from flanneld.model.atomicfile import write_atomically
+
     write_atomically(path, env.render(), 0o644)

@@ -18,6 +18,7 @@ import click
 from flanneld import __version__
 from flanneld.etcd.options import quiet_grpc
 from flanneld.flags import GoInt, IPAddress, Regex, bool_flag, etcd_flags, etcd_options, flag
+from flanneld.model import subnetenv
 
 
 class JsonFormatter(logging.Formatter):
@@ -57,7 +58,7 @@ def setup_logging(verbosity: int, log_format: str = "text") -> None:
 @flag("public-ip", type=IPAddress(4), default="", help="IPv4 address published to peers (default: the interface's).")
 @flag("public-ipv6", type=IPAddress(6), default="",
       help="IPv6 address published to peers (default: the interface's).")
-@flag("subnet-file", default="/run/flannel/subnet.env", show_default=True, help="Where to write subnet.env.")
+@flag("subnet-file", default=subnetenv.DEFAULT_PATH, show_default=True, help="Where to write subnet.env.")
 @flag("subnet-lease-renew-margin", type=GoInt(1, 1439), default=60, show_default=True,
       help="Renew the lease this many minutes before it expires.")
 @bool_flag("ip-masq", False, "Install masquerade rules for traffic leaving the overlay.")
