@@ -331,7 +331,7 @@ def subnets_reserve(obj: Context, subnet: str, public_ip: str, ipv6_subnet: str,
 
     Refused when the subnet is taken, outside the config, or the node already holds one.
     """
-    from flanneld.etcd.client import Compare, prefix_range_end
+    from flanneld.leases.manager import create_guards
     from flanneld.model.lease import UNSET_V4, Lease, encode_value, leases_prefix
 
     try:
@@ -367,8 +367,7 @@ def subnets_reserve(obj: Context, subnet: str, public_ip: str, ipv6_subnet: str,
                 fail(f"refused: {why}")
     lease = Lease(net, net6, ip or UNSET_V4, ip6)  # type: ignore[arg-type]
     head = leases_prefix(obj.prefix)
-    guards = [Compare(head + lease.key, "version", "==", 0),
-              Compare(head, "mod", "<", listing.revision + 1, prefix_range_end(head))]
+    guards = create_guards(obj.prefix, lease, listing.revision, listing_unchanged=True)
     if not obj.registry.txn(guards, [(head + lease.key, encode_value(lease), 0)]):
         fail("refused: the leases changed while checking (another node or operator); run it again")
     click.echo(f"reserved {lease.describe()} for {ip or ip6}" + (f" / {ip6}" if ip and ip6 else "")

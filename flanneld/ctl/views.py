@@ -19,6 +19,7 @@ from flanneld.model.lease import Lease
 from flanneld.plan.backend import lookup
 
 if TYPE_CHECKING:  # leases.py pulls in gRPC: flannelctl --help and completion do without it
+    from flanneld.leases.allocator import Taken
     from flanneld.leases.manager import Listed, Listing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -291,6 +292,14 @@ def family_of(config: NetworkConfig, subnet: IPNetwork) -> FamilyConfig | None:
     return config.of(family(subnet.version))
 
 
+def taken(listing: Listing) -> Taken[Listed]:
+    """The subnets the listing's leases and reservations hold, each with its holder."""
+    from flanneld.leases.allocator import Taken
+
+    return Taken((n, listed) for listed in listing.leases.values()
+                 for n in (listed.lease.subnet, listed.lease.subnet6) if n is not None)
+
+
 def reservation_problem(subnet: IPNetwork, public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
                         config: NetworkConfig, listing: Listing) -> str:
     """Why `subnet` cannot be reserved for `public_ip` ('' when it can)."""
@@ -304,13 +313,12 @@ def reservation_problem(subnet: IPNetwork, public_ip: ipaddress.IPv4Address | ip
                 f"{fam.network}")
     if public_ip.version != subnet.version and subnet.version == 4:
         return f"an IPv4 reservation needs an IPv4 public IP, not {public_ip}"
-    for listed in listing.leases.values():
-        lease = listed.lease
-        held = family(subnet.version).subnet(lease)
-        if held is not None and held.overlaps(subnet):
-            who = _public_ip(lease) or _text(lease.public_ipv6) or "no public IP"
-            what = "reserved for" if listed.reserved else "leased by"
-            return f"{subnet} is taken: {lease.key} is {what} {who}"
+    holder = taken(listing).holder(subnet)
+    if holder is not None:
+        lease = holder.lease
+        who = _public_ip(lease) or _text(lease.public_ipv6) or "no public IP"
+        what = "reserved for" if holder.reserved else "leased by"
+        return f"{subnet} is taken: {lease.key} is {what} {who}"
     for listed in listing.leases.values():
         lease = listed.lease
         if public_ip in (lease.public_ip, lease.public_ipv6):

@@ -95,7 +95,7 @@ class Compare:
     target: str  # "version" | "mod" | "create"
     op: str  # "==" | "<" | ">" | "!="
     value: int
-    range_end: str | None = None
+    range_end: str | bytes | None = None  # see prefix_range_end
 
     def build(self) -> Any:
         cls = {"version": pyetcd.transactions.Version, "mod": pyetcd.transactions.Mod,
@@ -110,15 +110,16 @@ class Compare:
         return cmp != self.value
 
 
-def prefix_range_end(prefix: str) -> str:
-    """The range_end that selects every key starting with `prefix`."""
+def prefix_range_end(prefix: str) -> bytes:
+    """The range_end that selects every key starting with `prefix` (bytes: etcd compares keys as
+    bytes, and the end of a prefix of non-ASCII text need not be UTF-8)."""
     raw = bytearray(prefix.encode())
     while raw:
         if raw[-1] < 0xFF:
             raw[-1] += 1
-            return raw.decode("latin-1")
+            return bytes(raw)
         raw.pop()
-    return "\0"
+    return b"\0"
 
 
 def _kv(kv: Any) -> KeyValue:
@@ -492,7 +493,7 @@ class Watch:
         self._requests: queue.Queue[Any] = queue.Queue()
         self._cancelled = False
         create = etcdrpc.WatchCreateRequest(
-            key=prefix.encode(), range_end=prefix_range_end(prefix).encode("latin-1"),
+            key=prefix.encode(), range_end=prefix_range_end(prefix),
             start_revision=start_revision, progress_notify=True,
         )
         self._requests.put(etcdrpc.WatchRequest(create_request=create))

@@ -12,18 +12,20 @@ from __future__ import annotations
 import random
 from bisect import bisect_right
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 from flanneld.model.config import FamilyConfig, IPNetwork
 
 MAX_CANDIDATES = 100
+H = TypeVar("H")
 
 
 class OutOfSubnets(Exception):
     """No free subnet is left in SubnetMin..SubnetMax."""
 
 
-class _Taken:
-    """Taken address intervals of one family, for O(log n) overlap tests."""
+class _Spans:
+    """Held address intervals of one family, merged, for O(log n) overlap tests."""
 
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
         spans = sorted((int(n.network_address), int(n.broadcast_address)) for n in networks)
@@ -46,9 +48,32 @@ class _Taken:
         return self._ends[idx] + 1
 
 
-def free_subnets(family: FamilyConfig, taken: Iterable[IPNetwork], limit: int = MAX_CANDIDATES) -> list[IPNetwork]:
+class Taken(Generic[H]):
+    """The subnets some key holds (a lease or a reservation), both families, each with its holder.
+
+    The one answer to "is this subnet free?": acquisition (our previous subnet), the allocator
+    (free candidates) and ``flannelctl subnets reserve`` (which also names the holder) ask it.
+    """
+
+    def __init__(self, claims: Iterable[tuple[IPNetwork, H]]) -> None:
+        self._claims = list(claims)
+        self._spans = {version: _Spans(n for n, _ in self._claims if n.version == version) for version in (4, 6)}
+
+    @classmethod
+    def of(cls, networks: Iterable[IPNetwork]) -> Taken[None]:
+        return Taken((n, None) for n in networks)
+
+    def overlaps(self, subnet: IPNetwork) -> bool:
+        return self._spans[subnet.version].overlaps(int(subnet.network_address), int(subnet.broadcast_address))
+
+    def holder(self, subnet: IPNetwork) -> H | None:
+        """The first claim's holder (in the order given) whose subnet overlaps `subnet`."""
+        return next((h for n, h in self._claims if n.version == subnet.version and n.overlaps(subnet)), None)
+
+
+def free_subnets(family: FamilyConfig, taken: Taken, limit: int = MAX_CANDIDATES) -> list[IPNetwork]:
     """Up to `limit` subnets of the range, in order, that overlap nothing taken."""
-    occupied = _Taken(n for n in taken if n.version == family.version)
+    occupied = taken._spans[family.version]
     size = family.subnet_size()
     cursor, last = int(family.subnet_min), int(family.subnet_max)
     found: list[IPNetwork] = []
@@ -64,7 +89,7 @@ def free_subnets(family: FamilyConfig, taken: Iterable[IPNetwork], limit: int = 
     return found
 
 
-def pick_subnet(family: FamilyConfig, taken: Iterable[IPNetwork], rng: random.Random) -> IPNetwork:
+def pick_subnet(family: FamilyConfig, taken: Taken, rng: random.Random) -> IPNetwork:
     """A random free subnet. Raises OutOfSubnets with the range in the message."""
     candidates = free_subnets(family, taken)
     if not candidates:

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from flanneld.etcd.client import Compacted, Compare, KeyValue, Registry, RegistryError, WatchBatch
-from flanneld.leases.allocator import OutOfSubnets, pick_subnet
+from flanneld.etcd.client import Compacted, Compare, KeyValue, Registry, RegistryError, WatchBatch, prefix_range_end
+from flanneld.leases.allocator import OutOfSubnets, Taken, pick_subnet
 from flanneld.model.config import IPNetwork, NetworkConfig
 from flanneld.model.lease import (
     Lease,
@@ -117,8 +117,26 @@ def fits_config(lease_subnet: IPNetwork | None, lease_subnet6: IPNetwork | None,
     return v4_ok and v6_ok
 
 
-def _subnet_free(subnet: IPNetwork | None, taken: list[IPNetwork]) -> bool:
-    return subnet is None or not any(subnet.overlaps(t) for t in taken if t.version == subnet.version)
+def create_guards(prefix: str, lease: Lease, listed_at: int, *, listing_unchanged: bool = False) -> list[Compare]:
+    """The guards of a transaction that creates `lease`'s key, given a listing read at `listed_at`.
+
+    Acquisition and ``flannelctl subnets reserve`` both create keys through them, so neither
+    can hand out a subnet some key holds: the key itself is absent; for IPv4, its subnet's own
+    key and every dual-stack key with that IPv4 half (``<v4>&…``) are absent — a narrow guard,
+    so that a restart storm's renewals do not fail each other's creates; for IPv6, whose subnet
+    can sit behind any IPv4 half, nothing under the prefix changed since the listing. A caller
+    whose decision read the whole listing (reserve: one subnet per public IP) asks for that last
+    guard whatever the families (`listing_unchanged`).
+    """
+    head = leases_prefix(prefix)
+    guards = [Compare(head + lease.key, "version", "==", 0)]
+    if lease.subnet is not None:
+        v4_key = head + subnet_key(lease.subnet, None)
+        guards.append(Compare(v4_key, "version", "==", 0))
+        guards.append(Compare(v4_key + "&", "version", "==", 0, range_end=prefix_range_end(v4_key + "&")))
+    if lease.subnet6 is not None or listing_unchanged:
+        guards.append(Compare(head, "mod", "<", listed_at + 1, range_end=prefix_range_end(head)))
+    return guards
 
 
 class LeaseManager:
@@ -218,14 +236,14 @@ class LeaseManager:
             mine = recognized
         return revision, kvs, mine
 
-    def _taken(self, kvs: list[KeyValue]) -> list[IPNetwork]:
+    def _taken(self, kvs: list[KeyValue]) -> Taken[str]:
         """Every subnet some key of the listing claims (keys that are not subnet keys claim none)."""
         head = len(leases_prefix(self.prefix))
-        taken: list[IPNetwork] = []
+        claims: list[tuple[IPNetwork, str]] = []
         for kv in kvs:
             with contextlib.suppress(LeaseDecodeError):
-                taken += [n for n in parse_subnet_key(kv.key[head:]) if n is not None]
-        return taken
+                claims += [(n, kv.key) for n in parse_subnet_key(kv.key[head:]) if n is not None]
+        return Taken(claims)
 
     def _own_candidate(self, mine: list[Listed]) -> Listed | None:
         fitting = [x for x in mine if fits_config(x.lease.subnet, x.lease.subnet6, self.config)]
@@ -269,7 +287,7 @@ class LeaseManager:
         taken = self._taken(kvs)
         subnet, subnet6 = self.previous
         if (subnet or subnet6) and fits_config(subnet, subnet6, self.config) and all(
-            _subnet_free(n, taken) for n in (subnet, subnet6)
+            n is None or not taken.overlaps(n) for n in (subnet, subnet6)
         ):
             shown = "+".join(str(n) for n in (subnet, subnet6) if n)
             log.info("trying the previous subnet %s from the subnet file", shown)
@@ -293,16 +311,9 @@ class LeaseManager:
     def _create(self, lease: Lease, listed_at: int) -> OwnLease | None:
         self._listing = None  # we write: the watcher lists afresh (see take_listing)
         key = self.full_key(lease.key)
-        compares = [Compare(key, "version", "==", 0)]
-        if lease.subnet is not None:
-            v4_key = self.full_key(f"{lease.subnet.network_address}-{lease.subnet.prefixlen}")
-            compares.append(Compare(v4_key, "version", "==", 0))
-            compares.append(Compare(v4_key + "&", "version", "==", 0, range_end=v4_key + "'"))
-        if lease.subnet6 is not None:
-            head = leases_prefix(self.prefix)
-            compares.append(Compare(head, "mod", "<", listed_at + 1, range_end=head[:-1] + "0"))
         etcd_lease = self._etcd_lease_for_new_key()
-        if not self.registry.txn(compares, puts=[(key, encode_value(lease), etcd_lease)]):
+        if not self.registry.txn(create_guards(self.prefix, lease, listed_at),
+                                 puts=[(key, encode_value(lease), etcd_lease)]):
             log.info("lost the race for %s, retrying", lease.describe())
             return None
         log.info("allocated subnet lease %s", lease.describe())
