@@ -332,6 +332,7 @@ def subnets_reserve(obj: Context, subnet: str, public_ip: str, ipv6_subnet: str,
     Refused when the subnet is taken, outside the config, or the node already holds one.
     """
     from flanneld.leases.manager import create_guards
+    from flanneld.model.family import family_of
     from flanneld.model.lease import UNSET_V4, Lease, encode_value, leases_prefix
 
     try:
@@ -354,7 +355,7 @@ def subnets_reserve(obj: Context, subnet: str, public_ip: str, ipv6_subnet: str,
 
     config = obj.require_config(": nothing to reserve from")
     for half in (net, net6):
-        if half is not None and ctl_views.family_of(config, half) is None:
+        if half is not None and config.of(family_of(half.version)) is None:
             fail(f"refused: {half} is IPv{half.version} but the network config does not enable IPv{half.version}")
     listing = obj.listing()
     if (config.enable_ipv4 and net is None) or (config.enable_ipv6 and net6 is None):

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flanneld.model.config import ConfigError, FamilyConfig, NetworkConfig
-from flanneld.model.family import family_of as family
+from flanneld.model.config import ConfigError, NetworkConfig
+from flanneld.model.family import family_of
 from flanneld.model.lease import Lease
 from flanneld.plan.backend import lookup
 
@@ -287,11 +287,6 @@ def find(listing: Listing, query: str) -> list[Listed]:
 # -- safety checks -----------------------------------------------------------------------------
 
 
-def family_of(config: NetworkConfig, subnet: IPNetwork) -> FamilyConfig | None:
-    """The config half that leases subnets of `subnet`'s family (None when that family is off)."""
-    return config.of(family(subnet.version))
-
-
 def taken(listing: Listing) -> Taken[Listed]:
     """The subnets the listing's leases and reservations hold, each with its holder."""
     from flanneld.leases.allocator import Taken
@@ -303,7 +298,7 @@ def taken(listing: Listing) -> Taken[Listed]:
 def reservation_problem(subnet: IPNetwork, public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
                         config: NetworkConfig, listing: Listing) -> str:
     """Why `subnet` cannot be reserved for `public_ip` ('' when it can)."""
-    fam = family_of(config, subnet)
+    fam = config.of(family_of(subnet.version))
     if fam is None:
         return f"the network config does not enable IPv{subnet.version}"
     if subnet.prefixlen != fam.subnet_len:

@@ -81,7 +81,8 @@ def _msg(kind: int, flags: int, seq: int, body: bytes) -> bytes:
     return HDR.pack(16 + len(body), kind, flags, seq, 0) + body
 
 
-def family_of(packed_ip: bytes) -> int:
+def _af(packed_ip: bytes) -> int:
+    """AF_INET or AF_INET6, by a packed address's length."""
     return AF_INET if len(packed_ip) == 4 else AF_INET6
 
 
@@ -91,7 +92,7 @@ def family_of(packed_ip: bytes) -> int:
 
 def neigh(seq: int, delete: bool, ifindex: int, ip: bytes, mac: bytes) -> bytes:
     """A permanent neighbour entry (``ip neigh replace IP lladdr MAC dev X nud permanent``)."""
-    body = NDMSG.pack(family_of(ip), ifindex, NUD_PERMANENT, 0, RTN_UNICAST) + _nla(NDA_DST, ip)
+    body = NDMSG.pack(_af(ip), ifindex, NUD_PERMANENT, 0, RTN_UNICAST) + _nla(NDA_DST, ip)
     if not delete:
         body += _nla(NDA_LLADDR, mac)
     return _msg(RTM_DELNEIGH if delete else RTM_NEWNEIGH, DEL_FLAGS if delete else PUT_FLAGS, seq, body)
@@ -112,7 +113,7 @@ def route(seq: int, delete: bool, dst: bytes, dst_len: int, gateway: bytes | Non
         scope = RT_SCOPE_NOWHERE
     else:
         scope = RT_SCOPE_LINK if gateway is None and oif is not None and not blackhole else RT_SCOPE_UNIVERSE
-    body = RTMSG.pack(family_of(dst), dst_len, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, rtype,
+    body = RTMSG.pack(_af(dst), dst_len, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, scope, rtype,
                       RTNH_F_ONLINK if onlink else 0) + _nla(RTA_DST, dst)
     if gateway is not None:
         body += _nla(RTA_GATEWAY, gateway)
@@ -168,7 +169,7 @@ def get_links(seq: int, name: str | None = None) -> bytes:
 
 
 def address(seq: int, delete: bool, index: int, ip: bytes, prefixlen: int) -> bytes:
-    family = family_of(ip)
+    family = _af(ip)
     body = IFADDR.pack(family, prefixlen, 0, 0, index) + _nla(IFA_LOCAL, ip) + _nla(IFA_ADDRESS, ip)
     if family == AF_INET6 and not delete:
         body += _nla(IFA_FLAGS, U32.pack(IFA_F_NODAD))
@@ -182,7 +183,7 @@ def dump_addresses(seq: int) -> bytes:
 
 def get_route(seq: int, dst: bytes) -> bytes:
     """``ip route get DST``."""
-    body = RTMSG.pack(family_of(dst), len(dst) * 8, 0, 0, 0, 0, 0, 0, 0) + _nla(RTA_DST, dst)
+    body = RTMSG.pack(_af(dst), len(dst) * 8, 0, 0, 0, 0, 0, 0, 0) + _nla(RTA_DST, dst)
     return _msg(RTM_GETROUTE, NLM_F_REQUEST, seq, body)
 
 
