@@ -23,7 +23,8 @@ from benchlib import etcd_in_namespace, report
 
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.leases.manager import LeaseManager, LeaseWatcher
+from flanneld.leases.manager import LeaseManager
+from flanneld.leases.watcher import LeaseWatcher
 from flanneld.model.config import parse_config
 from flanneld.model.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
 

@@ -82,7 +82,7 @@ class Context:
             self._registry.close()
 
     def listing(self) -> Any:
-        from flanneld.leases.manager import list_leases
+        from flanneld.leases.listing import list_leases
 
         return self._warn_junk(list_leases(self.registry, self.prefix))
 
@@ -93,7 +93,7 @@ class Context:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        from flanneld.leases.manager import decode_listing
+        from flanneld.leases.listing import decode_listing
         from flanneld.model.lease import leases_prefix
 
         revision, kvs = self.registry.list_prefix(leases_prefix(self.prefix))
@@ -178,7 +178,7 @@ def _complete_subnets(ctx: click.Context, _param: click.Parameter, incomplete: s
     """Shell completion for SUBNET arguments: the keys in etcd (best effort, silent on errors)."""
     root = ctx.find_root()
     try:
-        from flanneld.leases.manager import list_leases
+        from flanneld.leases.listing import list_leases
 
         session = Context(etcd_options(dict(root.params)))  # its registry keeps gRPC's logging quiet
         try:
@@ -277,7 +277,7 @@ def subnets_show(obj: Context, query: str, output: str) -> None:
 @click.pass_obj
 def subnets_watch(obj: Context, output: str, snapshot: bool) -> None:
     """Print lease additions, changes and removals as they happen, until Ctrl-C."""
-    from flanneld.leases.manager import LeaseEvent, LeaseWatcher
+    from flanneld.leases.watcher import LeaseEvent, LeaseWatcher
 
     watcher = LeaseWatcher(obj.registry, obj.prefix)
     events: queue.Queue[list[LeaseEvent]] = queue.Queue()
@@ -315,7 +315,7 @@ def print_events(batch: Sequence[Any], output: str) -> None:
 
 def _listed(ev: Any) -> Any:
     from flanneld.etcd.client import KeyValue
-    from flanneld.leases.manager import Listed
+    from flanneld.leases.listing import Listed
 
     return Listed(ev.lease, KeyValue(ev.key, ev.value, 0, 0, 0, ev.etcd_lease))
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from flanneld.ctl.views import human_duration
 from flanneld.dataplane.firewall import NFT_TABLE, FirewallSpec, iptables_rules, iptables_tool, nft_script
 from flanneld.dataplane.nlcodec import IFF_UP, NUD_PERMANENT, RTN_BLACKHOLE, RTN_UNICAST, RTNH_F_ONLINK, RTPROT_KERNEL
-from flanneld.leases.manager import Listed, Listing
+from flanneld.leases.listing import Listed, Listing
 from flanneld.model.config import ConfigError, NetworkConfig
 from flanneld.model.lease import Lease
 from flanneld.model.subnetenv import SubnetEnv

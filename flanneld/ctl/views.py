@@ -20,7 +20,7 @@ from flanneld.plan.backend import lookup
 
 if TYPE_CHECKING:  # leases.py pulls in gRPC: flannelctl --help and completion do without it
     from flanneld.leases.allocator import Taken
-    from flanneld.leases.manager import Listed, Listing
+    from flanneld.leases.listing import Listed, Listing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 UNKNOWN_TTL = -1  # etcd did not say (the lease vanished between listing and asking)

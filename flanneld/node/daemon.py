@@ -28,7 +28,8 @@ from flanneld.dataplane.iface import IfaceError, IfaceOptions
 from flanneld.dataplane.netlink import Kernel, KernelError, Monitor
 from flanneld.etcd.client import Registry, RegistryError
 from flanneld.etcd.options import EtcdOptions
-from flanneld.leases.manager import SUBNET_TTL, LeaseEvent, LeaseWatcher
+from flanneld.leases.manager import SUBNET_TTL
+from flanneld.leases.watcher import LeaseEvent, LeaseWatcher
 from flanneld.model import subnetenv
 from flanneld.model.config import ConfigError
 from flanneld.node.config_monitor import ConfigMonitor

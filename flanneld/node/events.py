@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flanneld.leases.manager import LeaseEvent
+from flanneld.leases.watcher import LeaseEvent
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,8 @@ from flanneld.dataplane.firewall import Firewall, FirewallError, FirewallSpec
 from flanneld.dataplane.netlink import KernelError
 from flanneld.dataplane.reconciler import Reconciler, Report
 from flanneld.etcd.client import RegistryError
-from flanneld.leases.manager import LeaseError, LeaseEvent, LeaseManager
+from flanneld.leases.manager import LeaseError, LeaseManager
+from flanneld.leases.watcher import LeaseEvent
 from flanneld.model import subnetenv
 from flanneld.model.config import NetworkConfig
 from flanneld.model.lease import Lease, LeaseAttrs, leases_prefix

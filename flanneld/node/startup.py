@@ -18,7 +18,8 @@ from flanneld.dataplane.iface import select as select_iface
 from flanneld.dataplane.netlink import Kernel
 from flanneld.dataplane.reconciler import Reconciler
 from flanneld.etcd.client import Registry, RegistryError
-from flanneld.leases.manager import LeaseManager, LeaseWatcher
+from flanneld.leases.manager import LeaseManager
+from flanneld.leases.watcher import LeaseWatcher
 from flanneld.model import subnetenv
 from flanneld.model.config import ConfigError, NetworkConfig, parse_config
 from flanneld.node.metrics import Metrics

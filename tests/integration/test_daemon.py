@@ -17,7 +17,7 @@ from flanneld import lab
 from flanneld.lab.flannel import NETWORK
 from flanneld.lab.probes import eventually, ping, tcp_exchange
 from flanneld.lab.readers import fdbs, link, neighs, routes
-from flanneld.leases.manager import LeaseWatcher
+from flanneld.leases.watcher import LeaseWatcher
 from flanneld.model.lease import leases_prefix
 
 

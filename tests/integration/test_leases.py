@@ -13,7 +13,9 @@ import pytest
 from flanneld import lab
 from flanneld.etcd.client import Registry
 from flanneld.etcd.options import EtcdOptions
-from flanneld.leases.manager import LeaseError, LeaseManager, LeaseWatcher, list_leases
+from flanneld.leases.listing import list_leases
+from flanneld.leases.manager import LeaseError, LeaseManager
+from flanneld.leases.watcher import LeaseWatcher
 from flanneld.model.config import parse_config
 from flanneld.model.lease import LeaseAttrs, backend_json, decode_lease, encode_value, leases_prefix
 from flanneld.model.subnetenv import SubnetEnv

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flanneld.etcd.client import KeyValue
-from flanneld.leases.manager import Listed, Listing
+from flanneld.leases.listing import Listed, Listing
 from flanneld.model.lease import decode_lease
 
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from flanneld.dataplane import nlcodec as nl
 from flanneld.dataplane.reconciler import Reconciler
 from flanneld.etcd.client import KeyValue, WatchBatch, WatchEvent
-from flanneld.leases.manager import LeaseEvent, LeaseManager, LeaseWatcher
+from flanneld.leases.manager import LeaseManager
+from flanneld.leases.watcher import LeaseEvent, LeaseWatcher
 from flanneld.model.config import parse_config
 from flanneld.model.lease import leases_prefix
 from flanneld.node.metrics import Metrics, parse
