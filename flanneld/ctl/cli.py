@@ -142,7 +142,7 @@ class CtlGroup(click.Group):
     """Turns every expected failure into one line on stderr and a non-zero exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from flanneld.etcd.client import RegistryError
+        from flanneld.etcd.errors import RegistryError
         from flanneld.model.config import ConfigError
         from flanneld.model.subnetenv import SubnetEnvError
 

@@ -1,19 +1,17 @@
-"""The only module that speaks etcd (v3 gRPC), so the client library can be swapped.
+"""The etcd client (v3 gRPC): this package alone speaks etcd, so the client library can be swapped.
 
 Built on etcd-sdk-python (``pyetcd``) for channels, TLS, authentication and endpoint failover,
 with the watch stream driven directly through the generated stub so that resumption from a
 revision and compaction are under our control. Endpoints get a short ``time_retry`` so that one
 failed call does not blacklist an endpoint for minutes.
 
-Every failure surfaces as :class:`RegistryError` with a one-line reason; the password is never
-part of a message, a log line or a repr.
-"""
+Every failure surfaces as :class:`~flanneld.etcd.errors.RegistryError` with a one-line reason; the password is never
+part of a message, a log line or a repr."""
 
 from __future__ import annotations
 
 import logging
 import queue
-import socket
 import ssl
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,12 +25,26 @@ from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from flanneld.etcd import h2_unary
+from flanneld.etcd.errors import (
+    Compacted,
+    RegistryError,
+    describe_error,
+    is_auth_expired,
+    is_unreachable,
+    token_rejected,
+)
 from flanneld.etcd.options import EndpointError, EtcdOptions, parse_endpoint
+from flanneld.etcd.tls import checked_tls_context, read_file, tls_failure
 
 log = logging.getLogger(__name__)
 
+
 ENDPOINT_RETRY_SECONDS = 0.5
+
+
 PIPELINE_MIN_CALLS = 32  # below this, grpcio's per-call cost does not matter
+
+
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -44,18 +56,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1_000),  # back within ~1 s of etcd's return
 ]
-
-
-class RegistryError(Exception):
-    """An etcd operation failed; the message says which and why (never with secrets)."""
-
-
-class Compacted(RegistryError):
-    """The watch start revision is older than etcd's compaction horizon."""
-
-    def __init__(self, compact_revision: int) -> None:
-        super().__init__(f"watch revision compacted (etcd keeps history from revision {compact_revision})")
-        self.compact_revision = compact_revision
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,112 +127,6 @@ def _kv(kv: Any) -> KeyValue:
                     kv.create_revision, kv.version, kv.lease)
 
 
-def _read_file(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except OSError as exc:
-        raise RegistryError(f"cannot read etcd {what} {path}: {exc.strerror}") from None
-
-
-def _checked_tls_context(options: EtcdOptions) -> ssl.SSLContext:
-    """The TLS files as a client context; RegistryError naming the file that is not usable."""
-    try:
-        ctx = h2_unary.tls_context(options.cafile)
-    except ssl.SSLError as exc:
-        raise RegistryError(f"etcd CA file {options.cafile} holds no usable certificate: {exc.reason}") from None
-    if options.certfile:
-        def no_passphrase() -> bytes:
-            raise RegistryError(f"etcd key file {options.keyfile} is encrypted; give an unencrypted key")
-        try:
-            ctx.load_cert_chain(options.certfile, options.keyfile, password=no_passphrase)
-        except ssl.SSLError as exc:
-            raise RegistryError(f"etcd certificate file {options.certfile} and key file {options.keyfile} are not "
-                                f"a usable PEM certificate and matching key ({exc.reason or 'not PEM'})") from None
-    return ctx
-
-
-def _describe_error(exc: BaseException) -> str:
-    if isinstance(exc, grpc.RpcError):
-        code = exc.code() if hasattr(exc, "code") else None
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        name = code.name if code is not None else "ERROR"
-        return f"{name}: {details}"
-    if isinstance(exc, etcd_exc.NoServerAvailableError):
-        return "no etcd endpoint available"
-    if isinstance(exc, etcd_exc.Etcd3Exception):
-        return str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _token_rejected(text: str) -> bool:
-    """etcd's words for a token it no longer knows (expired, or etcd restarted and forgot it)."""
-    return "auth token" in text
-
-
-def _is_auth_expired(exc: BaseException) -> bool:
-    return (
-        isinstance(exc, grpc.RpcError)
-        and hasattr(exc, "code")
-        and exc.code() == grpc.StatusCode.UNAUTHENTICATED
-        and _token_rejected(exc.details() or "")
-    )
-
-
-def _is_unreachable(exc: BaseException) -> bool:
-    """The endpoint did not answer (refused, reset, or no answer in time): another member may."""
-    if isinstance(exc, etcd_exc.ConnectionFailedError | etcd_exc.ConnectionTimeoutError
-                  | etcd_exc.NoServerAvailableError):
-        return True
-    return isinstance(exc, grpc.RpcError) and hasattr(exc, "code") and exc.code() in (
-        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-_TLS_ALERTS = {
-    "CERTIFICATE_REQUIRED": "etcd requires a client certificate (give --etcd-certfile and --etcd-keyfile)",
-    "BAD_CERTIFICATE": "etcd rejected our client certificate (is it signed by a CA etcd trusts?)",
-    "UNKNOWN_CA": "etcd does not trust the CA that signed our client certificate",
-    "CERTIFICATE_UNKNOWN": "etcd rejected our client certificate",
-    "CERTIFICATE_EXPIRED": "etcd says our client certificate has expired",
-    "HANDSHAKE_FAILURE": "etcd and we share no TLS version or cipher",
-}
-
-
-def tls_failure(host: str, port: int, ctx: ssl.SSLContext, timeout: float, has_cert: bool) -> str | None:
-    """Why a TLS connection to host:port fails, in words; None when TLS is not the problem.
-
-    grpcio reports every handshake failure as "connection failed" (the real reason goes to its
-    own log), so after a failed call we shake hands ourselves with the same files. A missing or
-    rejected client certificate surfaces only after the handshake in TLS 1.3, hence one read.
-    """
-    name = host.strip("[]")
-    shaken = False
-    try:
-        with socket.create_connection((name, port), timeout=timeout) as raw, \
-                ctx.wrap_socket(raw, server_hostname=name) as conn:
-            shaken = True
-            conn.sendall(h2_unary.PREFACE + h2_unary.frame(h2_unary.SETTINGS, 0, 0))
-            if conn.recv(1):
-                return None  # etcd talks to us: TLS is fine
-            raise ConnectionResetError
-    except ssl.SSLCertVerificationError as exc:
-        return f"TLS: etcd's certificate is not trusted ({exc.verify_message}); check --etcd-cafile"
-    except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as exc:
-        reason = (getattr(exc, "reason", None) or "").upper()
-        alert = next((a for a in _TLS_ALERTS if a in reason), None)
-        if alert is None and (shaken or "CERTIFICATE" in reason):
-            # a certificate complaint without a known alert, or closed right after the handshake
-            # before the alert could be read: a refusal of our certificate
-            alert = "BAD_CERTIFICATE"
-        if alert is None:
-            return f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
-        if "CERTIFICATE" in alert and not has_cert:
-            alert = "CERTIFICATE_REQUIRED"
-        return f"TLS: {_TLS_ALERTS[alert]}"
-    except OSError:
-        return None  # refused, unreachable, timed out: not a TLS matter
-
-
 class Registry:
     """A connection to etcd with the handful of operations flannel needs."""
 
@@ -256,12 +150,12 @@ class Registry:
         self._tls_context: ssl.SSLContext | None = None
         if True in secure:
             self._creds = grpc.ssl_channel_credentials(
-                root_certificates=_read_file(options.cafile, "CA file") if options.cafile else None,
-                private_key=_read_file(options.keyfile, "key file") if options.keyfile else None,
-                certificate_chain=_read_file(options.certfile, "certificate file") if options.certfile else None,
+                root_certificates=read_file(options.cafile, "CA file") if options.cafile else None,
+                private_key=read_file(options.keyfile, "key file") if options.keyfile else None,
+                certificate_chain=read_file(options.certfile, "certificate file") if options.certfile else None,
             )
             # grpcio only finds out at the first handshake, and then says "connection failed"
-            self._tls_context = _checked_tls_context(options)
+            self._tls_context = checked_tls_context(options)
         if bool(options.username) != bool(options.password):
             raise RegistryError("--etcd-username and --etcd-password must be given together")
         self._lock = threading.Lock()
@@ -269,8 +163,8 @@ class Registry:
 
     def _explain(self, exc: BaseException) -> str:
         """The one-line reason for a failed call, naming the TLS problem grpcio only calls 'connection failed'."""
-        text = _describe_error(exc)
-        if self._tls_context is None or not _is_unreachable(exc):
+        text = describe_error(exc)
+        if self._tls_context is None or not is_unreachable(exc):
             return text
         for host, port, secure in self._endpoints:
             if secure and (why := tls_failure(host, port, self._tls_context, min(self.options.timeout, 2.0),
@@ -329,17 +223,17 @@ class Registry:
             except RegistryError:
                 raise
             except Exception as exc:
-                if not reauthenticated and _is_auth_expired(exc):
+                if not reauthenticated and is_auth_expired(exc):
                     reauthenticated = True
                     log.info("etcd auth token expired, re-authenticating")
                     self._reset_client(client)
                     continue
-                if failovers > 0 and _is_unreachable(exc) and not isinstance(exc, etcd_exc.NoServerAvailableError):
+                if failovers > 0 and is_unreachable(exc) and not isinstance(exc, etcd_exc.NoServerAvailableError):
                     failovers -= 1
                     if isinstance(exc, grpc.RpcError) and client.endpoint_in_use is not None:
                         client.endpoint_in_use.fail()  # our own streams (keepalive) bypass pyetcd's marking
                         client._clear_old_stubs()
-                    log.info("etcd %s: endpoint unreachable (%s), trying another", what, _describe_error(exc))
+                    log.info("etcd %s: endpoint unreachable (%s), trying another", what, describe_error(exc))
                     continue
                 raise RegistryError(f"etcd {what} failed: {self._explain(exc)}") from None
 
@@ -507,7 +401,7 @@ class Watch:
                 if resp.compact_revision:
                     raise Compacted(resp.compact_revision)
                 if resp.canceled:
-                    if _token_rejected(resp.cancel_reason):
+                    if token_rejected(resp.cancel_reason):
                         # etcd forgot our token (e.g. it restarted): the next watch logs in afresh
                         self._registry._reset_client(self._client)
                     raise RegistryError(f"etcd canceled the watch: {resp.cancel_reason or 'no reason given'}")
@@ -520,9 +414,9 @@ class Watch:
                 endpoint = self._client.endpoint_in_use
                 if endpoint is not None:
                     endpoint.fail()
-            if _is_auth_expired(exc):
+            if is_auth_expired(exc):
                 self._registry._reset_client(self._client)
-            raise RegistryError(f"etcd watch broke: {_describe_error(exc)}") from None
+            raise RegistryError(f"etcd watch broke: {describe_error(exc)}") from None
         finally:
             self._requests.put(None)
 

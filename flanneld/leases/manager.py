@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flanneld.etcd.client import Compare, KeyValue, Registry, RegistryError, prefix_range_end
+from flanneld.etcd.client import Compare, KeyValue, Registry, prefix_range_end
+from flanneld.etcd.errors import RegistryError
 from flanneld.leases.allocator import OutOfSubnets, Taken, pick_subnet
 from flanneld.leases.listing import Listed
 from flanneld.model.config import IPNetwork, NetworkConfig

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from flanneld.etcd.client import Compacted, KeyValue, Registry, RegistryError, WatchBatch
+from flanneld.etcd.client import KeyValue, Registry, WatchBatch
+from flanneld.etcd.errors import Compacted, RegistryError
 from flanneld.model.lease import (
     Lease,
     LeaseDecodeError,

@@ -12,7 +12,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from flanneld.etcd.client import Registry, RegistryError
+from flanneld.etcd.client import Registry
+from flanneld.etcd.errors import RegistryError
 from flanneld.model.config import ConfigError, NetworkConfig, parse_config
 
 log = logging.getLogger("flanneld")

@@ -26,7 +26,8 @@ from flanneld import __version__
 from flanneld.dataplane.firewall import FirewallError
 from flanneld.dataplane.iface import IfaceError, IfaceOptions
 from flanneld.dataplane.netlink import Kernel, KernelError, Monitor
-from flanneld.etcd.client import Registry, RegistryError
+from flanneld.etcd.client import Registry
+from flanneld.etcd.errors import RegistryError
 from flanneld.etcd.options import EtcdOptions
 from flanneld.leases.manager import SUBNET_TTL
 from flanneld.leases.watcher import LeaseEvent, LeaseWatcher

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from flanneld.dataplane.firewall import Firewall, FirewallError, FirewallSpec
 from flanneld.dataplane.netlink import KernelError
 from flanneld.dataplane.reconciler import Reconciler, Report
-from flanneld.etcd.client import RegistryError
+from flanneld.etcd.errors import RegistryError
 from flanneld.leases.manager import LeaseError, LeaseManager
 from flanneld.leases.watcher import LeaseEvent
 from flanneld.model import subnetenv

@@ -17,7 +17,8 @@ from flanneld.dataplane.iface import IfaceOptions
 from flanneld.dataplane.iface import select as select_iface
 from flanneld.dataplane.netlink import Kernel
 from flanneld.dataplane.reconciler import Reconciler
-from flanneld.etcd.client import Registry, RegistryError
+from flanneld.etcd.client import Registry
+from flanneld.etcd.errors import RegistryError
 from flanneld.leases.manager import LeaseManager
 from flanneld.leases.watcher import LeaseWatcher
 from flanneld.model import subnetenv

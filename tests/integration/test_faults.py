@@ -16,7 +16,8 @@ import time
 import pytest
 
 from flanneld import lab
-from flanneld.etcd.client import Registry, RegistryError
+from flanneld.etcd.client import Registry
+from flanneld.etcd.errors import RegistryError
 from flanneld.etcd.options import EtcdOptions
 from flanneld.lab.flannel import NETWORK, Cluster
 from flanneld.lab.probes import Pinger, eventually

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from flanneld import lab
-from flanneld.etcd.client import Registry, RegistryError
+from flanneld.etcd.client import Registry
+from flanneld.etcd.errors import RegistryError
 from flanneld.etcd.options import EtcdOptions
 
 PASSWORD = "s3cret-Pa55word-xyzzy"
