@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -24,6 +24,12 @@ from flanneld.ctl import views as ctl_views
 from flanneld.etcd.options import EtcdOptions, quiet_grpc
 from flanneld.flags import etcd_flags_with_env, etcd_options, flag
 from flanneld.model import subnetenv
+
+if TYPE_CHECKING:  # imported where used: `flannelctl --help` loads no etcd, lease or config code
+    from flanneld.etcd.client import KeyValue, Registry
+    from flanneld.leases.listing import Listed, Listing
+    from flanneld.leases.watcher import LeaseEvent
+    from flanneld.model.config import NetworkConfig
 
 ENV_PREFIXES = ("FLANNELCTL", "FLANNELD")
 EXAMPLES = """\b
@@ -63,14 +69,14 @@ class Context:
 
     def __init__(self, options: EtcdOptions) -> None:
         self.options = options
-        self._registry: Any = None
+        self._registry: Registry | None = None
 
     @property
     def prefix(self) -> str:
         return self.options.prefix
 
     @property
-    def registry(self) -> Any:
+    def registry(self) -> Registry:
         if self._registry is None:
             from flanneld.etcd.client import Registry
 
@@ -81,12 +87,12 @@ class Context:
         if self._registry is not None:
             self._registry.close()
 
-    def listing(self) -> Any:
+    def listing(self) -> Listing:
         from flanneld.leases.listing import list_leases
 
         return self._warn_junk(list_leases(self.registry, self.prefix))
 
-    def listing_and_ttls(self) -> tuple[Any, dict[int, int]]:
+    def listing_and_ttls(self) -> tuple[Listing, dict[int, int]]:
         """The listing and the TTL of every live lease in it.
 
         The TTL lookup mostly waits for etcd, so it runs in a thread while the listing decodes.
@@ -104,28 +110,28 @@ class Context:
             return listing, (pending.result() if pending is not None else {})
 
     @staticmethod
-    def _warn_junk(listing: Any) -> Any:
+    def _warn_junk(listing: Listing) -> Listing:
         for key, why in listing.junk:
             click.echo(f"flannelctl: warning: skipped malformed entry {key}: {why}", err=True)
         return listing
 
-    def ttls(self, listing: Any, only: Sequence[Any] | None = None) -> dict[int, int]:
+    def ttls(self, listing: Listing, only: Sequence[Listed] | None = None) -> dict[int, int]:
         ids = [li.kv.lease_id for li in (only if only is not None else listing.leases.values()) if li.kv.lease_id]
         return self.registry.time_to_live_many(ids) if ids else {}
 
-    def stored_config(self, why: str = "") -> Any:
+    def stored_config(self, why: str = "") -> KeyValue:
         """The config's KeyValue as stored (not validated); CtlError when there is none."""
         kv = self.registry.get(f"{self.prefix}/config")
         if kv is None:
             fail(f"no network config at {self.prefix}/config{why}")
         return kv
 
-    def require_config(self, why: str = "") -> Any:
+    def require_config(self, why: str = "") -> NetworkConfig:
         """The validated NetworkConfig; CtlError when there is none or it is invalid."""
         return _parse(self.stored_config(why).value)
 
 
-def _parse(raw: bytes | str) -> Any:
+def _parse(raw: bytes | str) -> NetworkConfig:
     """A NetworkConfig validated exactly as the daemon does, or CtlError with the validator's message."""
     from flanneld.model.config import ConfigError, parse_config
     from flanneld.plan.backend import validate_backend
@@ -299,7 +305,7 @@ def subnets_watch(obj: Context, output: str, snapshot: bool) -> None:
 EVENT_COLOURS = {"added": "green", "changed": "yellow", "removed": "red", "present": None}
 
 
-def print_events(batch: Sequence[Any], output: str) -> None:
+def print_events(batch: Sequence[LeaseEvent], output: str) -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for ev in batch:
         lease = ev.lease
@@ -313,7 +319,7 @@ def print_events(batch: Sequence[Any], output: str) -> None:
     sys.stdout.flush()
 
 
-def _listed(ev: Any) -> Any:
+def _listed(ev: LeaseEvent) -> Listed:
     from flanneld.etcd.client import KeyValue
     from flanneld.leases.listing import Listed
 
@@ -331,9 +337,10 @@ def subnets_reserve(obj: Context, subnet: str, public_ip: str, ipv6_subnet: str,
 
     Refused when the subnet is taken, outside the config, or the node already holds one.
     """
-    from flanneld.leases.manager import create_guards
+    from flanneld.leases import policy
+    from flanneld.leases.manager import reserve
     from flanneld.model.family import family_of
-    from flanneld.model.lease import UNSET_V4, Lease, encode_value, leases_prefix
+    from flanneld.model.lease import UNSET_V4, Lease, leases_prefix
 
     try:
         net = ctl_views.parse_subnet_arg(subnet)
@@ -363,16 +370,14 @@ def subnets_reserve(obj: Context, subnet: str, public_ip: str, ipv6_subnet: str,
         fail(f"the network config needs {need} per node; give {'--ipv6-subnet' if net6 is None else 'SUBNET'}")
     for half, address in ((net, ip), (net6, ip6)):
         if half is not None:
-            why = ctl_views.reservation_problem(half, address, config, listing)  # type: ignore[arg-type]
+            why = policy.reservation_problem(half, address, config, listing)  # type: ignore[arg-type]
             if why:
                 fail(f"refused: {why}")
     lease = Lease(net, net6, ip or UNSET_V4, ip6)  # type: ignore[arg-type]
-    head = leases_prefix(obj.prefix)
-    guards = create_guards(obj.prefix, lease, listing.revision, listing_unchanged=True)
-    if not obj.registry.txn(guards, [(head + lease.key, encode_value(lease), 0)]):
+    if not reserve(obj.registry, obj.prefix, lease, listing.revision):
         fail("refused: the leases changed while checking (another node or operator); run it again")
     click.echo(f"reserved {lease.describe()} for {ip or ip6}" + (f" / {ip6}" if ip and ip6 else "")
-               + f" (key {head}{lease.key})")
+               + f" (key {leases_prefix(obj.prefix)}{lease.key})")
 
 
 @subnets.command("release")
@@ -381,8 +386,7 @@ def subnets_reserve(obj: Context, subnet: str, public_ip: str, ipv6_subnet: str,
 @click.pass_obj
 def subnets_release(obj: Context, subnet: str, force: bool) -> None:
     """Remove the reservation of SUBNET (a live lease only with --force)."""
-    from flanneld.etcd.client import Compare
-    from flanneld.model.lease import leases_prefix
+    from flanneld.leases.manager import release
 
     listing = obj.listing()
     try:
@@ -397,8 +401,7 @@ def subnets_release(obj: Context, subnet: str, force: bool) -> None:
     if not listed.reserved and not force:
         fail(f"refused: {listed.lease.key} is a live lease of {listed.lease.public_ip}, not a reservation "
              "(its node would re-acquire a subnet; --force to delete it anyway)")
-    key = leases_prefix(obj.prefix) + listed.lease.key
-    if not obj.registry.txn([Compare(key, "mod", "==", listed.kv.mod_revision)], deletes=[key]):
+    if not release(obj.registry, listed):
         fail(f"refused: {listed.lease.key} changed while checking; run it again")
     click.echo(f"released {'reservation' if listed.reserved else 'lease'} {listed.lease.describe()}")
 
@@ -461,7 +464,8 @@ def config_set(obj: Context, file: str, force: bool, dry_run: bool) -> None:
     Refuses what running nodes cannot take while leases exist — another backend type, another
     SubnetLen, a Network that existing leases do not fit — unless --force.
     """
-    from flanneld.etcd.client import Compare
+    from flanneld.etcd.client import unchanged
+    from flanneld.leases import policy
     from flanneld.model.config import ConfigError, parse_config
 
     text = _read_file(file).strip()
@@ -482,7 +486,7 @@ def config_set(obj: Context, file: str, force: bool, dry_run: bool) -> None:
     for line in diff:
         click.echo(styled(line, fg=colours.get(line[:1])) if not line.startswith(("+++", "---")) else line)
     listing = obj.listing()
-    problems = ctl_views.config_change_problems(old, new, [li.lease for li in listing.leases.values()])
+    problems = policy.config_change_problems(old, new, [li.lease for li in listing.leases.values()])
     for problem in problems:
         click.echo(styled(("forced: " if force else "refused: ") + problem, fg="yellow" if force else "red"),
                    err=True)
@@ -491,8 +495,7 @@ def config_set(obj: Context, file: str, force: bool, dry_run: bool) -> None:
     if dry_run:
         click.echo(f"dry run: valid ({ctl_views.describe_config(new)}), nothing written")
         return
-    guard = Compare(key, "mod", "==", kv.mod_revision) if kv is not None else Compare(key, "version", "==", 0)
-    if not obj.registry.txn([guard], [(key, text.encode(), 0)]):
+    if not obj.registry.txn([unchanged(key, kv.mod_revision if kv is not None else 0)], [(key, text.encode(), 0)]):
         fail("the config changed in etcd while this ran; run it again to see the new diff")
     click.echo(f"config written: {ctl_views.describe_config(new)}")
 

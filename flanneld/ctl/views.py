@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flanneld.model.config import ConfigError, NetworkConfig
-from flanneld.model.family import family_of
 from flanneld.model.lease import Lease
 from flanneld.plan.backend import lookup
 
 if TYPE_CHECKING:  # leases.py pulls in gRPC: flannelctl --help and completion do without it
-    from flanneld.leases.allocator import Taken
     from flanneld.leases.listing import Listed, Listing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -282,67 +280,6 @@ def find(listing: Listing, query: str) -> list[Listed]:
                 if address in (li.lease.public_ip, li.lease.public_ipv6)]
     subnet = parse_subnet_arg(query)
     return [li for li in listing.leases.values() if subnet in (li.lease.subnet, li.lease.subnet6)]
-
-
-# -- safety checks -----------------------------------------------------------------------------
-
-
-def taken(listing: Listing) -> Taken[Listed]:
-    """The subnets the listing's leases and reservations hold, each with its holder."""
-    from flanneld.leases.allocator import Taken
-
-    return Taken((n, listed) for listed in listing.leases.values()
-                 for n in (listed.lease.subnet, listed.lease.subnet6) if n is not None)
-
-
-def reservation_problem(subnet: IPNetwork, public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                        config: NetworkConfig, listing: Listing) -> str:
-    """Why `subnet` cannot be reserved for `public_ip` ('' when it can)."""
-    fam = config.of(family_of(subnet.version))
-    if fam is None:
-        return f"the network config does not enable IPv{subnet.version}"
-    if subnet.prefixlen != fam.subnet_len:
-        return f"{subnet} is a /{subnet.prefixlen} but the config leases /{fam.subnet_len} subnets (SubnetLen)"
-    if not fam.fits(subnet):
-        return (f"{subnet} is outside the allocation range {fam.subnet_min}..{fam.subnet_max} of "
-                f"{fam.network}")
-    if public_ip.version != subnet.version and subnet.version == 4:
-        return f"an IPv4 reservation needs an IPv4 public IP, not {public_ip}"
-    holder = taken(listing).holder(subnet)
-    if holder is not None:
-        lease = holder.lease
-        who = _public_ip(lease) or _text(lease.public_ipv6) or "no public IP"
-        what = "reserved for" if holder.reserved else "leased by"
-        return f"{subnet} is taken: {lease.key} is {what} {who}"
-    for listed in listing.leases.values():
-        lease = listed.lease
-        if public_ip in (lease.public_ip, lease.public_ipv6):
-            what = "a reservation" if listed.reserved else "a lease"
-            return (f"{public_ip} already holds {lease.key} ({what}); a node uses one subnet per family — "
-                    "release that first")
-    return ""
-
-
-def config_change_problems(old: NetworkConfig | None, new: NetworkConfig, leases: Sequence[Lease]) -> list[str]:
-    """Changes a running cluster cannot take while leases exist (empty list: safe)."""
-    if not leases:
-        return []
-    from flanneld.leases.manager import fits_config
-
-    problems = []
-    if old is not None and old.backend.type != new.backend.type:
-        problems.append(f"backend type changes from {old.backend.type!r} to {new.backend.type!r}: every node "
-                        "would have to be reconfigured at once")
-    for version, before, after in ((4, old.ipv4 if old else None, new.ipv4), (6, old.ipv6 if old else None,
-                                                                              new.ipv6)):
-        if before is not None and after is not None and before.subnet_len != after.subnet_len:
-            problems.append(f"IPv{version} SubnetLen changes from {before.subnet_len} to {after.subnet_len}: "
-                            "existing leases no longer fit and every node would renumber its pods")
-    misfits = [lease.key for lease in leases if not fits_config(lease.subnet, lease.subnet6, new)]
-    if misfits and not any("SubnetLen" in p for p in problems):
-        shown = ", ".join(misfits[:5]) + (f" and {len(misfits) - 5} more" if len(misfits) > 5 else "")
-        problems.append(f"{len(misfits)} existing lease(s) would not fit the new config: {shown}")
-    return problems
 
 
 def describe_config(config: NetworkConfig) -> str:

@@ -110,6 +110,11 @@ class Compare:
         return cmp != self.value
 
 
+def unchanged(key: str, mod_revision: int) -> Compare:
+    """The guard "`key` is as it was read": its mod revision, or still absent when it was (0)."""
+    return Compare(key, "mod", "==", mod_revision) if mod_revision else Compare(key, "version", "==", 0)
+
+
 def prefix_range_end(prefix: str) -> bytes:
     """The range_end that selects every key starting with `prefix` (bytes: etcd compares keys as
     bytes, and the end of a prefix of non-ASCII text need not be UTF-8)."""

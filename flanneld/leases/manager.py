@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flanneld.etcd.client import Compare, KeyValue, Registry, prefix_range_end
+from flanneld.etcd.client import Compare, KeyValue, Registry, prefix_range_end, unchanged
 from flanneld.etcd.errors import RegistryError
 from flanneld.leases.allocator import OutOfSubnets, Taken, pick_subnet
 from flanneld.leases.listing import Listed
+from flanneld.leases.policy import fits_config
 from flanneld.model.config import IPNetwork, NetworkConfig
 from flanneld.model.lease import (
     Lease,
@@ -68,13 +69,6 @@ def _is_ours(lease: Lease, attrs: LeaseAttrs, config: NetworkConfig) -> bool:
     return attrs.public_ipv6 is not None and lease.public_ipv6 == attrs.public_ipv6
 
 
-def fits_config(lease_subnet: IPNetwork | None, lease_subnet6: IPNetwork | None, config: NetworkConfig) -> bool:
-    """Both halves of a lease match the families the config enables (upstream compat check)."""
-    v4_ok = config.ipv4.fits(lease_subnet) if config.ipv4 else lease_subnet is None
-    v6_ok = config.ipv6.fits(lease_subnet6) if config.ipv6 else lease_subnet6 is None
-    return v4_ok and v6_ok
-
-
 def create_guards(prefix: str, lease: Lease, listed_at: int, *, listing_unchanged: bool = False) -> list[Compare]:
     """The guards of a transaction that creates `lease`'s key, given a listing read at `listed_at`.
 
@@ -95,6 +89,19 @@ def create_guards(prefix: str, lease: Lease, listed_at: int, *, listing_unchange
     if lease.subnet6 is not None or listing_unchanged:
         guards.append(Compare(head, "mod", "<", listed_at + 1, range_end=prefix_range_end(head)))
     return guards
+
+
+def reserve(registry: Registry, prefix: str, lease: Lease, listed_at: int) -> bool:
+    """Write `lease` as a reservation (a key without TTL, never expired or given away), guarded as
+    every creation is and on the listing its checks read; False when something changed since."""
+    key = leases_prefix(prefix) + lease.key
+    return registry.txn(create_guards(prefix, lease, listed_at, listing_unchanged=True),
+                        puts=[(key, encode_value(lease), 0)])
+
+
+def release(registry: Registry, listed: Listed) -> bool:
+    """Delete a listed lease or reservation unless it changed since it was listed."""
+    return registry.txn([unchanged(listed.kv.key, listed.kv.mod_revision)], deletes=[listed.kv.key])
 
 
 class LeaseManager:
@@ -237,7 +244,7 @@ class LeaseManager:
                 # ours by IP, but from an older config (e.g. another SubnetLen): give it back
                 log.info("deleting our lease %s: it does not fit the current network config", x.lease.describe())
                 self._listing = None  # we write: the watcher lists afresh (see take_listing)
-                self.registry.txn([Compare(x.kv.key, "mod", "==", x.kv.mod_revision)], deletes=[x.kv.key])
+                release(self.registry, x)
             else:
                 log.warning("reservation %s for our public IP does not fit the network config; ignoring it",
                             x.lease.describe())
@@ -286,11 +293,11 @@ class LeaseManager:
             if left <= 0:
                 return None  # expired under us: the key is gone, list again
             expires = time.monotonic() + left
-        unchanged = encode_value(lease) == mine.kv.value
-        if not unchanged:
+        same = encode_value(lease) == mine.kv.value
+        if not same:
             self._listing = None  # we write: the watcher lists afresh (see take_listing)
-        if not unchanged and not self.registry.txn(
-            [Compare(mine.kv.key, "mod", "==", mine.kv.mod_revision)],
+        if not same and not self.registry.txn(
+            [unchanged(mine.kv.key, mine.kv.mod_revision)],
             puts=[(mine.kv.key, encode_value(lease), etcd_lease)],
         ):
             return None
