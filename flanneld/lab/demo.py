@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,9 +73,9 @@ def main(nodes: int, network: str, check: bool) -> None:
             sys.exit(0 if ok else 1)
         stop = threading.Event()
         call_on_signals(lambda _sig: stop.set())
-        _say(f"\nThe cluster is up. Try:\n  sudo ip netns exec {pods[0].name} ping {pods[-1].addr}\n"
-             f"  sudo ip netns exec {members[0].ns} ip route\n"
-             f"  sudo ip netns exec {cluster.ctl} {lab.tool('flannelctl')} --etcd-endpoints={etcd.endpoint} "
+        _say(f"\nThe cluster is up. Try (as root):\n  ip netns exec {pods[0].name} ping {pods[-1].addr}\n"
+             f"  ip netns exec {members[0].ns} ip route\n"
+             f"  ip netns exec {cluster.ctl} {lab.tool('flannelctl')} --etcd-endpoints={etcd.endpoint} "
              "subnets list\nPress Ctrl-C to stop and remove everything.")
         stop.wait()
     finally:
@@ -111,12 +112,17 @@ def _wait_meshed(members: list[lab.Node], timeout: float = 10.0) -> None:
         _say(f"{node.ns} does not route to every other node after {timeout:.0f}s")
 
 
-def _ping(src: lab.Pod, dst: str) -> bool:
-    """Three probes 0.2 s apart, any answer counts: one probe lost to a neighbour being resolved
-    is not a broken overlay."""
+def _ping(src: lab.Pod, dst: str) -> tuple[bool, str]:
+    """Three probes 0.2 s apart, any answer counts (one probe lost to a neighbour being resolved is
+    not a broken overlay); with what ping measured: the average round trip and the replies."""
     result = subprocess.run(["ip", "netns", "exec", src.name, "ping", "-c", "3", "-i", "0.2", "-W", "1", dst],
                             capture_output=True, text=True)
-    return result.returncode == 0  # iputils: 0 once any probe was answered
+    replies = re.search(r"(\d+) packets transmitted, (\d+) received", result.stdout)
+    rtt = re.search(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/", result.stdout)
+    measured = ", ".join(part for part in (
+        f"{rtt.group(1)} ms round trip" if rtt else "",
+        f"{replies.group(2)}/{replies.group(1)} replies" if replies else "") if part)
+    return result.returncode == 0, measured  # iputils: 0 once any probe was answered
 
 
 def _check(pods: list[lab.Pod]) -> bool:
@@ -126,12 +132,10 @@ def _check(pods: list[lab.Pod]) -> bool:
         for dst in pods:
             if src is dst:
                 continue
-            start = time.monotonic()
-            good = _ping(src, dst.addr)
+            good, measured = _ping(src, dst.addr)
             ok &= good
-            _say(f"ping {src.addr:<15} -> {dst.addr:<15} {'ok' if good else 'FAILED'} "
-                 f"({(time.monotonic() - start) * 1000:.0f} ms)")
-    outside = _ping(pods[0], lab.OUTSIDE_HOST_IP)
+            _say(f"ping {src.addr:<15} -> {dst.addr:<15} {'ok' if good else 'FAILED'} ({measured})")
+    outside, _ = _ping(pods[0], lab.OUTSIDE_HOST_IP)
     ok &= outside
     _say(f"ping {pods[0].addr:<15} -> {lab.OUTSIDE_HOST_IP:<15} {'ok' if outside else 'FAILED'} "
          "(outside host, masqueraded)")

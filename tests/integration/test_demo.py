@@ -1,5 +1,6 @@
 """The README's main command: the demo cluster comes up, passes its checks and cleans up."""
 
+import re
 import signal
 import subprocess
 
@@ -13,6 +14,10 @@ def test_demo_check_mode_passes_and_leaves_nothing_behind():
     assert result.returncode == 0, result.stderr
     assert "all checks passed" in result.stderr
     assert result.stderr.count(" ok (") == 3  # 2 pod pings + the masqueraded outside ping
+    # each pod pair shows what ping measured (a round trip well under a millisecond here), not the
+    # wall time of three probes 0.2 s apart
+    rtts = [float(m) for m in re.findall(r" ok \((\d+\.\d+) ms round trip, 3/3 replies\)", result.stderr)]
+    assert len(rtts) == 2 and all(rtt < 50 for rtt in rtts), result.stderr
     assert set(lab.list_namespaces()) == before
 
 
