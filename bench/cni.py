@@ -7,7 +7,7 @@ each pod gets its own namespace. Runs alternate (ours, bare, ours, ...) so drift
 load hits both equally. Prints a table and one JSON line. Budget: our ADD overhead over the bare
 delegate <= the interpreter's bare start + 3 ms, both measured in the same run.
 
-    sudo .venv/bin/python bench/cni.py [--pods 50] [--ip-masq]
+    .venv/bin/python bench/cni.py [--pods 50] [--ip-masq]
 """
 
 from __future__ import annotations

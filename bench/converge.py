@@ -10,7 +10,7 @@ reported beside it.
 
 Fake peers' public addresses cycle through the underlay range; no traffic is sent to them.
 
-    sudo .venv/bin/python bench/converge.py [--sizes 1000,5000] [--churn 200] [--backends vxlan,host-gw]
+    .venv/bin/python bench/converge.py [--sizes 1000,5000] [--churn 200] [--backends vxlan,host-gw]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Both HTTP/2 paths are measured in the same run: our own framing (flanneld.etcd.h
 pipelined calls on python-hyper's h2 library (bench/h2_library.py), in process and end to end
 (`subnets list` with the h2-library session swapped in).
 
-    sudo .venv/bin/python bench/ctl.py [--leases 5000] [--runs 5]
+    .venv/bin/python bench/ctl.py [--leases 5000] [--runs 5]
 """
 
 from __future__ import annotations
@@ -89,11 +89,13 @@ def main() -> int:
                "FLANNELCTL_ETCD_PREFIX": PREFIX, "ETCDCTL_API": "3"}
         ctl = lab.tool("flannelctl")
         list_s = timed([ctl, "subnets", "list"], env, args.runs, args.leases)
-        swapped = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import h2_library; from flanneld import h2_unary; "
+        swapped = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('h2_library', "
+                   "sys.argv.pop(1)); h2_library = importlib.util.module_from_spec(spec); "
+                   "spec.loader.exec_module(h2_library); from flanneld.etcd import h2_unary; "
                    "h2_unary.call_many = h2_library.call_many_h2; from flanneld.ctl.cli import main; "
                    "sys.argv[0] = 'flannelctl'; main()")
-        list_h2lib_s = timed([sys.executable, "-c", swapped, os.path.dirname(os.path.abspath(__file__)), "subnets",
-                              "list"], env, args.runs, args.leases)
+        list_h2lib_s = timed([sys.executable, "-c", swapped, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "h2_library.py"), "subnets", "list"], env, args.runs, args.leases)
         json_s = timed([ctl, "subnets", "list", "-o", "json"], env, args.runs, args.leases)
         etcdctl_s = timed(["etcdctl", f"--endpoints={server.endpoint}", "get", "--prefix", leases_prefix(PREFIX)],
                           env, args.runs, args.leases)

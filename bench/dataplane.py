@@ -12,7 +12,7 @@ hand-built is wireguard-go configured with `wg` (same kind of keys, ports, MTU, 
 started in a session of its own as flanneld starts it (measured: with sched_autogroup on, a
 wireguard-go sharing the benchmark's session gets ~20% more CPU against iperf3 on 2 cores).
 
-    sudo .venv/bin/python bench/dataplane.py [--seconds 4] [--repeat 3] [--backends vxlan,host-gw,wireguard]
+    .venv/bin/python bench/dataplane.py [--seconds 4] [--repeat 3] [--backends vxlan,host-gw,wireguard]
 """
 
 from __future__ import annotations

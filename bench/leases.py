@@ -4,7 +4,7 @@
 Runs etcd inside a private network namespace (never the root one). Prints a table and one JSON
 line. Baseline, measured in the same run: a bare etcd put round trip.
 
-    sudo .venv/bin/python bench/leases.py [--nodes 1000] [--workers 20] [--events 500]
+    .venv/bin/python bench/leases.py [--nodes 1000] [--workers 20] [--events 500]
 """
 
 from __future__ import annotations

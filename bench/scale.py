@@ -13,8 +13,8 @@ For each mode (direct to the members; through one `etcd grpc-proxy`), same run:
 - etcd's own view: watchers and watch streams; per-daemon RSS and idle CPU.
 Everything runs in namespaces (never the root one); the fake peers get no traffic.
 
-    sudo .venv/bin/python bench/scale.py [--nodes 100] [--leases 5000]
-    sudo .venv/bin/python bench/scale.py --nodes 20 --leases 1000 --strict  # the short form CI runs
+    .venv/bin/python bench/scale.py [--nodes 100] [--leases 5000]
+    .venv/bin/python bench/scale.py --nodes 20 --leases 1000 --strict  # the short form CI runs
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from flanneld.model.config import ConfigError, NetworkConfig
 from flanneld.model.lease import Lease
 from flanneld.plan.backend import lookup
 
-if TYPE_CHECKING:  # leases.py pulls in gRPC: flannelctl --help and completion do without it
+if TYPE_CHECKING:  # the leases package pulls in gRPC: flannelctl --help and completion do without it
     from flanneld.leases.listing import Listed, Listing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
