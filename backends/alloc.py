@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from flanneld.model.config import BackendConfig, NetworkConfig
 from flanneld.model.lease import Lease, LeaseAttrs
 from flanneld.plan.backend import BackendBase, BackendType, External, PeerPlan, published_addresses, register
-from flanneld.plan.state import DesiredState, Device
+from flanneld.plan.state import DesiredState, ObservedLink
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class AllocBackend(BackendBase):
     def mtu(self) -> int:
         return self.ext.mtu
 
-    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
+    def lease_attrs(self, devices: Mapping[str, ObservedLink]) -> LeaseAttrs:
         return self.publics
 
     def base_state(self, own: Lease) -> DesiredState:

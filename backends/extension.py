@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from flanneld.model.config import BackendConfig, ConfigError, NetworkConfig
 from flanneld.model.lease import Lease, LeaseAttrs, compact_json
 from flanneld.plan.backend import BackendBase, BackendType, External, PeerPlan, published_addresses, register
-from flanneld.plan.state import DesiredState, Device
+from flanneld.plan.state import DesiredState, ObservedLink
 
 log = logging.getLogger("flanneld.extension")
 COMMANDS = ("PreStartupCommand", "PostStartupCommand", "SubnetAddCommand", "SubnetRemoveCommand")
@@ -109,7 +109,7 @@ class ExtensionBackend(BackendBase):
             output = run_hook("PreStartupCommand", self.options.pre_startup, {}, "", self.options.timeout)
             self.data = compact_json(json.dumps(output or "", ensure_ascii=False))
 
-    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
+    def lease_attrs(self, devices: Mapping[str, ObservedLink]) -> LeaseAttrs:
         return replace(self.publics, backend_type="extension", backend_data=self.data)
 
     def _env(self, lease: Lease, with_networks: bool) -> dict[str, str]:

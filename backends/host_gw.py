@@ -23,7 +23,7 @@ from flanneld.plan.backend import (
     published_addresses,
     register,
 )
-from flanneld.plan.state import DesiredState, Device, Route
+from flanneld.plan.state import DesiredState, ObservedLink, Route
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class HostGwBackend(BackendBase):
     def mtu(self) -> int:
         return self.ext.mtu
 
-    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
+    def lease_attrs(self, devices: Mapping[str, ObservedLink]) -> LeaseAttrs:
         return replace(self.publics, backend_type="host-gw")
 
     def base_state(self, own: Lease) -> DesiredState:

@@ -30,7 +30,7 @@ from flanneld.plan.backend import (
     published_addresses,
     register,
 )
-from flanneld.plan.state import Address, DesiredState, Device, Fdb, Neigh, ObservedLink, Route, VxlanLink
+from flanneld.plan.state import Address, DesiredState, Fdb, Neigh, ObservedLink, Route, VxlanLink
 
 ENCAP_OVERHEAD = {4: 50, 6: 70}
 DEFAULT_PORT = 8472  # the kernel's (Linux's historical VXLAN port), which upstream uses
@@ -134,14 +134,14 @@ class VxlanBackend(BackendBase):
             for f in self.families
         )
 
-    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
+    def lease_attrs(self, devices: Mapping[str, ObservedLink]) -> LeaseAttrs:
         data: dict[int, str] = {
             f.family.version: backend_json({"VNI": self.options.vni, "VtepMAC": devices[f.device].mac})
             for f in self.families
         }
         return replace(self.publics, backend_type="vxlan", backend_data=data.get(4), backend_v6_data=data.get(6))
 
-    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
+    def published_by_us(self, lease: Lease, devices: Mapping[str, ObservedLink]) -> bool:
         """Whether `lease` carries one of our devices' VTEP MACs: proof it is ours when our address changed.
 
         A device keeps its random MAC across restarts (and a recreated one gets it back), so no

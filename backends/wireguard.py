@@ -35,7 +35,7 @@ from flanneld.plan.backend import (
     published_addresses,
     register,
 )
-from flanneld.plan.state import Address, DesiredState, Device, ObservedLink, Route, WgPeer, WireguardLink, sorted_cidrs
+from flanneld.plan.state import Address, DesiredState, ObservedLink, Route, WgPeer, WireguardLink, sorted_cidrs
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,6 @@ class WireguardOptions:
         return opts
 
 
-@dataclass(frozen=True)
-class _Device:
-    name: str
-    port: int
-    families: tuple[Family, ...]
-
-
 def _private(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return any(ip.version == n.version and ip in n for n in _PRIVATE)
 
@@ -134,29 +127,31 @@ class WireguardBackend(BackendBase):
         self.publics = published_addresses(config, ext)
         self.ranges = {fc.family.version: fc for fc in config.families()}
         families = tuple(fc.family for fc in config.families())
+        # each device with the families it carries: one per family in separate mode, else one for all
         if options.mode == "separate":
-            self.devices = [_Device(DEVICE if f.version == 4 else DEVICE_V6,
-                                    options.listen_port if f.version == 4 else options.listen_port_v6, (f,))
-                            for f in families]
+            carried = [(DEVICE if f.version == 4 else DEVICE_V6,
+                        options.listen_port if f.version == 4 else options.listen_port_v6, (f,)) for f in families]
         else:
-            self.devices = [_Device(DEVICE, options.listen_port, families)]
+            carried = [(DEVICE, options.listen_port, families)]
+        self.devices = tuple(WireguardLink(name, self.mtu(), port, private_key, self.public_key,
+                                           tuple(f.version for f in fams), provider) for name, port, fams in carried)
+        self.families = {name: fams for name, _, fams in carried}
 
-    def _device_of(self, family: Family) -> _Device:
-        return next(d for d in self.devices if family in d.families)
+    def _device_of(self, family: Family) -> WireguardLink:
+        return next(d for d in self.devices if family.version in d.versions)
 
     def mtu(self) -> int:
         return (self.options.mtu or self.ext.mtu) - OVERHEAD
 
     def links(self) -> tuple[WireguardLink, ...]:
-        return tuple(WireguardLink(d.name, self.mtu(), d.port, self.private_key, self.public_key,
-                                   tuple(f.version for f in d.families), self.provider) for d in self.devices)
+        return self.devices
 
-    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
-        data = {f.version: backend_json({"PublicKey": self.public_key, "Port": self._device_of(f).port})
+    def lease_attrs(self, devices: Mapping[str, ObservedLink]) -> LeaseAttrs:
+        data = {f.version: backend_json({"PublicKey": self.public_key, "Port": self._device_of(f).listen_port})
                 for f in (IPV4, IPV6) if f in {fc.family for fc in self.config.families()}}
         return replace(self.publics, backend_type="wireguard", backend_data=data.get(4), backend_v6_data=data.get(6))
 
-    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
+    def published_by_us(self, lease: Lease, devices: Mapping[str, ObservedLink]) -> bool:
         """Whether `lease` carries our public key: proof it is ours when our address changed (the key
         file outlives restarts, and no other node holds the private key)."""
         return lease.backend_type == "wireguard" and any(
@@ -183,7 +178,7 @@ class WireguardBackend(BackendBase):
         return wrong, f"{provider or link.kind}, port {spec.listen_port}, MTU {spec.mtu}, public key {self.public_key}"
 
     def _device_families(self, spec: WireguardLink) -> tuple[Family, ...]:
-        return next(d.families for d in self.devices if d.name == spec.name)
+        return self.families[spec.name]
 
     def base_state(self, own: Lease) -> DesiredState:
         """Devices, our addresses, one route per Network via its device, blackhole routes."""
@@ -205,7 +200,7 @@ class WireguardBackend(BackendBase):
             return out
         for dev in self.devices:
             subnets = []
-            for f in dev.families:
+            for f in self.families[dev.name]:
                 fc = self.ranges[f.version]
                 subnet = f.subnet(peer)
                 if subnet is None:
@@ -231,15 +226,15 @@ class WireguardBackend(BackendBase):
                 out.skip(f"its BackendData has no valid {via} PublicKey", "backend-data")
                 continue
             out.wg_peers.append(WgPeer(
-                dev.name, key, endpoint(public, _port(data, dev.port)),
+                dev.name, key, endpoint(public, _port(data, dev.listen_port)),
                 sorted_cidrs(str(s) for _, s in subnets),
                 self.options.keepalive, self.options.psk))
         return out
 
-    def _endpoint_family(self, dev: _Device, peer: Lease) -> Family:
+    def _endpoint_family(self, dev: WireguardLink, peer: Lease) -> Family:
         """Which of the peer's public addresses we reach it by (upstream's selectMode for "auto")."""
-        if len(dev.families) == 1:
-            return dev.families[0]
+        if len(self.families[dev.name]) == 1:
+            return self.families[dev.name][0]
         if self.options.mode in ("ipv4", "ipv6"):
             return IPV4 if self.options.mode == "ipv4" else IPV6
         v4, v6 = IPV4.public(peer), IPV6.public(peer)

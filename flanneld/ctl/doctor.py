@@ -14,7 +14,8 @@ import ipaddress
 import socket
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from flanneld.ctl.views import human_duration
 from flanneld.dataplane.firewall import NFT_TABLE, FirewallSpec, iptables_rules, iptables_tool, nft_script
@@ -28,7 +29,6 @@ from flanneld.plan.backend import Backend, External, NodeSettings, create_backen
 from flanneld.plan.state import Fdb, Neigh, ObservedLink, Route, WgPeer, sorted_cidrs
 
 OK, WARN, PROBLEM = "ok", "warning", "problem"
-LinkView = ObservedLink  # what read_kernel sees of a device; each backend checks its own kind
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Finding:
 class KernelView:
     """What the kernel holds, in the planner's value types."""
 
-    links: dict[str, LinkView] = field(default_factory=dict)
+    links: dict[str, ObservedLink] = field(default_factory=dict)
     addresses: dict[int, list[tuple[str, int, int]]] = field(default_factory=dict)  # index -> (ip, plen, scope)
     neighs: set[Neigh] = field(default_factory=set)
     fdbs: set[Fdb] = field(default_factory=set)
@@ -50,7 +50,7 @@ class KernelView:
     wg_peers: set[WgPeer] = field(default_factory=set)
     firewall: dict[str, str] = field(default_factory=dict)  # "iptables-4 nat" / "nft-4" -> listing text
 
-    def link_by_index(self, index: int | None) -> LinkView | None:
+    def link_by_index(self, index: int | None) -> ObservedLink | None:
         return next((link for link in self.links.values() if link.index == index), None)
 
 
@@ -68,6 +68,16 @@ class Inputs:
 # -- reading the kernel (imperative) ----------------------------------------------------------
 
 
+def observed_link(msg: Any) -> ObservedLink:
+    """A pyroute2 link message as the device it describes (the daemon's codec reads the same type)."""
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
+    data = info.get_attr("IFLA_INFO_DATA") if info else None
+    attrs = dict(data["attrs"]) if data is not None and not isinstance(data, str | bytes) else {}
+    return ObservedLink(msg.get_attr("IFLA_IFNAME"), msg["index"], kind, msg.get_attr("IFLA_MTU"),
+                        (msg.get_attr("IFLA_ADDRESS") or "").lower(), bool(msg["flags"] & IFF_UP), attrs)
+
+
 def read_kernel(nftables: bool, families: Sequence[int]) -> KernelView:
     """Links, addresses, our-kind table entries and firewall listings, via pyroute2 and the tools."""
     from pyroute2 import IPRoute  # only doctor needs it: keeps the other commands fast
@@ -75,12 +85,7 @@ def read_kernel(nftables: bool, families: Sequence[int]) -> KernelView:
     view = KernelView()
     with IPRoute() as ipr:
         for msg in ipr.get_links():
-            info = msg.get_attr("IFLA_LINKINFO")
-            kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
-            data = info.get_attr("IFLA_INFO_DATA") if info else None
-            attrs = dict(data["attrs"]) if data is not None and not isinstance(data, str | bytes) else {}
-            link = LinkView(msg.get_attr("IFLA_IFNAME"), msg["index"], kind, msg.get_attr("IFLA_MTU"),
-                            (msg.get_attr("IFLA_ADDRESS") or "").lower(), bool(msg["flags"] & IFF_UP), attrs)
+            link = observed_link(msg)
             view.links[link.name] = link
         names = {link.index: link.name for link in view.links.values()}
         for msg in ipr.get_addr():
@@ -116,7 +121,7 @@ def read_kernel(nftables: bool, families: Sequence[int]) -> KernelView:
     for name, data in wg_devices.items():
         if name in view.links:
             link = view.links[name]
-            view.links[name] = LinkView(link.name, link.index, link.kind, link.mtu, link.mac, link.up, data)
+            view.links[name] = replace(link, data=data)
     for version in families:
         if nftables:
             view.firewall[f"nft-{version}"] = _tool(["nft", "list", "table", *NFT_TABLE[version]])

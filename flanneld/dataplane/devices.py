@@ -15,8 +15,8 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from flanneld.dataplane.netlink import Kernel, KernelError, LinkInfo, WriteFailure
-from flanneld.plan.state import VxlanLink, WgPeer
+from flanneld.dataplane.netlink import Kernel, KernelError, WriteFailure
+from flanneld.plan.state import ObservedLink, VxlanLink, WgPeer
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ def random_mac() -> str:
 class DeviceKind(Protocol):
     kind: str
 
-    def incompatible(self, link: LinkInfo, spec: Any, underlay_index: int) -> str:
+    def incompatible(self, link: ObservedLink, spec: Any, underlay_index: int) -> str:
         """Why an existing device cannot serve as `spec` ('' if it can): it is then recreated."""
 
-    def create(self, kernel: Kernel, spec: Any, underlay_index: int, replaced: LinkInfo | None) -> LinkInfo:
+    def create(self, kernel: Kernel, spec: Any, underlay_index: int, replaced: ObservedLink | None) -> ObservedLink:
         """Make the device (`replaced`: the incompatible one just deleted, whose identity may be kept)."""
 
-    def settle(self, kernel: Kernel, spec: Any, link: LinkInfo) -> None:
+    def settle(self, kernel: Kernel, spec: Any, link: ObservedLink) -> None:
         """Kind-specific settings after creation or adoption (MTU and up are handled for every kind)."""
 
     def read_peers(self, kernel: Kernel, spec: Any) -> set[WgPeer]:
@@ -62,24 +62,29 @@ class NoPeerTable:
 class VxlanDevices(NoPeerTable):
     kind = "vxlan"
 
-    def incompatible(self, link: LinkInfo, spec: VxlanLink, underlay_index: int) -> str:
+    def incompatible(self, link: ObservedLink, spec: VxlanLink, underlay_index: int) -> str:
         """As upstream judges it."""
-        if link.kind != "vxlan" or link.vxlan is None:
+        if link.kind != "vxlan" or not link.data:
             return f"it is a {link.kind or 'plain'} device, not vxlan"
-        v = link.vxlan
-        if v.vni != spec.vni:
-            return f"its VNI is {v.vni}, want {spec.vni}"
-        if v.underlay and v.underlay != underlay_index:
-            return f"it runs over interface index {v.underlay}, want {spec.underlay} ({underlay_index})"
-        if link.vxlan_local and link.vxlan_local != spec.local:
-            return f"its local address is {link.vxlan_local}, want {spec.local}"
-        if v.port and v.port != (spec.port or 8472):
-            return f"its port is {v.port}, want {spec.port or 8472}"
-        if v.gbp != spec.gbp or v.learning != spec.learning:
-            return f"GBP/learning are {v.gbp}/{v.learning}, want {spec.gbp}/{spec.learning}"
+        d = link.data
+        vni, underlay, local, port = (d.get("IFLA_VXLAN_ID"), d.get("IFLA_VXLAN_LINK"),
+                                      d.get("IFLA_VXLAN_LOCAL") or d.get("IFLA_VXLAN_LOCAL6"),
+                                      d.get("IFLA_VXLAN_PORT"))
+        gbp, learning = "IFLA_VXLAN_GBP" in d, bool(d.get("IFLA_VXLAN_LEARNING"))
+        if vni != spec.vni:
+            return f"its VNI is {vni}, want {spec.vni}"
+        if underlay and underlay != underlay_index:
+            return f"it runs over interface index {underlay}, want {spec.underlay} ({underlay_index})"
+        if local and local != spec.local:
+            return f"its local address is {local}, want {spec.local}"
+        if port and port != (spec.port or 8472):
+            return f"its port is {port}, want {spec.port or 8472}"
+        if gbp != spec.gbp or learning != spec.learning:
+            return f"GBP/learning are {gbp}/{learning}, want {spec.gbp}/{spec.learning}"
         return ""
 
-    def create(self, kernel: Kernel, spec: VxlanLink, underlay_index: int, replaced: LinkInfo | None) -> LinkInfo:
+    def create(self, kernel: Kernel, spec: VxlanLink, underlay_index: int, replaced: ObservedLink | None
+               ) -> ObservedLink:
         # the MAC peers know (from our lease), else the replaced device's: peers' FDB entries stay valid
         mac = spec.mac or (replaced.mac if replaced else None) or random_mac()
         link = kernel.create_vxlan(spec, underlay_index, mac)
@@ -87,7 +92,7 @@ class VxlanDevices(NoPeerTable):
                  spec.local, spec.underlay, link.mac, spec.mtu)
         return link
 
-    def settle(self, kernel: Kernel, spec: VxlanLink, link: LinkInfo) -> None:
+    def settle(self, kernel: Kernel, spec: VxlanLink, link: ObservedLink) -> None:
         if spec.disable_tx_checksum and kernel.tx_checksum(spec.name):
             kernel.set_tx_checksum(spec.name, False)
             log.info("turned off tx checksum offload on %s", spec.name)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from flanneld.dataplane import nlcodec as nl
 from flanneld.model.family import Family
-from flanneld.plan.state import VxlanLink
+from flanneld.plan.state import ObservedLink, VxlanLink
 
 log = logging.getLogger(__name__)
 
@@ -195,21 +195,6 @@ class Monitor:
 
 
 @dataclass(frozen=True)
-class LinkInfo:
-    index: int
-    name: str
-    kind: str | None
-    mtu: int
-    up: bool
-    mac: str | None
-    vxlan: nl.VxlanInfo | None
-
-    @property
-    def vxlan_local(self) -> str | None:
-        return nl.ip_text(self.vxlan.local) if self.vxlan and self.vxlan.local else None
-
-
-@dataclass(frozen=True)
 class AddrInfo:
     index: int
     ip: str
@@ -220,12 +205,6 @@ class AddrInfo:
     @property
     def version(self) -> int:
         return 6 if ":" in self.ip else 4
-
-
-def _link_info(rec: nl.LinkRecord) -> LinkInfo:
-    mac = nl.mac_text(rec.mac) if rec.mac and len(rec.mac) == 6 else None
-    return LinkInfo(rec.ifindex, rec.name or f"if{rec.ifindex}", rec.kind, rec.mtu, bool(rec.flags & nl.IFF_UP),
-                    mac, rec.vxlan)
 
 
 class Kernel:
@@ -247,16 +226,16 @@ class Kernel:
 
     # -- links -------------------------------------------------------------------------------
 
-    def links(self) -> list[LinkInfo]:
-        return [_link_info(nl.parse_link(p)) for kind, p in self.bulk.dump(nl.get_links(self.bulk.next_seq()))
+    def links(self) -> list[ObservedLink]:
+        return [nl.parse_link(p) for kind, p in self.bulk.dump(nl.get_links(self.bulk.next_seq()))
                 if kind == nl.RTM_NEWLINK]
 
-    def link(self, name: str) -> LinkInfo | None:
+    def link(self, name: str) -> ObservedLink | None:
         found = self._request(lambda seq: nl.get_links(seq, name), f"reading link {name}",
                               absent_ok=(errno.ENODEV,))
-        return _link_info(nl.parse_link(found[0][1])) if found else None
+        return nl.parse_link(found[0][1]) if found else None
 
-    def create_vxlan(self, spec: VxlanLink, underlay_index: int, mac: str | None) -> LinkInfo:
+    def create_vxlan(self, spec: VxlanLink, underlay_index: int, mac: str | None) -> ObservedLink:
         self._request(lambda seq: nl.vxlan_link(seq, spec.name, spec.mtu, nl.mac_bytes(mac) if mac else None,
                                                 spec.vni, underlay_index, nl.ip_bytes(spec.local),
                                                 spec.port or 8472, spec.learning, spec.gbp),
@@ -266,7 +245,7 @@ class Kernel:
             raise KernelError(f"VXLAN device {spec.name} vanished right after creation")
         return info
 
-    def create_plain_link(self, name: str, mtu: int, kind: str) -> LinkInfo:
+    def create_plain_link(self, name: str, mtu: int, kind: str) -> ObservedLink:
         """A device of a parameterless kind (``wireguard``); KernelError with EOPNOTSUPP when the kernel lacks it."""
         self._request(lambda seq: nl.plain_link(seq, name, mtu, kind), f"creating {kind} device {name}")
         info = self.link(name)

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from flanneld.plan.state import ObservedLink
+
 # message types
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -277,50 +279,36 @@ def parse_route(payload: memoryview) -> RouteRecord:
                        oif, metric)
 
 
-@dataclass(frozen=True, slots=True)
-class VxlanInfo:
-    vni: int | None
-    underlay: int | None
-    local: bytes | None
-    port: int | None
-    learning: bool
-    gbp: bool
-
-
-@dataclass(frozen=True, slots=True)
-class LinkRecord:
-    ifindex: int
-    flags: int
-    name: str | None
-    mtu: int = 0
-    mac: bytes | None = None
-    kind: str | None = None
-    vxlan: VxlanInfo | None = None
-
-
-def parse_link(payload: memoryview) -> LinkRecord:
+def parse_link(payload: memoryview) -> ObservedLink:
+    """A link message as the device it describes; a VXLAN device's parameters in ``data`` under
+    the names pyroute2 gives them, so flannelctl doctor's reading and ours are one type."""
     _family, _type, index, flags, _change = IFINFO.unpack_from(payload, 0)
     a = attrs(payload, IFINFO.size)
-    name = bytes(a[IFLA_IFNAME]).rstrip(b"\0").decode() if IFLA_IFNAME in a else None
+    name = bytes(a[IFLA_IFNAME]).rstrip(b"\0").decode() if IFLA_IFNAME in a else f"if{index}"
     mtu = U32.unpack_from(a[IFLA_MTU])[0] if IFLA_MTU in a else 0
-    mac = bytes(a[IFLA_ADDRESS]) if IFLA_ADDRESS in a else None
-    kind = vxlan = None
+    mac = mac_text(a[IFLA_ADDRESS]) if IFLA_ADDRESS in a and len(a[IFLA_ADDRESS]) == 6 else None
+    kind = None
+    data: dict[str, object] = {}
     if IFLA_LINKINFO in a:
         info = attrs(a[IFLA_LINKINFO], 0)
         if IFLA_INFO_KIND in info:
             kind = bytes(info[IFLA_INFO_KIND]).rstrip(b"\0").decode()
         if kind == "vxlan" and IFLA_INFO_DATA in info:
             d = attrs(info[IFLA_INFO_DATA], 0)
-            local = d.get(IFLA_VXLAN_LOCAL) or d.get(IFLA_VXLAN_LOCAL6)
-            vxlan = VxlanInfo(
-                U32.unpack_from(d[IFLA_VXLAN_ID])[0] if IFLA_VXLAN_ID in d else None,
-                U32.unpack_from(d[IFLA_VXLAN_LINK])[0] if IFLA_VXLAN_LINK in d else None,
-                bytes(local) if local is not None else None,
-                struct.unpack_from(">H", d[IFLA_VXLAN_PORT])[0] if IFLA_VXLAN_PORT in d else None,
-                bool(d[IFLA_VXLAN_LEARNING][0]) if IFLA_VXLAN_LEARNING in d else False,
-                IFLA_VXLAN_GBP in d,
-            )
-    return LinkRecord(index, flags, name, mtu, mac, kind, vxlan)
+            if IFLA_VXLAN_ID in d:
+                data["IFLA_VXLAN_ID"] = U32.unpack_from(d[IFLA_VXLAN_ID])[0]
+            if IFLA_VXLAN_LINK in d:
+                data["IFLA_VXLAN_LINK"] = U32.unpack_from(d[IFLA_VXLAN_LINK])[0]
+            if IFLA_VXLAN_LOCAL in d:
+                data["IFLA_VXLAN_LOCAL"] = ip_text(bytes(d[IFLA_VXLAN_LOCAL]))
+            if IFLA_VXLAN_LOCAL6 in d:
+                data["IFLA_VXLAN_LOCAL6"] = ip_text(bytes(d[IFLA_VXLAN_LOCAL6]))
+            if IFLA_VXLAN_PORT in d:
+                data["IFLA_VXLAN_PORT"] = struct.unpack_from(">H", d[IFLA_VXLAN_PORT])[0]
+            data["IFLA_VXLAN_LEARNING"] = d[IFLA_VXLAN_LEARNING][0] if IFLA_VXLAN_LEARNING in d else 0
+            if IFLA_VXLAN_GBP in d:
+                data["IFLA_VXLAN_GBP"] = True
+    return ObservedLink(name, index, kind, mtu, mac, bool(flags & IFF_UP), data)
 
 
 @dataclass(frozen=True, slots=True)

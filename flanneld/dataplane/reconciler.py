@@ -25,14 +25,25 @@ import ipaddress
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flanneld.dataplane import nlcodec as nl
 from flanneld.dataplane.devices import handler
 from flanneld.dataplane.netlink import Kernel, WriteFailure
 from flanneld.model.family import family_of
 from flanneld.plan.backend import PeerPlan
-from flanneld.plan.state import Address, DesiredState, Device, Fdb, LinkSpec, Neigh, Route, TableDiff, WgPeer, diff
+from flanneld.plan.state import (
+    Address,
+    DesiredState,
+    Fdb,
+    LinkSpec,
+    Neigh,
+    ObservedLink,
+    Route,
+    TableDiff,
+    WgPeer,
+    diff,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +54,7 @@ class Report:
 
     full: bool
     created: list[str] = field(default_factory=list)
-    devices: dict[str, Device] = field(default_factory=dict)
+    devices: dict[str, ObservedLink] = field(default_factory=dict)
     written: int = 0
     deleted: int = 0
     failures: list[WriteFailure] = field(default_factory=list)
@@ -87,9 +98,9 @@ class Reconciler:
 
     # -- devices and addresses ---------------------------------------------------------------
 
-    def ensure_links(self, links: Iterable[LinkSpec], report: Report | None = None) -> dict[str, Device]:
+    def ensure_links(self, links: Iterable[LinkSpec], report: Report | None = None) -> dict[str, ObservedLink]:
         """Create, adopt or repair our devices (each through its kind's handler); returns them as they now are."""
-        result: dict[str, Device] = {}
+        result: dict[str, ObservedLink] = {}
         for spec in links:
             kind = handler(spec.kind)
             current = self.kernel.link(spec.name)
@@ -113,7 +124,7 @@ class Reconciler:
                 self.kernel.set_link(current.index, up=True)
             kind.settle(self.kernel, spec, current)
             self.index[spec.name] = current.index
-            result[spec.name] = Device(spec.name, current.index, current.mac)
+            result[spec.name] = replace(current, mtu=spec.mtu, up=True)  # as it now is
         self._names = {v: k for k, v in self.index.items()}
         return result
 
@@ -298,11 +309,11 @@ class Reconciler:
         try:
             if kind in (nl.RTM_NEWLINK, nl.RTM_DELLINK):
                 link = nl.parse_link(view)
-                ours = link.ifindex in self._names and self._names[link.ifindex] in desired.devices
+                ours = link.index in self._names and self._names[link.index] in desired.devices
                 named = link.name in desired.devices
                 if kind == nl.RTM_DELLINK:
                     return ours or named
-                return (named and self.index.get(link.name) != link.ifindex) or (ours and not link.flags & nl.IFF_UP)
+                return (named and self.index.get(link.name) != link.index) or (ours and not link.up)
             if kind in (nl.RTM_NEWADDR, nl.RTM_DELADDR):
                 addr = nl.parse_addr(view)
                 dev = self._names.get(addr.ifindex)

@@ -25,7 +25,7 @@ from flanneld.model.config import NetworkConfig
 from flanneld.model.lease import Lease, LeaseAttrs, leases_prefix
 from flanneld.node.metrics import Metrics
 from flanneld.plan.backend import SKIP_KINDS, Backend, PeerPlan, merge
-from flanneld.plan.state import Device
+from flanneld.plan.state import ObservedLink
 
 log = logging.getLogger("flanneld")
 
@@ -90,7 +90,7 @@ class Overlay:
     settings: OverlaySettings
     metrics: Metrics
     stop: threading.Event
-    devices: dict[str, Device]
+    devices: dict[str, ObservedLink]
     own: Lease = field(init=False)
     firewall: Firewall = field(init=False)
     peers: dict[str, PeerPlan] = field(default_factory=dict)  # changed only by _set_plan/_drop_plan

@@ -26,7 +26,7 @@ from flanneld.model.config import ConfigError, NetworkConfig, parse_config
 from flanneld.node.metrics import Metrics
 from flanneld.node.overlay import Overlay, OverlaySettings, retry
 from flanneld.plan.backend import NodeSettings, create_backend, published_addresses, validate_backend
-from flanneld.plan.state import Device
+from flanneld.plan.state import ObservedLink
 
 log = logging.getLogger("flanneld")
 
@@ -91,7 +91,7 @@ def start(registry: Registry, kernel: Kernel, s: StartSettings, metrics: Metrics
         previous = subnetenv.read(s.overlay.subnet_file)
     except subnetenv.SubnetEnvError as exc:
         log.warning("ignoring unreadable subnet file: %s", exc)
-    devices: dict[str, Device] = {}  # filled below; the recognizer reads it when acquiring
+    devices: dict[str, ObservedLink] = {}  # filled below; the recognizer reads it when acquiring
     leases = LeaseManager(registry, config, s.overlay.prefix, ttl=s.lease_ttl, renew_margin=s.renew_margin_seconds,
                           previous=previous, recognizes=lambda lease: backend.published_by_us(lease, devices))
 

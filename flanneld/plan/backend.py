@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from flanneld.model.config import BackendConfig, ConfigError, NetworkConfig
 from flanneld.model.lease import Lease, LeaseAttrs
-from flanneld.plan.state import DesiredState, Device, Fdb, LinkSpec, Neigh, ObservedLink, Route, WgPeer, sorted_cidrs
+from flanneld.plan.state import DesiredState, Fdb, LinkSpec, Neigh, ObservedLink, Route, WgPeer, sorted_cidrs
 
 
 @dataclass(frozen=True)
@@ -161,10 +161,10 @@ class Backend(Protocol):
     def mtu(self) -> int:
         """FLANNEL_MTU for pods."""
 
-    def lease_attrs(self, devices: Mapping[str, Device]) -> LeaseAttrs:
+    def lease_attrs(self, devices: Mapping[str, ObservedLink]) -> LeaseAttrs:
         """What we publish in our lease, given our devices as they exist."""
 
-    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
+    def published_by_us(self, lease: Lease, devices: Mapping[str, ObservedLink]) -> bool:
         """Whether a lease with another public IP was written by this node (its address changed)."""
 
     def base_state(self, own: Lease) -> DesiredState:
@@ -200,7 +200,7 @@ class BackendBase:
     def links(self) -> tuple[LinkSpec, ...]:
         return ()
 
-    def published_by_us(self, lease: Lease, devices: Mapping[str, Device]) -> bool:
+    def published_by_us(self, lease: Lease, devices: Mapping[str, ObservedLink]) -> bool:
         return False  # nothing but the public address identifies a node
 
     def device_problems(self, spec: LinkSpec, link: ObservedLink, own: Lease) -> tuple[list[str], str]:

@@ -37,27 +37,20 @@ class LinkSpec(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class Device:
-    """A device as it exists in the kernel: what a backend may publish about it (e.g. its MAC)."""
-
-    name: str
-    index: int
-    mac: str | None
-
-
-@dataclass(frozen=True)
 class ObservedLink:
-    """A device as an independent reader (flannelctl doctor, via pyroute2) saw it.
+    """A device as it exists in the kernel: the one type for it, whoever read it (the daemon's netlink
+    codec, flannelctl doctor through pyroute2). A backend publishes from it (its MAC), the device
+    handlers judge whether an existing device can be adopted, doctor checks it.
 
-    ``data`` holds its kind's attributes under their netlink names (``IFLA_VXLAN_ID`` ...), so the
-    reader needs to know no kind and each backend checks its own.
+    ``data`` holds its kind's attributes under their netlink names (``IFLA_VXLAN_ID`` ...), as
+    pyroute2 names them, so a reader needs to know no kind and each kind checks its own.
     """
 
     name: str
     index: int
-    kind: str
+    kind: str | None
     mtu: int
-    mac: str
+    mac: str | None
     up: bool
     data: Mapping[str, Any] = field(default_factory=dict)
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from flanneld.dataplane import nlcodec as nl
-from flanneld.dataplane.netlink import KernelError, LinkInfo, WriteFailure
+from flanneld.dataplane.netlink import KernelError, WriteFailure
 from flanneld.etcd.client import KeyValue
-from flanneld.plan.state import VxlanLink, WgPeer
+from flanneld.plan.state import ObservedLink, VxlanLink, WgPeer
 
 
 class FakeBulk:
@@ -88,25 +88,27 @@ class FakeBulk:
 @dataclass
 class FakeKernel:
     bulk: FakeBulk = field(default_factory=FakeBulk)
-    links_by_name: dict[str, LinkInfo] = field(default_factory=dict)
+    links_by_name: dict[str, ObservedLink] = field(default_factory=dict)
     addrs: dict[int, set[tuple[str, int]]] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
     tx_csum: dict[str, bool] = field(default_factory=dict)
     _next_index: int = 10
 
     def add_plain(self, name: str, index: int, mtu: int = 1500) -> None:
-        self.links_by_name[name] = LinkInfo(index, name, None, mtu, True, "02:00:00:00:00:01", None)
+        self.links_by_name[name] = ObservedLink(name, index, None, mtu, "02:00:00:00:00:01", True)
 
-    def link(self, name: str) -> LinkInfo | None:
+    def link(self, name: str) -> ObservedLink | None:
         return self.links_by_name.get(name)
 
-    def create_vxlan(self, spec: VxlanLink, underlay_index: int, mac: str | None) -> LinkInfo:
+    def create_vxlan(self, spec: VxlanLink, underlay_index: int, mac: str | None) -> ObservedLink:
         if spec.name in self.links_by_name:
             raise KernelError(f"creating VXLAN device {spec.name}: File exists", 17)
         self._next_index += 1
-        info = nl.VxlanInfo(spec.vni, underlay_index, nl.ip_bytes(spec.local), spec.port or 8472, spec.learning,
-                            spec.gbp)
-        link = LinkInfo(self._next_index, spec.name, "vxlan", 1500, False, mac, info)
+        local = "IFLA_VXLAN_LOCAL6" if ":" in spec.local else "IFLA_VXLAN_LOCAL"
+        data = {"IFLA_VXLAN_ID": spec.vni, "IFLA_VXLAN_LINK": underlay_index, local: spec.local,
+                "IFLA_VXLAN_PORT": spec.port or 8472, "IFLA_VXLAN_LEARNING": int(spec.learning),
+                **({"IFLA_VXLAN_GBP": True} if spec.gbp else {})}
+        link = ObservedLink(spec.name, self._next_index, "vxlan", 1500, mac, False, data)
         self.links_by_name[spec.name] = link
         self.tx_csum[spec.name] = True
         return link

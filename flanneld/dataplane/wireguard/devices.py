@@ -15,11 +15,11 @@ import subprocess
 from collections.abc import Sequence
 from typing import Protocol
 
-from flanneld.dataplane.netlink import Kernel, KernelError, LinkInfo, WriteFailure
+from flanneld.dataplane.netlink import Kernel, KernelError, WriteFailure
 from flanneld.dataplane.wireguard.genl import GenlClient
 from flanneld.dataplane.wireguard.uapi import DeviceState, PeerChange, UapiClient, UapiError
 from flanneld.model.wgkeys import Key
-from flanneld.plan.state import WgPeer, WireguardLink
+from flanneld.plan.state import ObservedLink, WgPeer, WireguardLink
 
 log = logging.getLogger("flanneld.dataplane.devices")  # one logger for every device kind's handler
 
@@ -93,10 +93,10 @@ class WireguardDevices:
     kind = "wireguard"
 
     @staticmethod
-    def control(link: LinkInfo | None, name: str) -> _Control:
+    def control(link: ObservedLink | None, name: str) -> _Control:
         return _Kernel(name) if link is not None and link.kind == "wireguard" else _Userspace(name)
 
-    def incompatible(self, link: LinkInfo, spec: WireguardLink, underlay_index: int) -> str:
+    def incompatible(self, link: ObservedLink, spec: WireguardLink, underlay_index: int) -> str:
         if link.kind == "wireguard":
             return "it is a kernel WireGuard device, but --wireguard-provider=userspace" \
                 if spec.provider == "userspace" else ""
@@ -106,8 +106,8 @@ class WireguardDevices:
             return "" if UapiClient(spec.name).alive() else "it is a tun device no wireguard-go process serves"
         return f"it is a {link.kind or 'plain'} device, not WireGuard"
 
-    def create(self, kernel: Kernel, spec: WireguardLink, underlay_index: int, replaced: LinkInfo | None
-               ) -> LinkInfo:
+    def create(self, kernel: Kernel, spec: WireguardLink, underlay_index: int, replaced: ObservedLink | None
+               ) -> ObservedLink:
         if spec.provider != "userspace":
             try:
                 link = kernel.create_plain_link(spec.name, spec.mtu, "wireguard")
@@ -120,7 +120,7 @@ class WireguardDevices:
                 return link
         return self._start_userspace(kernel, spec)
 
-    def _start_userspace(self, kernel: Kernel, spec: WireguardLink) -> LinkInfo:
+    def _start_userspace(self, kernel: Kernel, spec: WireguardLink) -> ObservedLink:
         binary = wireguard_go()
         if binary is None:
             raise KernelError(f"cannot create WireGuard device {spec.name}: the kernel has no WireGuard module "
@@ -143,7 +143,7 @@ class WireguardDevices:
         log.info("started wireguard-go for %s (MTU %d)", spec.name, spec.mtu)
         return link
 
-    def settle(self, kernel: Kernel, spec: WireguardLink, link: LinkInfo) -> None:
+    def settle(self, kernel: Kernel, spec: WireguardLink, link: ObservedLink) -> None:
         control = self.control(link, spec.name)
         state = control.get()
         if state.private_key != spec.private_key or state.listen_port != spec.listen_port:

@@ -9,7 +9,7 @@ from flanneld.backends.vxlan import VxlanBackend, VxlanOptions
 from flanneld.model.config import ConfigError, parse_config
 from flanneld.model.lease import LeaseAttrs, backend_json
 from flanneld.plan.backend import External, validate_backend
-from flanneld.plan.state import Address, Device, Fdb, Neigh, Route
+from flanneld.plan.state import Address, Fdb, Neigh, ObservedLink, Route
 from tests.unit.underlay import EXT
 
 A = ipaddress.ip_address
@@ -54,7 +54,7 @@ def test_peer_backend_data_in_another_case_is_programmed():
 
 def test_lease_attrs_publish_vtep_mac_and_mtu():
     be = backend()
-    attrs = be.lease_attrs({"flannel.1": Device("flannel.1", 5, "0e:aa:00:00:00:01")})
+    attrs = be.lease_attrs({"flannel.1": ObservedLink("flannel.1", 5, "vxlan", 1450, "0e:aa:00:00:00:01", True)})
     assert attrs.backend_type == "vxlan" and attrs.backend_data == '{"VNI":1,"VtepMAC":"0e:aa:00:00:00:01"}'
     assert str(attrs.public_ip) == "198.51.100.11" and attrs.public_ipv6 is None
     assert be.mtu() == 1450

@@ -9,7 +9,7 @@ from flanneld.ctl import doctor
 from flanneld.dataplane.firewall import FamilyRules, FirewallSpec, iptables_rules
 from flanneld.model.config import parse_config
 from flanneld.model.subnetenv import SubnetEnv
-from flanneld.plan.state import Fdb, Neigh, Route
+from flanneld.plan.state import Fdb, Neigh, ObservedLink, Route
 from tests.unit.listings import listing
 
 CONFIG = parse_config('{"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}')
@@ -33,8 +33,8 @@ def firewall_listing(masq: bool = False, random_fully: bool = True) -> dict[str,
 
 
 def healthy_kernel() -> doctor.KernelView:
-    eth = doctor.LinkView("eth0", 2, "veth", 1500, "02:00:00:00:00:0b", True)
-    vxlan = doctor.LinkView("flannel.1", 5, "vxlan", 1450, OWN_MAC, True,
+    eth = ObservedLink("eth0", 2, "veth", 1500, "02:00:00:00:00:0b", True)
+    vxlan = ObservedLink("flannel.1", 5, "vxlan", 1450, OWN_MAC, True,
                             {"IFLA_VXLAN_ID": 1, "IFLA_VXLAN_LOCAL": "198.51.100.11", "IFLA_VXLAN_LINK": 2,
                              "IFLA_VXLAN_PORT": 8472})
     return doctor.KernelView(

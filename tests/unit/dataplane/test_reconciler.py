@@ -92,7 +92,7 @@ def test_an_incompatible_device_is_recreated_with_its_mac():
     report = rec.reconcile(desired(peer(2), links=(other,)))
     new = kernel.link("flannel.1")
     assert report.created == ["flannel.1"] and new.index != old.index and new.mac == old.mac
-    assert new.vxlan.vni == 7 and "198.18.2.0/24" in routes(kernel)  # tables replayed on the new device
+    assert new.data["IFLA_VXLAN_ID"] == 7 and "198.18.2.0/24" in routes(kernel)  # tables replayed on the new device
 
 
 def test_failed_writes_are_reported_per_entry():

@@ -22,7 +22,7 @@ from flanneld.model.lease import leases_prefix
 from flanneld.node.metrics import Metrics, parse
 from flanneld.node.overlay import Overlay, OverlaySettings
 from flanneld.plan.backend import External, NodeSettings, create_backend, published_addresses
-from flanneld.plan.state import Device
+from flanneld.plan.state import ObservedLink
 from tests.unit.fakes import FakeKernel, FakeRegistry
 
 A = ipaddress.ip_address
@@ -257,7 +257,7 @@ def test_a_start_lists_once_when_its_lease_is_unchanged_and_again_after_writing(
     lease lists again, so being ready still covers every lease that existed before ours."""
     registry = FakeRegistry()
     backend = create_backend(CONFIG, EXT, NodeSettings())
-    attrs = backend.lease_attrs({"flannel.1": Device("flannel.1", 5, "0e:aa:00:00:00:01")})
+    attrs = backend.lease_attrs({"flannel.1": ObservedLink("flannel.1", 5, "vxlan", 1450, "0e:aa:00:00:00:01", True)})
     first = LeaseManager(registry, CONFIG, PREFIX)  # type: ignore[arg-type]
     assert first.find_own(published_addresses(CONFIG, EXT)) is None
     first.acquire(attrs)
