@@ -5,8 +5,9 @@ with the watch stream driven directly through the generated stub so that resumpt
 revision and compaction are under our control. Endpoints get a short ``time_retry`` so that one
 failed call does not blacklist an endpoint for minutes.
 
-Every failure surfaces as :class:`~flanneld.etcd.errors.RegistryError` with a one-line reason; the password is never
-part of a message, a log line or a repr."""
+Every failure surfaces as :class:`~flanneld.etcd.errors.RegistryError` with a one-line reason;
+the password is never part of a message, a log line or a repr.
+"""
 
 from __future__ import annotations
 

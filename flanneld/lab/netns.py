@@ -18,6 +18,10 @@ import sys
 import time
 from collections.abc import Sequence
 
+__all__ = ["CTL_IP", "OUTSIDE", "OUTSIDE_HOST_IP", "REMOTE_GW", "REMOTE_NET", "ROUTER_IP", "STATE_DIR", "UNDERLAY",
+           "UNDERLAY6", "LabError", "cleanup", "cleanup_stale", "enter_namespace", "free_port", "ip", "ipbatch",
+           "list_namespaces", "new_prefix", "sh", "tail", "tool"]
+
 STATE_DIR = "/run/flanneld-lab"
 UNDERLAY = "198.51.100"
 UNDERLAY6 = "2001:db8:51"

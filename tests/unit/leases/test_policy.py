@@ -8,22 +8,7 @@ import pytest
 
 from flanneld.leases import policy
 from flanneld.model.config import parse_config
-from tests.unit.listings import listing
-
-V4 = parse_config('{"Network": "198.18.0.0/16", "SubnetMin": "198.18.1.0", "SubnetMax": "198.18.200.0"}')
-DUAL = parse_config('{"Network": "198.18.0.0/16", "EnableIPv6": true, "IPv6Network": "2001:db8:1800::/56"}')
-
-
-def value(public: str, mac: str, extra: str = "") -> str:
-    return (f'{{"PublicIP":"{public}","PublicIPv6":null,"BackendType":"vxlan",'
-            f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}{extra}}}')
-
-
-LISTING = listing(
-    ("198.18.9.0-24", value("198.51.100.19", "0e:00:00:00:00:09"), 0x9),
-    ("198.18.2.0-24", value("198.51.100.12", "0e:00:00:00:00:02", ',"Future":{"a":1}'), 0x2),
-    ("198.18.5.0-24", value("198.51.100.15", "0e:00:00:00:00:05"), 0),
-)
+from tests.unit.listings import LISTING, V4
 
 
 @pytest.mark.parametrize(("subnet", "public", "why"), [
