@@ -25,7 +25,7 @@ import time
 from benchlib import etcd_in_namespace
 
 from flanneld import lab
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.model.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
 
@@ -99,7 +99,7 @@ def baseline_ip_batch(node: lab.Node, n: int, backend: str) -> float:
 
 
 def run_size(n: int, churn: int, endpoint: str, tag: int, backend: str) -> dict[str, float]:
-    reg = Registry(EtcdOptions(endpoints=(endpoint,), prefix=PREFIX))
+    reg = EtcdClient(EtcdOptions(endpoints=(endpoint,), prefix=PREFIX))
     reg.put(PREFIX + "/config", json.dumps({**CONFIG, "Backend": {"Type": backend}}).encode())
     head = leases_prefix(PREFIX)
     for key, _ in [(kv.key, 0) for kv in reg.list_prefix(head)[1]]:

@@ -27,9 +27,9 @@ import h2_library
 from benchlib import etcd_in_namespace, report
 
 from flanneld import lab
-from flanneld.etcd import client as registry
+from flanneld.etcd import client as etcd_client
 from flanneld.etcd import h2_unary
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.model.lease import leases_prefix
 
@@ -38,7 +38,7 @@ CONFIG = {"Network": "198.18.0.0/16", "SubnetLen": 30, "Backend": {"Type": "vxla
 BUDGET_S = 1.0
 
 
-def load(reg: Registry, count: int) -> list[int]:
+def load(reg: EtcdClient, count: int) -> list[int]:
     head = leases_prefix(PREFIX)
     reg.put(PREFIX + "/config", json.dumps(CONFIG).encode())
     ids = []
@@ -65,7 +65,7 @@ def timed(argv: list[str], env: dict[str, str], runs: int, lines: int) -> float:
     return statistics.median(samples)
 
 
-def ttl_lookup(reg: Registry, ids: list[int], runs: int) -> float:
+def ttl_lookup(reg: EtcdClient, ids: list[int], runs: int) -> float:
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -83,7 +83,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with etcd_in_namespace("bench") as (server, _ctl_ns):
-        reg = Registry(EtcdOptions(endpoints=(server.endpoint,), prefix=PREFIX))
+        reg = EtcdClient(EtcdOptions(endpoints=(server.endpoint,), prefix=PREFIX))
         ids = load(reg, args.leases)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FLANNELCTL_ETCD_ENDPOINTS": server.endpoint,
                "FLANNELCTL_ETCD_PREFIX": PREFIX, "ETCDCTL_API": "3"}
@@ -108,7 +108,7 @@ def main() -> int:
             raise SystemExit("the h2-library lookup left calls unanswered (the timing would be grpcio's)")
         pipelined_h2lib_s = ttl_lookup(reg, ids, args.runs)
         h2_unary.call_many = own_call_many
-        registry.PIPELINE_MIN_CALLS = len(ids) + 1  # the same lookup through grpcio alone
+        etcd_client.PIPELINE_MIN_CALLS = len(ids) + 1  # the same lookup through grpcio alone
         grpcio_s = ttl_lookup(reg, ids, args.runs)
         reg.close()
 

@@ -28,7 +28,7 @@ import time
 from benchlib import etcd_in_namespace, report
 
 from flanneld import lab
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.model.subnetenv import read
 
@@ -137,7 +137,7 @@ class Setup:
 
 
 def run_backend(backend: str, ctl: str, endpoint: str, seconds: float, repeat: int, tag: int) -> dict[str, float]:
-    reg = Registry(EtcdOptions(endpoints=(endpoint.replace(lab.CTL_IP, "127.0.0.1"),), prefix=PREFIX))
+    reg = EtcdClient(EtcdOptions(endpoints=(endpoint.replace(lab.CTL_IP, "127.0.0.1"),), prefix=PREFIX))
     reg.put(PREFIX + "/config", json.dumps({"Network": "198.18.0.0/16", "Backend": {"Type": backend}}).encode())
     reg.close()
     ours = Setup(ctl, f"o{tag}", backend, True, endpoint)

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from benchlib import etcd_in_namespace, report
 
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.leases.manager import LeaseManager
 from flanneld.leases.watcher import LeaseWatcher
@@ -48,7 +48,7 @@ def bench_acquire(endpoint: str, nodes: int, workers: int) -> dict[str, float]:
 
     def acquire(n: int) -> float:
         if not hasattr(local, "reg"):
-            local.reg = Registry(EtcdOptions(endpoints=(endpoint,), prefix=PREFIX))
+            local.reg = EtcdClient(EtcdOptions(endpoints=(endpoint,), prefix=PREFIX))
         start = time.perf_counter()
         LeaseManager(local.reg, cfg, PREFIX, rng=random.Random(n)).acquire(attrs(n))
         return time.perf_counter() - start
@@ -60,7 +60,7 @@ def bench_acquire(endpoint: str, nodes: int, workers: int) -> dict[str, float]:
     return {"total_s": total, "p50_ms": pct(durations, 0.5) * 1e3, "p99_ms": pct(durations, 0.99) * 1e3}
 
 
-def bench_watch(reg: Registry, events: int) -> tuple[list[float], list[float]]:
+def bench_watch(reg: EtcdClient, events: int) -> tuple[list[float], list[float]]:
     """Latency from put() returning to the watcher delivering the event; and bare put latency."""
     watcher = LeaseWatcher(reg, PREFIX)
     watcher.resync()
@@ -105,7 +105,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with etcd_in_namespace("bench") as (server, _ctl_ns):
-        reg = Registry(EtcdOptions(endpoints=(server.endpoint,), prefix=PREFIX))
+        reg = EtcdClient(EtcdOptions(endpoints=(server.endpoint,), prefix=PREFIX))
         reg.put(PREFIX + "/config", json.dumps(CONFIG).encode())
         acquire = bench_acquire(server.endpoint, args.nodes, args.workers)
         latencies, puts = bench_watch(reg, args.events)

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from benchlib import report
 
 from flanneld import lab
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.lab.probes import Pinger
 from flanneld.model.lease import LeaseAttrs, backend_json, encode_value, leases_prefix
@@ -151,10 +151,10 @@ FLOOR_CLIENT = """
 import http.server, sys
 import prometheus_client
 from flanneld.etcd.options import EtcdOptions
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 _, endpoints, prefix, head = sys.argv
-registry = Registry(EtcdOptions(endpoints=tuple(endpoints.split(",")), prefix=prefix))
-revision, kvs = registry.list_prefix(head, serializable=True)
+etcd_client = EtcdClient(EtcdOptions(endpoints=tuple(endpoints.split(",")), prefix=prefix))
+revision, kvs = etcd_client.list_prefix(head, serializable=True)
 sys.exit(0 if kvs else 1)
 """
 
@@ -229,7 +229,7 @@ class Programmed:
         return self.seen[node.ns][subnet]
 
 
-def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: lab.EtcdProxy, reg: Registry,
+def run_mode(mode: str, nodes: list[lab.Node], members: lab.EtcdCluster, proxy: lab.EtcdProxy, reg: EtcdClient,
              puts: int, first_put: int, pods: tuple[lab.Pod, lab.Pod] | None) -> dict[str, float]:
     endpoint = proxy.endpoint_for(lab.CTL_IP) if mode == "proxy" else members.endpoint_for(lab.CTL_IP)
     etcd_pids = [m.proc.pid for m in members.members if m.proc is not None]
@@ -335,7 +335,7 @@ def main() -> int:
         proxy = lab.EtcdProxy(members)
         proxy.start()
         try:
-            reg = Registry(EtcdOptions(endpoints=members.endpoints, prefix=PREFIX))
+            reg = EtcdClient(EtcdOptions(endpoints=members.endpoints, prefix=PREFIX))
             reg.put(PREFIX + "/config", json.dumps(CONFIG).encode())
             head = leases_prefix(PREFIX)
             for n in range(args.leases):

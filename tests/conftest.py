@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from flanneld import lab
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 
 IS_ROOT = os.geteuid() == 0
@@ -67,9 +67,9 @@ def etcd_prefix() -> str:
 
 
 @pytest.fixture
-def registry(etcd: lab.EtcdServer, etcd_prefix: str):
-    """A registry on the session etcd; etcd leases the test created are revoked afterwards."""
-    reg = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=etcd_prefix))
+def etcd_client(etcd: lab.EtcdServer, etcd_prefix: str):
+    """A etcd_client on the session etcd; etcd leases the test created are revoked afterwards."""
+    reg = EtcdClient(EtcdOptions(endpoints=(etcd.endpoint,), prefix=etcd_prefix))
     before = etcd.lease_ids()
     yield reg
     for lease_id in etcd.lease_ids() - before:

@@ -1,7 +1,7 @@
 """``flannelctl``: read the cluster's subnet leases and change them safely.
 
 Thin wiring: what is shown and what is allowed lives in ``ctl_views`` (pure), the node check in
-``doctor``; etcd is reached through ``registry`` with flanneld's own connection flags.
+``doctor``; etcd is reached through ``etcd_client`` with flanneld's own connection flags.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flanneld.flags import etcd_flags_with_env, etcd_options, flag
 from flanneld.model import subnetenv
 
 if TYPE_CHECKING:  # imported where used: `flannelctl --help` loads no etcd, lease or config code
-    from flanneld.etcd.client import KeyValue, Registry
+    from flanneld.etcd.client import EtcdClient, KeyValue
     from flanneld.leases.listing import Listed, Listing
     from flanneld.leases.watcher import LeaseEvent
     from flanneld.model.config import NetworkConfig
@@ -65,32 +65,32 @@ def styled(text: str, **style: Any) -> str:
 
 
 class Context:
-    """Per-invocation state: the connection options and a lazily opened registry."""
+    """Per-invocation state: the connection options and a lazily opened etcd client."""
 
     def __init__(self, options: EtcdOptions) -> None:
         self.options = options
-        self._registry: Registry | None = None
+        self._etcd_client: EtcdClient | None = None
 
     @property
     def prefix(self) -> str:
         return self.options.prefix
 
     @property
-    def registry(self) -> Registry:
-        if self._registry is None:
-            from flanneld.etcd.client import Registry
+    def etcd_client(self) -> EtcdClient:
+        if self._etcd_client is None:
+            from flanneld.etcd.client import EtcdClient
 
-            self._registry = Registry(self.options)
-        return self._registry
+            self._etcd_client = EtcdClient(self.options)
+        return self._etcd_client
 
     def close(self) -> None:
-        if self._registry is not None:
-            self._registry.close()
+        if self._etcd_client is not None:
+            self._etcd_client.close()
 
     def listing(self) -> Listing:
         from flanneld.leases.listing import list_leases
 
-        return self._warn_junk(list_leases(self.registry, self.prefix))
+        return self._warn_junk(list_leases(self.etcd_client, self.prefix))
 
     def listing_and_ttls(self) -> tuple[Listing, dict[int, int]]:
         """The listing and the TTL of every live lease in it.
@@ -102,10 +102,10 @@ class Context:
         from flanneld.leases.listing import decode_listing
         from flanneld.model.lease import leases_prefix
 
-        revision, kvs = self.registry.list_prefix(leases_prefix(self.prefix))
+        revision, kvs = self.etcd_client.list_prefix(leases_prefix(self.prefix))
         ids = [kv.lease_id for kv in kvs if kv.lease_id]
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(self.registry.time_to_live_many, ids) if ids else None
+            pending = pool.submit(self.etcd_client.time_to_live_many, ids) if ids else None
             listing = self._warn_junk(decode_listing(self.prefix, revision, kvs))
             return listing, (pending.result() if pending is not None else {})
 
@@ -117,11 +117,11 @@ class Context:
 
     def ttls(self, listing: Listing, only: Sequence[Listed] | None = None) -> dict[int, int]:
         ids = [li.kv.lease_id for li in (only if only is not None else listing.leases.values()) if li.kv.lease_id]
-        return self.registry.time_to_live_many(ids) if ids else {}
+        return self.etcd_client.time_to_live_many(ids) if ids else {}
 
     def stored_config(self, why: str = "") -> KeyValue:
         """The config's KeyValue as stored (not validated); CtlError when there is none."""
-        kv = self.registry.get(f"{self.prefix}/config")
+        kv = self.etcd_client.get(f"{self.prefix}/config")
         if kv is None:
             fail(f"no network config at {self.prefix}/config{why}")
         return kv
@@ -148,13 +148,13 @@ class CtlGroup(click.Group):
     """Turns every expected failure into one line on stderr and a non-zero exit."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from flanneld.etcd.errors import RegistryError
+        from flanneld.etcd.errors import EtcdError
         from flanneld.model.config import ConfigError
         from flanneld.model.subnetenv import SubnetEnvError
 
         try:
             return super().invoke(ctx)
-        except (CtlError, RegistryError, ConfigError, SubnetEnvError, OSError) as exc:
+        except (CtlError, EtcdError, ConfigError, SubnetEnvError, OSError) as exc:
             click.echo(f"flannelctl: error: {exc}", err=True)
             ctx.exit(1)
         finally:
@@ -186,9 +186,9 @@ def _complete_subnets(ctx: click.Context, _param: click.Parameter, incomplete: s
     try:
         from flanneld.leases.listing import list_leases
 
-        session = Context(etcd_options(dict(root.params)))  # its registry keeps gRPC's logging quiet
+        session = Context(etcd_options(dict(root.params)))  # its etcd client keeps gRPC's logging quiet
         try:
-            listing = list_leases(session.registry, session.prefix)
+            listing = list_leases(session.etcd_client, session.prefix)
         finally:
             session.close()
     except Exception:  # completion must never print a traceback into the shell
@@ -285,7 +285,7 @@ def subnets_watch(obj: Context, output: str, snapshot: bool) -> None:
     """Print lease additions, changes and removals as they happen, until Ctrl-C."""
     from flanneld.leases.watcher import LeaseEvent, LeaseWatcher
 
-    watcher = LeaseWatcher(obj.registry, obj.prefix)
+    watcher = LeaseWatcher(obj.etcd_client, obj.prefix)
     events: queue.Queue[list[LeaseEvent]] = queue.Queue()
     initial = watcher.resync()
     if snapshot:
@@ -374,7 +374,7 @@ def subnets_reserve(obj: Context, subnet: str, public_ip: str, ipv6_subnet: str,
             if why:
                 fail(f"refused: {why}")
     lease = Lease(net, net6, ip or UNSET_V4, ip6)  # type: ignore[arg-type]
-    if not reserve(obj.registry, obj.prefix, lease, listing.revision):
+    if not reserve(obj.etcd_client, obj.prefix, lease, listing.revision):
         fail("refused: the leases changed while checking (another node or operator); run it again")
     click.echo(f"reserved {lease.describe()} for {ip or ip6}" + (f" / {ip6}" if ip and ip6 else "")
                + f" (key {leases_prefix(obj.prefix)}{lease.key})")
@@ -401,7 +401,7 @@ def subnets_release(obj: Context, subnet: str, force: bool) -> None:
     if not listed.reserved and not force:
         fail(f"refused: {listed.lease.key} is a live lease of {listed.lease.public_ip}, not a reservation "
              "(its node would re-acquire a subnet; --force to delete it anyway)")
-    if not release(obj.registry, listed):
+    if not release(obj.etcd_client, listed):
         fail(f"refused: {listed.lease.key} changed while checking; run it again")
     click.echo(f"released {'reservation' if listed.reserved else 'lease'} {listed.lease.describe()}")
 
@@ -471,7 +471,7 @@ def config_set(obj: Context, file: str, force: bool, dry_run: bool) -> None:
     text = _read_file(file).strip()
     new = _parse(text)
     key = f"{obj.prefix}/config"
-    kv = obj.registry.get(key)
+    kv = obj.etcd_client.get(key)
     old_text = kv.value.decode("utf-8", "replace").strip() if kv is not None else ""
     try:
         old = parse_config(old_text) if kv is not None else None
@@ -495,7 +495,7 @@ def config_set(obj: Context, file: str, force: bool, dry_run: bool) -> None:
     if dry_run:
         click.echo(f"dry run: valid ({ctl_views.describe_config(new)}), nothing written")
         return
-    if not obj.registry.txn([unchanged(key, kv.mod_revision if kv is not None else 0)], [(key, text.encode(), 0)]):
+    if not obj.etcd_client.txn([unchanged(key, kv.mod_revision if kv is not None else 0)], [(key, text.encode(), 0)]):
         fail("the config changed in etcd while this ran; run it again to see the new diff")
     click.echo(f"config written: {ctl_views.describe_config(new)}")
 

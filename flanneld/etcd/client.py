@@ -5,7 +5,7 @@ with the watch stream driven directly through the generated stub so that resumpt
 revision and compaction are under our control. Endpoints get a short ``time_retry`` so that one
 failed call does not blacklist an endpoint for minutes.
 
-Every failure surfaces as :class:`~flanneld.etcd.errors.RegistryError` with a one-line reason;
+Every failure surfaces as :class:`~flanneld.etcd.errors.EtcdError` with a one-line reason;
 the password is never part of a message, a log line or a repr.
 """
 
@@ -28,7 +28,7 @@ from pyetcd import exceptions as etcd_exc
 from flanneld.etcd import h2_unary
 from flanneld.etcd.errors import (
     Compacted,
-    RegistryError,
+    EtcdError,
     describe_error,
     is_auth_expired,
     is_unreachable,
@@ -133,23 +133,23 @@ def _kv(kv: Any) -> KeyValue:
                     kv.create_revision, kv.version, kv.lease)
 
 
-class Registry:
+class EtcdClient:
     """A connection to etcd with the handful of operations flannel needs."""
 
     def __init__(self, options: EtcdOptions) -> None:
         self.options = options
         if not options.endpoints:
-            raise RegistryError("no etcd endpoints given")
+            raise EtcdError("no etcd endpoints given")
         try:
             self._endpoints = [parse_endpoint(e) for e in options.endpoints]
         except EndpointError as exc:
-            raise RegistryError(str(exc)) from None
+            raise EtcdError(str(exc)) from None
         if bool(options.certfile) != bool(options.keyfile):
-            raise RegistryError("--etcd-certfile and --etcd-keyfile must be given together")
+            raise EtcdError("--etcd-certfile and --etcd-keyfile must be given together")
         wants_tls = bool(options.cafile or options.certfile)
         secure = {s for _, _, s in self._endpoints}
         if wants_tls and False in secure:
-            raise RegistryError(
+            raise EtcdError(
                 "etcd TLS files were given but an endpoint uses http://; use https:// endpoints"
             )
         self._creds = None
@@ -163,7 +163,7 @@ class Registry:
             # grpcio only finds out at the first handshake, and then says "connection failed"
             self._tls_context = checked_tls_context(options)
         if bool(options.username) != bool(options.password):
-            raise RegistryError("--etcd-username and --etcd-password must be given together")
+            raise EtcdError("--etcd-username and --etcd-password must be given together")
         self._lock = threading.Lock()
         self._client: pyetcd.MultiEndpointEtcd3Client | None = None
 
@@ -197,7 +197,7 @@ class Registry:
         except Exception as exc:
             for ep in endpoints:
                 ep.close()
-            raise RegistryError(f"cannot connect to etcd at {','.join(self.options.endpoints)}: "
+            raise EtcdError(f"cannot connect to etcd at {','.join(self.options.endpoints)}: "
                                 f"{self._explain(exc)}") from None
         # The token travels as plain metadata, as etcdctl sends it. pyetcd also wraps it in gRPC
         # call credentials, which grpcio refuses on an http:// channel ("does not have a sufficient
@@ -226,7 +226,7 @@ class Registry:
             client = self._get_client()
             try:
                 return fn(client)
-            except RegistryError:
+            except EtcdError:
                 raise
             except Exception as exc:
                 if not reauthenticated and is_auth_expired(exc):
@@ -241,7 +241,7 @@ class Registry:
                         client._clear_old_stubs()
                     log.info("etcd %s: endpoint unreachable (%s), trying another", what, describe_error(exc))
                     continue
-                raise RegistryError(f"etcd {what} failed: {self._explain(exc)}") from None
+                raise EtcdError(f"etcd {what} failed: {self._explain(exc)}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -369,7 +369,7 @@ class Registry:
     def healthy(self) -> bool:
         try:
             self._call("status", lambda c: c.status())
-        except RegistryError:
+        except EtcdError:
             return False
         return True
 
@@ -382,13 +382,13 @@ class Registry:
 class Watch:
     """A watch stream on a key prefix from a revision; iterate for batches, cancel() to stop.
 
-    Iteration raises Compacted when the start revision is gone and RegistryError when the
+    Iteration raises Compacted when the start revision is gone and EtcdError when the
     stream breaks; the caller decides how to resume.
     """
 
-    def __init__(self, registry: Registry, client: pyetcd.MultiEndpointEtcd3Client, prefix: str,
+    def __init__(self, etcd_client: EtcdClient, client: pyetcd.MultiEndpointEtcd3Client, prefix: str,
                  start_revision: int) -> None:
-        self._registry = registry
+        self._etcd_client = etcd_client
         self._client = client
         self._requests: queue.Queue[Any] = queue.Queue()
         self._cancelled = False
@@ -409,8 +409,8 @@ class Watch:
                 if resp.canceled:
                     if token_rejected(resp.cancel_reason):
                         # etcd forgot our token (e.g. it restarted): the next watch logs in afresh
-                        self._registry._reset_client(self._client)
-                    raise RegistryError(f"etcd canceled the watch: {resp.cancel_reason or 'no reason given'}")
+                        self._etcd_client._reset_client(self._client)
+                    raise EtcdError(f"etcd canceled the watch: {resp.cancel_reason or 'no reason given'}")
                 events = [WatchEvent(ev.type == ev.DELETE, _kv(ev.kv)) for ev in resp.events]
                 yield WatchBatch(resp.header.revision, events, resp.created)
         except grpc.RpcError as exc:
@@ -421,8 +421,8 @@ class Watch:
                 if endpoint is not None:
                     endpoint.fail()
             if is_auth_expired(exc):
-                self._registry._reset_client(self._client)
-            raise RegistryError(f"etcd watch broke: {describe_error(exc)}") from None
+                self._etcd_client._reset_client(self._client)
+            raise EtcdError(f"etcd watch broke: {describe_error(exc)}") from None
         finally:
             self._requests.put(None)
 

@@ -1,4 +1,4 @@
-"""etcd's failures, classified and put in words: every caller sees RegistryError with one line.
+"""etcd's failures, classified and put in words: every caller sees EtcdError with one line.
 
 Which failures mean "try the next endpoint" (unreachable) or "log in again" (the token etcd
 forgot) is decided here, once, for every call and the watch.
@@ -10,11 +10,11 @@ import grpc
 from pyetcd import exceptions as etcd_exc
 
 
-class RegistryError(Exception):
+class EtcdError(Exception):
     """An etcd operation failed; the message says which and why (never with secrets)."""
 
 
-class Compacted(RegistryError):
+class Compacted(EtcdError):
     """The watch start revision is older than etcd's compaction horizon."""
 
     def __init__(self, compact_revision: int) -> None:

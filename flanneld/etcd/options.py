@@ -1,6 +1,6 @@
 """How to reach etcd: the connection flags flanneld and flannelctl share.
 
-Kept apart from the registry so that parsing flags (and --help, --version) does not load gRPC.
+Kept apart from the etcd client so that parsing flags (and --help, --version) does not load gRPC.
 """
 
 from __future__ import annotations

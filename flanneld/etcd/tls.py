@@ -10,7 +10,7 @@ import socket
 import ssl
 
 from flanneld.etcd import h2_unary
-from flanneld.etcd.errors import RegistryError
+from flanneld.etcd.errors import EtcdError
 from flanneld.etcd.options import EtcdOptions
 
 
@@ -19,22 +19,22 @@ def read_file(path: str, what: str) -> bytes:
         with open(path, "rb") as fh:
             return fh.read()
     except OSError as exc:
-        raise RegistryError(f"cannot read etcd {what} {path}: {exc.strerror}") from None
+        raise EtcdError(f"cannot read etcd {what} {path}: {exc.strerror}") from None
 
 
 def checked_tls_context(options: EtcdOptions) -> ssl.SSLContext:
-    """The TLS files as a client context; RegistryError naming the file that is not usable."""
+    """The TLS files as a client context; EtcdError naming the file that is not usable."""
     try:
         ctx = h2_unary.tls_context(options.cafile)
     except ssl.SSLError as exc:
-        raise RegistryError(f"etcd CA file {options.cafile} holds no usable certificate: {exc.reason}") from None
+        raise EtcdError(f"etcd CA file {options.cafile} holds no usable certificate: {exc.reason}") from None
     if options.certfile:
         def no_passphrase() -> bytes:
-            raise RegistryError(f"etcd key file {options.keyfile} is encrypted; give an unencrypted key")
+            raise EtcdError(f"etcd key file {options.keyfile} is encrypted; give an unencrypted key")
         try:
             ctx.load_cert_chain(options.certfile, options.keyfile, password=no_passphrase)
         except ssl.SSLError as exc:
-            raise RegistryError(f"etcd certificate file {options.certfile} and key file {options.keyfile} are not "
+            raise EtcdError(f"etcd certificate file {options.certfile} and key file {options.keyfile} are not "
                                 f"a usable PEM certificate and matching key ({exc.reason or 'not PEM'})") from None
     return ctx
 

@@ -21,7 +21,7 @@ import time
 import click
 
 from flanneld import lab
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.model.lease import decode_lease, leases_prefix
 from flanneld.model.subnetenv import read
@@ -51,9 +51,9 @@ def main(nodes: int, network: str, check: bool) -> None:
         lab.enter_namespace(cluster.ctl)
         etcd = lab.EtcdServer("demo")
         etcd.start()
-        registry = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX))
+        etcd_client = EtcdClient(EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX))
         config = {"Network": network, "Backend": {"Type": "vxlan"}}
-        registry.put(f"{PREFIX}/config", json.dumps(config).encode())
+        etcd_client.put(f"{PREFIX}/config", json.dumps(config).encode())
         _say(f"etcd running in namespace {cluster.ctl}; network config: {json.dumps(config)}")
         members = cluster.build_underlay(nodes)
         endpoint = etcd.endpoint_for(lab.CTL_IP)
@@ -67,7 +67,7 @@ def main(nodes: int, network: str, check: bool) -> None:
             env = read(node.subnet_file)
             assert env is not None
             pods.append(node.add_pod(str(env.subnet), 1, mtu=env.mtu))
-        _show(registry, members, pods)
+        _show(etcd_client, members, pods)
         ok = _check(pods)
         if check or not ok:
             sys.exit(0 if ok else 1)
@@ -85,8 +85,8 @@ def main(nodes: int, network: str, check: bool) -> None:
         _say("removed the demo namespaces")
 
 
-def _show(registry: Registry, members: list[lab.Node], pods: list[lab.Pod]) -> None:
-    _, kvs = registry.list_prefix(leases_prefix(PREFIX))
+def _show(etcd_client: EtcdClient, members: list[lab.Node], pods: list[lab.Pod]) -> None:
+    _, kvs = etcd_client.list_prefix(leases_prefix(PREFIX))
     _say(f"\n{'node':<12} {'public IP':<16} {'subnet':<18} {'VTEP MAC':<19} pod")
     by_ip = {n.ip: (n, p) for n, p in zip(members, pods, strict=True)}
     for kv in kvs:

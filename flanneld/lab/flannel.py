@@ -9,7 +9,7 @@ import subprocess
 import uuid
 from typing import Any
 
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.lab.cluster import Lab, Node, Pod
 from flanneld.lab.etcd import EtcdCluster, EtcdServer
@@ -35,14 +35,14 @@ class Cluster:
         self.etcd = etcd
         self.prefix = f"/flannel-test/{uuid.uuid4().hex[:10]}/network"
         self.endpoint = etcd_endpoint or etcd.endpoint_for(CTL_IP)
-        self.registry = Registry(EtcdOptions(endpoints=etcd.endpoints, prefix=self.prefix, **(etcd_options or {})))
+        self.etcd_client = EtcdClient(EtcdOptions(endpoints=etcd.endpoints, prefix=self.prefix, **(etcd_options or {})))
         if config is not None:
             self.set_config(config)
         self.nodes = self.lab.build_underlay(nodes)
 
     def set_config(self, config: dict[str, Any] | str) -> None:
         text = config if isinstance(config, str) else json.dumps(config)
-        self.registry.put(self.prefix + "/config", text.encode())
+        self.etcd_client.put(self.prefix + "/config", text.encode())
 
     # -- daemons -----------------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ class Cluster:
         return leases_prefix(self.prefix) + subnet_key(env.lease_subnet, env.lease_subnet6)
 
     def lease(self, node: Node):
-        kv = self.registry.get(self.lease_key(node))
+        kv = self.etcd_client.get(self.lease_key(node))
         return decode_lease(self.lease_key(node)[len(leases_prefix(self.prefix)):], kv.value) if kv else None
 
     def pod(self, node: Node, index: int = 1) -> Pod:
@@ -109,4 +109,4 @@ class Cluster:
 
     def close(self) -> None:
         self.lab.close()
-        self.registry.close()
+        self.etcd_client.close()

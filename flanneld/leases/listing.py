@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flanneld.etcd.client import KeyValue, Registry
+from flanneld.etcd.client import EtcdClient, KeyValue
 from flanneld.model.lease import Lease, LeaseDecodeError, decode_lease, leases_prefix
 
 
@@ -49,6 +49,6 @@ def decode_listing(prefix: str, revision: int, kvs: Iterable[KeyValue]) -> Listi
     return Listing(revision, leases, junk)
 
 
-def list_leases(registry: Registry, prefix: str) -> Listing:
-    revision, kvs = registry.list_prefix(leases_prefix(prefix))
+def list_leases(etcd_client: EtcdClient, prefix: str) -> Listing:
+    revision, kvs = etcd_client.list_prefix(leases_prefix(prefix))
     return decode_listing(prefix, revision, kvs)

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flanneld.etcd.client import Compare, KeyValue, Registry, prefix_range_end, unchanged
-from flanneld.etcd.errors import RegistryError
+from flanneld.etcd.client import Compare, EtcdClient, KeyValue, prefix_range_end, unchanged
+from flanneld.etcd.errors import EtcdError
 from flanneld.leases.allocator import OutOfSubnets, Taken, pick_subnet
 from flanneld.leases.listing import Listed
 from flanneld.leases.policy import fits_config
@@ -91,17 +91,17 @@ def create_guards(prefix: str, lease: Lease, listed_at: int, *, listing_unchange
     return guards
 
 
-def reserve(registry: Registry, prefix: str, lease: Lease, listed_at: int) -> bool:
+def reserve(etcd_client: EtcdClient, prefix: str, lease: Lease, listed_at: int) -> bool:
     """Write `lease` as a reservation (a key without TTL, never expired or given away), guarded as
     every creation is and on the listing its checks read; False when something changed since."""
     key = leases_prefix(prefix) + lease.key
-    return registry.txn(create_guards(prefix, lease, listed_at, listing_unchanged=True),
+    return etcd_client.txn(create_guards(prefix, lease, listed_at, listing_unchanged=True),
                         puts=[(key, encode_value(lease), 0)])
 
 
-def release(registry: Registry, listed: Listed) -> bool:
+def release(etcd_client: EtcdClient, listed: Listed) -> bool:
     """Delete a listed lease or reservation unless it changed since it was listed."""
-    return registry.txn([unchanged(listed.kv.key, listed.kv.mod_revision)], deletes=[listed.kv.key])
+    return etcd_client.txn([unchanged(listed.kv.key, listed.kv.mod_revision)], deletes=[listed.kv.key])
 
 
 class LeaseManager:
@@ -109,7 +109,7 @@ class LeaseManager:
 
     def __init__(
         self,
-        registry: Registry,
+        etcd_client: EtcdClient,
         config: NetworkConfig,
         prefix: str,
         *,
@@ -121,7 +121,7 @@ class LeaseManager:
     ) -> None:
         if renew_margin >= ttl:
             raise LeaseError(f"renew margin ({renew_margin:.0f}s) must be shorter than the lease TTL ({ttl}s)")
-        self.registry = registry
+        self.etcd_client = etcd_client
         self.config = config
         self.prefix = prefix
         self.ttl = ttl
@@ -153,7 +153,7 @@ class LeaseManager:
         A serializable read: a member's (or a proxy's cached) view is good enough for a hint.
         """
         head = leases_prefix(self.prefix)
-        self._listing = self.registry.list_prefix(head, serializable=True)
+        self._listing = self.etcd_client.list_prefix(head, serializable=True)
         mine = self._own_candidate(self._scan(attrs, listing=self._listing)[2])
         return mine.lease if mine is not None else None
 
@@ -178,7 +178,7 @@ class LeaseManager:
         thousands of leases (every node, in a restart storm) finds its own by a byte search.
         """
         head = leases_prefix(self.prefix)
-        revision, kvs = listing or self.registry.list_prefix(head, serializable=serializable)
+        revision, kvs = listing or self.etcd_client.list_prefix(head, serializable=serializable)
         marker = str(attrs.public_ip) if self.config.enable_ipv4 else str(attrs.public_ipv6)
         needle = f'"{marker}"'.encode()
         previous = subnet_key(*self.previous) if any(self.previous) else None
@@ -244,7 +244,7 @@ class LeaseManager:
                 # ours by IP, but from an older config (e.g. another SubnetLen): give it back
                 log.info("deleting our lease %s: it does not fit the current network config", x.lease.describe())
                 self._listing = None  # we write: the watcher lists afresh (see take_listing)
-                release(self.registry, x)
+                release(self.etcd_client, x)
             else:
                 log.warning("reservation %s for our public IP does not fit the network config; ignoring it",
                             x.lease.describe())
@@ -266,18 +266,18 @@ class LeaseManager:
         return self._create(lease, revision)
 
     def _etcd_lease_for_new_key(self) -> int:
-        if self.own is not None and not self.own.reserved and self.registry.keepalive(self.own.etcd_lease) > 0:
+        if self.own is not None and not self.own.reserved and self.etcd_client.keepalive(self.own.etcd_lease) > 0:
             return self.own.etcd_lease
-        if self._spare_etcd_lease and self.registry.keepalive(self._spare_etcd_lease) > 0:
+        if self._spare_etcd_lease and self.etcd_client.keepalive(self._spare_etcd_lease) > 0:
             return self._spare_etcd_lease
-        self._spare_etcd_lease = self.registry.grant(self.ttl)
+        self._spare_etcd_lease = self.etcd_client.grant(self.ttl)
         return self._spare_etcd_lease
 
     def _create(self, lease: Lease, listed_at: int) -> OwnLease | None:
         self._listing = None  # we write: the watcher lists afresh (see take_listing)
         key = self.full_key(lease.key)
         etcd_lease = self._etcd_lease_for_new_key()
-        if not self.registry.txn(create_guards(self.prefix, lease, listed_at),
+        if not self.etcd_client.txn(create_guards(self.prefix, lease, listed_at),
                                  puts=[(key, encode_value(lease), etcd_lease)]):
             log.info("lost the race for %s, retrying", lease.describe())
             return None
@@ -289,14 +289,14 @@ class LeaseManager:
         etcd_lease = mine.kv.lease_id
         expires: float | None = None
         if etcd_lease:
-            left = self.registry.keepalive(etcd_lease)
+            left = self.etcd_client.keepalive(etcd_lease)
             if left <= 0:
                 return None  # expired under us: the key is gone, list again
             expires = time.monotonic() + left
         same = encode_value(lease) == mine.kv.value
         if not same:
             self._listing = None  # we write: the watcher lists afresh (see take_listing)
-        if not same and not self.registry.txn(
+        if not same and not self.etcd_client.txn(
             [unchanged(mine.kv.key, mine.kv.mod_revision)],
             puts=[(mine.kv.key, encode_value(lease), etcd_lease)],
         ):
@@ -313,8 +313,8 @@ class LeaseManager:
         unused = {self._spare_etcd_lease, self.own.etcd_lease if self.own else 0} - {0, new.etcd_lease}
         for lease_id in unused:
             try:
-                self.registry.revoke(lease_id)
-            except RegistryError as exc:
+                self.etcd_client.revoke(lease_id)
+            except EtcdError as exc:
                 log.warning("could not revoke unused etcd lease %x: %s", lease_id, exc)
         self._spare_etcd_lease = 0
         self.own = new
@@ -332,7 +332,7 @@ class LeaseManager:
         """Keep our etcd lease alive; False when it is gone (the key went with it)."""
         if self.own is None or self.own.reserved:
             return True
-        left = self.registry.keepalive(self.own.etcd_lease)
+        left = self.etcd_client.keepalive(self.own.etcd_lease)
         if left <= 0:
             log.warning("our etcd lease %x has expired; the subnet must be re-acquired", self.own.etcd_lease)
             return False
@@ -345,7 +345,7 @@ class LeaseManager:
         assert self.own is not None
         lease = attrs.lease(self.own.lease.subnet, self.own.lease.subnet6, self.own.lease.extra)
         key = self.full_key(lease.key)
-        if not self.registry.txn([Compare(key, "version", ">", 0)],
+        if not self.etcd_client.txn([Compare(key, "version", ">", 0)],
                                  puts=[(key, encode_value(lease), self.own.etcd_lease)]):
             return False
         self.own.lease = lease

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from flanneld.etcd.client import KeyValue, Registry, WatchBatch
-from flanneld.etcd.errors import Compacted, RegistryError
+from flanneld.etcd.client import EtcdClient, KeyValue, WatchBatch
+from flanneld.etcd.errors import Compacted, EtcdError
 from flanneld.model.lease import (
     Lease,
     LeaseDecodeError,
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 # A broken watch is retried at most this far apart: once etcd is back, peers are seen again within
-# about this long (plus gRPC's own reconnect backoff, capped at 1 s by the registry).
+# about this long (plus gRPC's own reconnect backoff, capped at 1 s by the etcd client).
 WATCH_RETRY_MAX = 1.0
 
 
@@ -59,8 +59,8 @@ class LeaseWatcher:
     knew keeps its last good value.
     """
 
-    def __init__(self, registry: Registry, prefix: str) -> None:
-        self.registry = registry
+    def __init__(self, etcd_client: EtcdClient, prefix: str) -> None:
+        self.etcd_client = etcd_client
         self.prefix = prefix
         self.head = leases_prefix(prefix)
         # per key: (raw value, etcd lease); a decoded Lease per peer would cost ~1 KB of RSS each
@@ -89,7 +89,7 @@ class LeaseWatcher:
         """A serializable listing: a restart storm of N nodes costs the leader nothing and a gRPC
         proxy can answer from its cache. Nothing is missed: the watch starts right after the
         revision the listing reflects, however far behind the answering member was."""
-        return self.registry.list_prefix(self.head, serializable=True)
+        return self.etcd_client.list_prefix(self.head, serializable=True)
 
     def resync(self, listing: tuple[int, list[KeyValue]] | None = None) -> list[LeaseEvent]:
         """List everything (or take `listing`, one made moments ago), diff against what we know,
@@ -168,7 +168,7 @@ class LeaseWatcher:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, emit: Callable[[list[LeaseEvent]], None]) -> None:
-        """Watch until stop(); emit every non-empty batch of events. Never raises RegistryError.
+        """Watch until stop(); emit every non-empty batch of events. Never raises EtcdError.
 
         Starts with a listing unless resync() already ran, in which case it resumes from there.
         """
@@ -181,7 +181,7 @@ class LeaseWatcher:
                     need_list = False
                     if events:
                         emit(events)
-                watch = self.registry.watch_prefix(self.head, self.revision + 1)
+                watch = self.etcd_client.watch_prefix(self.head, self.revision + 1)
                 with self._lock:
                     if self._stop.is_set():
                         watch.cancel()
@@ -198,12 +198,12 @@ class LeaseWatcher:
                     if events:
                         emit(events)
                 if not self._stop.is_set():
-                    raise RegistryError("etcd closed the watch stream")
+                    raise EtcdError("etcd closed the watch stream")
             except Compacted as exc:
                 log.warning("lease watch fell behind compaction (%s); re-listing", exc)
                 self.relists += 1
                 need_list = True
-            except RegistryError as exc:
+            except EtcdError as exc:
                 if self._stop.is_set():
                     break
                 if self.connected or self.last_error != str(exc):

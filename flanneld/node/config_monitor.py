@@ -12,8 +12,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from flanneld.etcd.client import Registry
-from flanneld.etcd.errors import RegistryError
+from flanneld.etcd.client import EtcdClient
+from flanneld.etcd.errors import EtcdError
 from flanneld.model.config import ConfigError, NetworkConfig, parse_config
 
 log = logging.getLogger("flanneld")
@@ -36,9 +36,9 @@ def judge(running: NetworkConfig, stored: bytes | None, validate: Callable[[Netw
 class ConfigMonitor:
     """Reads `<prefix>/config` every `interval` seconds on its own thread; logs each change of verdict once."""
 
-    def __init__(self, registry: Registry, key: str, running: NetworkConfig,
+    def __init__(self, etcd_client: EtcdClient, key: str, running: NetworkConfig,
                  validate: Callable[[NetworkConfig], None], interval: float) -> None:
-        self.registry = registry
+        self.etcd_client = etcd_client
         self.key = key
         self.running = running
         self.validate = validate
@@ -48,8 +48,8 @@ class ConfigMonitor:
 
     def check(self) -> None:
         try:
-            kv = self.registry.get(self.key)
-        except RegistryError:
+            kv = self.etcd_client.get(self.key)
+        except EtcdError:
             return  # etcd trouble is reported by the watch and /healthz, not here
         verdict = judge(self.running, kv.value if kv else None, self.validate)
         if verdict and verdict != self.verdict:

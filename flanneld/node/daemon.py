@@ -26,8 +26,8 @@ from flanneld import __version__
 from flanneld.dataplane.firewall import FirewallError
 from flanneld.dataplane.iface import IfaceError, IfaceOptions
 from flanneld.dataplane.netlink import Kernel, KernelError, Monitor
-from flanneld.etcd.client import Registry
-from flanneld.etcd.errors import RegistryError
+from flanneld.etcd.client import EtcdClient
+from flanneld.etcd.errors import EtcdError
 from flanneld.etcd.options import EtcdOptions
 from flanneld.leases.manager import SUBNET_TTL
 from flanneld.leases.watcher import LeaseEvent, LeaseWatcher
@@ -79,7 +79,7 @@ class Daemon:
         self.phase = "starting"
         self.ready = False
         self.loop_heartbeat = time.monotonic()
-        self.registry: Registry | None = None
+        self.etcd_client: EtcdClient | None = None
         self.kernel: Kernel | None = None
         self.monitor: Monitor | None = None
         self.watcher: LeaseWatcher | None = None
@@ -90,7 +90,7 @@ class Daemon:
     # -- observability -----------------------------------------------------------------------
 
     def health(self) -> tuple[bool, str]:
-        if self.registry is None:
+        if self.etcd_client is None:
             return True, ""
         watcher = self.watcher
         # Down means it failed: a watch still opening its first stream (just after start) is not.
@@ -116,12 +116,12 @@ class Daemon:
             subnetenv.check_writable(self.opts.subnet_file)
             if self.opts.healthz_port:
                 self._serve_health()
-            self.registry = Registry(self.opts.etcd)
+            self.etcd_client = EtcdClient(self.opts.etcd)
             if not self._start():
                 return 0
             self._loop()
             return 0
-        except (FatalError, IfaceError, ConfigError, FirewallError, RegistryError, KernelError,
+        except (FatalError, IfaceError, ConfigError, FirewallError, EtcdError, KernelError,
                 subnetenv.SubnetEnvError) as exc:
             log.error("%s", exc)
             return 1
@@ -156,8 +156,8 @@ class Daemon:
                                                 wireguard_provider=o.wireguard_provider), lease_ttl=o.lease_ttl,
             renew_margin_seconds=o.renew_margin_minutes * 60)
         self.kernel = Kernel()
-        assert self.registry is not None
-        started = start(self.registry, self.kernel, settings, self.metrics, self.stop_event, self._set_phase)
+        assert self.etcd_client is not None
+        started = start(self.etcd_client, self.kernel, settings, self.metrics, self.stop_event, self._set_phase)
         if started is None:
             return False
         self.overlay, self.watcher = started
@@ -174,7 +174,7 @@ class Daemon:
         threading.Thread(target=self.watcher.run, args=(self._on_leases,), name="lease-watch", daemon=True).start()
         self.monitor = Monitor()
         threading.Thread(target=self._watch_netlink, name="netlink-monitor", daemon=True).start()
-        self.config_monitor = ConfigMonitor(self.registry, f"{o.etcd.prefix}/config", overlay.config, validate,
+        self.config_monitor = ConfigMonitor(self.etcd_client, f"{o.etcd.prefix}/config", overlay.config, validate,
                                             o.reconcile_interval)
         threading.Thread(target=self.config_monitor.run, name="config-monitor", daemon=True).start()
         return True
@@ -288,8 +288,8 @@ class Daemon:
             self.health_server.stop()
         if self.monitor is not None:
             self.monitor.close()
-        if self.registry is not None:
-            self.registry.close()
+        if self.etcd_client is not None:
+            self.etcd_client.close()
         if self.kernel is not None:
             self.kernel.close()
 

@@ -11,39 +11,23 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flanneld.dataplane.firewall import Firewall, FirewallError, FirewallSpec
 from flanneld.dataplane.netlink import KernelError
 from flanneld.dataplane.reconciler import Reconciler, Report
-from flanneld.etcd.errors import RegistryError
-from flanneld.leases.manager import LeaseError, LeaseManager
+from flanneld.leases.manager import LeaseManager
 from flanneld.leases.watcher import LeaseEvent
 from flanneld.model import subnetenv
 from flanneld.model.config import NetworkConfig
 from flanneld.model.lease import Lease, LeaseAttrs, leases_prefix
 from flanneld.node.metrics import Metrics
+from flanneld.node.retry import retry
 from flanneld.plan.backend import SKIP_KINDS, Backend, PeerPlan, merge
 from flanneld.plan.state import ObservedLink
 
 log = logging.getLogger("flanneld")
-
-
-def retry(what: str, fn: Callable[[], object], stop: threading.Event, delay: float = 1.0,
-          max_delay: float = 10.0) -> object:
-    """Call fn until it succeeds or `stop` is set (then None); log each distinct failure once."""
-    last = ""
-    while not stop.is_set():
-        try:
-            return fn()
-        except (RegistryError, LeaseError, KernelError) as exc:
-            if str(exc) != last:
-                log.warning("%s: %s (retrying)", what, exc)
-                last = str(exc)
-            stop.wait(delay)
-            delay = min(delay * 2, max_delay)
-    return None
 
 
 @dataclass

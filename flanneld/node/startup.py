@@ -17,14 +17,15 @@ from flanneld.dataplane.iface import IfaceOptions
 from flanneld.dataplane.iface import select as select_iface
 from flanneld.dataplane.netlink import Kernel
 from flanneld.dataplane.reconciler import Reconciler
-from flanneld.etcd.client import Registry
-from flanneld.etcd.errors import RegistryError
+from flanneld.etcd.client import EtcdClient
+from flanneld.etcd.errors import EtcdError
 from flanneld.leases.manager import LeaseManager
 from flanneld.leases.watcher import LeaseWatcher
 from flanneld.model import subnetenv
 from flanneld.model.config import ConfigError, NetworkConfig, parse_config
 from flanneld.node.metrics import Metrics
-from flanneld.node.overlay import Overlay, OverlaySettings, retry
+from flanneld.node.overlay import Overlay, OverlaySettings
+from flanneld.node.retry import retry
 from flanneld.plan.backend import NodeSettings, create_backend, published_addresses, validate_backend
 from flanneld.plan.state import ObservedLink
 
@@ -47,19 +48,19 @@ def validate(config: NetworkConfig) -> None:
     validate_backend(config.backend)
 
 
-def wait_for_config(registry: Registry, prefix: str, stop: threading.Event,
+def wait_for_config(etcd_client: EtcdClient, prefix: str, stop: threading.Event,
                     phase: Callable[[str], None]) -> NetworkConfig | None:
     key = f"{prefix}/config"
     last = ""
     while not stop.is_set():
         try:
-            kv = registry.get(key)
+            kv = etcd_client.get(key)
             if kv is None:
                 raise ConfigError(CONFIG_NOT_FOUND)
             config = parse_config(kv.value)
             validate(config)
             return config
-        except (ConfigError, RegistryError) as exc:
+        except (ConfigError, EtcdError) as exc:
             if str(exc) != last:
                 log.warning("waiting for a valid network config at %s: %s", key, exc)
                 last = str(exc)
@@ -68,11 +69,11 @@ def wait_for_config(registry: Registry, prefix: str, stop: threading.Event,
     return None
 
 
-def start(registry: Registry, kernel: Kernel, s: StartSettings, metrics: Metrics, stop: threading.Event,
+def start(etcd_client: EtcdClient, kernel: Kernel, s: StartSettings, metrics: Metrics, stop: threading.Event,
           phase: Callable[[str], None]) -> tuple[Overlay, LeaseWatcher] | None:
     """Everything up to a programmed node; None when stopped meanwhile."""
     phase("waiting for network config")
-    config = wait_for_config(registry, s.overlay.prefix, stop, phase)
+    config = wait_for_config(etcd_client, s.overlay.prefix, stop, phase)
     if config is None:
         return None
     log.info("network config: %s", ", ".join(
@@ -92,7 +93,7 @@ def start(registry: Registry, kernel: Kernel, s: StartSettings, metrics: Metrics
     except subnetenv.SubnetEnvError as exc:
         log.warning("ignoring unreadable subnet file: %s", exc)
     devices: dict[str, ObservedLink] = {}  # filled below; the recognizer reads it when acquiring
-    leases = LeaseManager(registry, config, s.overlay.prefix, ttl=s.lease_ttl, renew_margin=s.renew_margin_seconds,
+    leases = LeaseManager(etcd_client, config, s.overlay.prefix, ttl=s.lease_ttl, renew_margin=s.renew_margin_seconds,
                           previous=previous, recognizes=lambda lease: backend.published_by_us(lease, devices))
 
     phase(f"setting up the {config.backend.type} backend")
@@ -115,7 +116,7 @@ def start(registry: Registry, kernel: Kernel, s: StartSettings, metrics: Metrics
     backend.start(overlay.own)
 
     phase("programming peers")
-    watcher = LeaseWatcher(registry, s.overlay.prefix)
+    watcher = LeaseWatcher(etcd_client, s.overlay.prefix)
     # find_own's listing if acquiring wrote nothing (a restart costs etcd one listing), else a
     # fresh one made after our write (see LeaseManager.take_listing); the watch goes on from it
     listing = retry("listing leases", lambda: leases.take_listing() or watcher.serializable_listing(), stop)

@@ -47,7 +47,7 @@ def test_host_gw_three_nodes_plain_ip_and_a_node_off_the_segment_is_skipped(make
     assert link(node1) is None and cluster.env(node1).mtu == 1500
     peer = cluster.nodes[1]
     assert routes(node1)[cluster.subnet(peer)]["gateway"] == peer.ip
-    assert cluster.registry.get(cluster.lease_key(node1)).value == \
+    assert cluster.etcd_client.get(cluster.lease_key(node1)).value == \
         f'{{"PublicIP":"{node1.ip}","PublicIPv6":null,"BackendType":"host-gw"}}'.encode()
 
     remote = cluster.lab.add_remote_node(4)
@@ -95,7 +95,7 @@ def test_alloc_leases_a_subnet_and_touches_no_data_path(make_cluster):
     cluster.start_all(converge=False)
     node1, node2 = cluster.nodes
     assert cluster.subnet(node1) != cluster.subnet(node2)
-    assert cluster.registry.get(cluster.lease_key(node1)).value == \
+    assert cluster.etcd_client.get(cluster.lease_key(node1)).value == \
         f'{{"PublicIP":"{node1.ip}","PublicIPv6":null}}'.encode()
     time.sleep(0.5)
     assert routes(node1) == {} and link(node1) is None and cluster.env(node1).mtu == 1500
@@ -122,11 +122,11 @@ def test_extension_hooks_run_with_upstreams_environment_and_failures_are_survive
         cluster.start(node, env={"MY_IP": node.ip})
     s1, s2 = cluster.subnet(node1), cluster.subnet(node2)
     assert (out / f"post-{node1.ip}").read_text().split() == ["198.18.0.0/16", s1, node1.ip]
-    assert json.loads(cluster.registry.get(cluster.lease_key(node1)).value)["BackendData"] == "vtep-of-this-node"
+    assert json.loads(cluster.etcd_client.get(cluster.lease_key(node1)).value)["BackendData"] == "vtep-of-this-node"
     eventually(lambda: (out / f"events-{node1.ip}").exists(), timeout=3, what="add hook on node1")
     assert (out / f"events-{node1.ip}").read_text().splitlines() == [f"add {s2} {node2.ip} vtep-of-this-node"]
     assert cluster.stop(node2) == 0
-    cluster.registry.delete(cluster.lease_key(node2))
+    cluster.etcd_client.delete(cluster.lease_key(node2))
     eventually(lambda: "remove" in (out / f"events-{node1.ip}").read_text(), timeout=3, what="remove hook")
     assert (out / f"events-{node1.ip}").read_text().splitlines()[-1] == f"remove {s2} {node2.ip} vtep-of-this-node"
 
@@ -138,11 +138,11 @@ def test_extension_hooks_run_with_upstreams_environment_and_failures_are_survive
     cluster.start(node1)
     head = leases_prefix(cluster.prefix)
     fake = {"PublicIP": "198.51.100.120", "PublicIPv6": None, "BackendType": "extension", "BackendData": "x"}
-    cluster.registry.put(head + "198.18.207.0-24", json.dumps(fake).encode())
+    cluster.etcd_client.put(head + "198.18.207.0-24", json.dumps(fake).encode())
     eventually(lambda: "failed with exit status 7: it broke" in node1.log(), timeout=3, what="failure logged")
-    cluster.registry.delete(head + "198.18.207.0-24")
+    cluster.etcd_client.delete(head + "198.18.207.0-24")
     eventually(lambda: "timed out after 0.5s" in node1.log(), timeout=3, what="timeout logged")
-    cluster.registry.put(head + "198.18.208.0-24", json.dumps(fake).encode())
+    cluster.etcd_client.put(head + "198.18.208.0-24", json.dumps(fake).encode())
     eventually(lambda: node1.log().count("failed with exit status 7") == 2, timeout=3, what="hooks still run")
     assert node1.procs[-1].poll() is None and node1.http("/healthz")[0] == 200
     assert "Traceback" not in node1.log()

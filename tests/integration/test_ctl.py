@@ -65,16 +65,16 @@ def ctl(etcd, etcd_prefix):
 
 
 @pytest.fixture
-def upstream_leases(registry, etcd_prefix):
+def upstream_leases(etcd_client, etcd_prefix):
     """A dual-stack network holding upstream-written leases, a reservation and junk."""
     head = leases_prefix(etcd_prefix)
-    registry.put(etcd_prefix + "/config", json.dumps(DUAL).encode())
-    lease_a, lease_b = registry.grant(86400), registry.grant(3000)
-    registry.put(head + "198.18.1.0-24", UP_V4, lease_a)
-    registry.put(head + "198.18.2.0-24&2001:db8:1800:2::-64", UP_DUAL, lease_b)
-    registry.put(head + "198.18.9.0-24", UP_RESERVED)
-    registry.put(head + "not-a-subnet", b"{}")
-    registry.put(head + "198.18.3.0-24", b"{broken")
+    etcd_client.put(etcd_prefix + "/config", json.dumps(DUAL).encode())
+    lease_a, lease_b = etcd_client.grant(86400), etcd_client.grant(3000)
+    etcd_client.put(head + "198.18.1.0-24", UP_V4, lease_a)
+    etcd_client.put(head + "198.18.2.0-24&2001:db8:1800:2::-64", UP_DUAL, lease_b)
+    etcd_client.put(head + "198.18.9.0-24", UP_RESERVED)
+    etcd_client.put(head + "not-a-subnet", b"{}")
+    etcd_client.put(head + "198.18.3.0-24", b"{broken")
     return lease_a, lease_b
 
 
@@ -140,26 +140,26 @@ def test_show_by_subnet_key_and_public_ip(ctl, upstream_leases):
     assert "not a subnet" in ctl.refused("subnets", "show", "banana")
 
 
-def test_reserve_and_release_round_trip(ctl, registry, etcd_prefix):
-    registry.put(etcd_prefix + "/config", json.dumps(V4).encode())
+def test_reserve_and_release_round_trip(ctl, etcd_client, etcd_prefix):
+    etcd_client.put(etcd_prefix + "/config", json.dumps(V4).encode())
     head = leases_prefix(etcd_prefix)
     out = ctl.ok("subnets", "reserve", "198.18.30.0/24", "--public-ip", "198.51.100.30")
     assert "reserved 198.18.30.0/24 for 198.51.100.30" in out
-    kv = registry.get(head + "198.18.30.0-24")
+    kv = etcd_client.get(head + "198.18.30.0-24")
     assert kv.value == b'{"PublicIP":"198.51.100.30","PublicIPv6":null}' and kv.lease_id == 0
     assert ctl.ok("subnets", "list", "--no-headers").split()[-1] == "reserved"
     assert "released reservation 198.18.30.0/24" in ctl.ok("subnets", "release", "198.18.30.0-24")
-    assert registry.get(head + "198.18.30.0-24") is None
+    assert etcd_client.get(head + "198.18.30.0-24") is None
     assert "no reservation or lease" in ctl.refused("subnets", "release", "198.18.30.0/24")
 
 
-def test_reserve_refusals_explain_why(ctl, registry, etcd_prefix):
+def test_reserve_refusals_explain_why(ctl, etcd_client, etcd_prefix):
     head = leases_prefix(etcd_prefix)
     assert "no network config" in ctl.refused("subnets", "reserve", "198.18.5.0/24", "--public-ip", "198.51.100.5")
-    registry.put(etcd_prefix + "/config", json.dumps(V4).encode())
-    live = registry.grant(600)
-    registry.put(head + "198.18.5.0-24", UP_V4, live)
-    before = registry.list_prefix(head)[1]
+    etcd_client.put(etcd_prefix + "/config", json.dumps(V4).encode())
+    live = etcd_client.grant(600)
+    etcd_client.put(head + "198.18.5.0-24", UP_V4, live)
+    before = etcd_client.list_prefix(head)[1]
 
     msg = ctl.refused("subnets", "reserve", "198.18.5.0/24", "--public-ip", "198.51.100.50")
     assert msg == "flannelctl: error: refused: 198.18.5.0/24 is taken: 198.18.5.0-24 is leased by 198.51.100.11"
@@ -172,20 +172,20 @@ def test_reserve_refusals_explain_why(ctl, registry, etcd_prefix):
                                                  "--public-ip", "2001:db8:51::5")
     assert "not a subnet" in ctl.refused("subnets", "reserve", "198.18.6.1/24", "--public-ip", "198.51.100.50")
     assert "a live lease" in ctl.refused("subnets", "release", "198.18.5.0/24")
-    assert registry.list_prefix(head)[1] == before  # nothing written by any refusal
+    assert etcd_client.list_prefix(head)[1] == before  # nothing written by any refusal
     assert "released lease" in ctl.ok("subnets", "release", "198.18.5.0/24", "--force")
 
 
-def test_dual_stack_reservation_needs_both_halves(ctl, registry, etcd_prefix):
-    registry.put(etcd_prefix + "/config", json.dumps(DUAL).encode())
+def test_dual_stack_reservation_needs_both_halves(ctl, etcd_client, etcd_prefix):
+    etcd_client.put(etcd_prefix + "/config", json.dumps(DUAL).encode())
     assert "--ipv6-subnet" in ctl.refused("subnets", "reserve", "198.18.7.0/24", "--public-ip", "198.51.100.7")
     ctl.ok("subnets", "reserve", "198.18.7.0/24", "--public-ip", "198.51.100.7", "--ipv6-subnet",
            "2001:db8:1800:7::/64", "--public-ipv6", "2001:db8:51::7")
-    kv = registry.get(leases_prefix(etcd_prefix) + "198.18.7.0-24&2001:db8:1800:7::-64")
+    kv = etcd_client.get(leases_prefix(etcd_prefix) + "198.18.7.0-24&2001:db8:1800:7::-64")
     assert kv.value == b'{"PublicIP":"198.51.100.7","PublicIPv6":"2001:db8:51::7"}'
 
 
-def test_config_validate_get_and_set(ctl, registry, etcd_prefix, tmp_path):
+def test_config_validate_get_and_set(ctl, etcd_client, etcd_prefix, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"Network": "198.18.0.0/16", "SubnetLen": 33}')
     msg = ctl.refused("config", "validate", str(bad))
@@ -197,13 +197,13 @@ def test_config_validate_get_and_set(ctl, registry, etcd_prefix, tmp_path):
     assert ctl.ok("config", "validate", str(good)).startswith("valid: IPv4 198.18.0.0/16 in /24 subnets (200 from")
 
     assert ctl.refused("config", "set", str(bad)) == msg  # the validator's message, nothing written
-    assert registry.get(etcd_prefix + "/config") is None
+    assert etcd_client.get(etcd_prefix + "/config") is None
     out = ctl.ok("config", "set", str(good))
     assert '+  "Network": "198.18.0.0/16",' in out and "config written" in out
     assert json.loads(ctl.ok("config", "get")) == V4
     assert "config unchanged" in ctl.ok("config", "set", str(good))
 
-    registry.put(leases_prefix(etcd_prefix) + "198.18.1.0-24", UP_V4, registry.grant(600))
+    etcd_client.put(leases_prefix(etcd_prefix) + "198.18.1.0-24", UP_V4, etcd_client.grant(600))
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps({**V4, "SubnetLen": 26, "Backend": {"Type": "vxlan", "VNI": 2}}))
     proc = ctl("config", "set", str(changed))
@@ -231,16 +231,16 @@ def test_stats_counts_usage_and_expiring(ctl, upstream_leases):
     assert text.splitlines()[1].split()[:8] == ["IPv4", "198.18.0.0/16", "/24", "255", "2", "1", "252", "1.2%"]
 
 
-def test_watch_prints_events_until_ctrl_c(ctl, registry, etcd_prefix):
+def test_watch_prints_events_until_ctrl_c(ctl, etcd_client, etcd_prefix):
     proc = subprocess.Popen([ctl.tool, "subnets", "watch", "-o", "json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ctl.env)
     try:
         time.sleep(1.5)  # connected and watching
         head = leases_prefix(etcd_prefix)
-        registry.put(head + "198.18.1.0-24", UP_V4)
+        etcd_client.put(head + "198.18.1.0-24", UP_V4)
         added = json.loads(proc.stdout.readline())
         assert (added["event"], added["key"], added["PublicIP"]) == ("added", "198.18.1.0-24", "198.51.100.11")
-        registry.delete(head + "198.18.1.0-24")
+        etcd_client.delete(head + "198.18.1.0-24")
         removed = json.loads(proc.stdout.readline())
         assert (removed["event"], removed["BackendData"]["VtepMAC"]) == ("removed", "0e:8a:7b:11:22:01")
     finally:
@@ -270,19 +270,19 @@ def test_completion_script_and_candidates(ctl):
     assert "subnets" in proc.stdout
 
 
-def test_list_5000_leases_every_row_with_its_ttl(ctl, registry, etcd_prefix):
+def test_list_5000_leases_every_row_with_its_ttl(ctl, etcd_client, etcd_prefix):
     """Correct at scale; the 1 s budget itself is measured by bench/ctl.py (~0.7 s here).
 
     The bound below only guards against falling back to one grpcio call per lease, or worse.
     """
     head = leases_prefix(etcd_prefix)
-    registry.put(etcd_prefix + "/config", json.dumps({"Network": "198.18.0.0/16", "SubnetLen": 30,
+    etcd_client.put(etcd_prefix + "/config", json.dumps({"Network": "198.18.0.0/16", "SubnetLen": 30,
                                                       "Backend": {"Type": "vxlan"}}).encode())
     for n in range(5000):
-        lid = registry.grant(86400 - n)
+        lid = etcd_client.grant(86400 - n)
         value = (f'{{"PublicIP":"198.51.{100 + n // 250}.{n % 250 + 1}","PublicIPv6":null,"BackendType":"vxlan",'
                  f'"BackendData":{{"VNI":1,"VtepMAC":"0e:00:00:00:{n // 256:02x}:{n % 256:02x}"}}}}')
-        registry.put(f"{head}198.18.{n // 64}.{(n % 64) * 4}-30", value.encode(), lid)
+        etcd_client.put(f"{head}198.18.{n // 64}.{(n % 64) * 4}-30", value.encode(), lid)
     start = time.perf_counter()
     out = ctl.ok("subnets", "list", "--no-headers").splitlines()
     took = time.perf_counter() - start

@@ -79,7 +79,7 @@ def test_peer_leaving_and_joining_within_one_second(make_cluster):
     gone = cluster.subnet(node3)
     gone_mac = cluster.lease(node3).backend["VtepMAC"]
     assert cluster.stop(node3) == 0
-    cluster.registry.delete(cluster.lease_key(node3))
+    cluster.etcd_client.delete(cluster.lease_key(node3))
     for node in (node1, node2):
         took = eventually(lambda n=node: gone not in routes(n) and gone.split("/")[0] not in neighs(n)
                           and gone_mac not in fdbs(n), timeout=1.0, what="entries of the departed peer removed")
@@ -87,7 +87,7 @@ def test_peer_leaving_and_joining_within_one_second(make_cluster):
 
     # a new node joins: time from its lease appearing in etcd to routes on the others
     appeared: dict[str, float] = {}
-    watcher = LeaseWatcher(cluster.registry, cluster.prefix)
+    watcher = LeaseWatcher(cluster.etcd_client, cluster.prefix)
     watcher.resync()
     thread = threading.Thread(target=watcher.run, args=(
         lambda evs: [appeared.setdefault(e.key, time.monotonic()) for e in evs],), daemon=True)
@@ -115,7 +115,7 @@ BACKENDS = pytest.mark.parametrize("config", [NETWORK, HOST_GW], ids=["vxlan", "
 def own_identity(cluster, node, config) -> tuple:
     """Subnet, etcd lease and (VXLAN) the device MAC: what a restart keeps."""
     mac = link(node)["address"] if config is NETWORK else None
-    return cluster.subnet(node), mac, cluster.registry.get(cluster.lease_key(node)).lease_id
+    return cluster.subnet(node), mac, cluster.etcd_client.get(cluster.lease_key(node)).lease_id
 
 
 @BACKENDS
@@ -184,7 +184,7 @@ def test_peer_removed_while_down_is_cleaned_up_at_start(make_cluster, config):
     assert gone in routes(node1)
     assert cluster.stop(node1) == 0
     assert cluster.stop(node3) == 0
-    cluster.registry.delete(cluster.lease_key(node3))
+    cluster.etcd_client.delete(cluster.lease_key(node3))
     time.sleep(0.2)
     assert gone in routes(node1)  # nobody told node1 yet
     cluster.start(node1)
@@ -261,8 +261,8 @@ def test_own_lease_deleted_is_reacquired(make_cluster):
     cluster.start_all()
     node1, node2 = cluster.nodes
     key, subnet = cluster.lease_key(node1), cluster.subnet(node1)
-    cluster.registry.delete(key)
-    eventually(lambda: cluster.registry.get(key) is not None, timeout=2.0, what="lease re-acquired")
+    cluster.etcd_client.delete(key)
+    eventually(lambda: cluster.etcd_client.get(key) is not None, timeout=2.0, what="lease re-acquired")
     assert cluster.subnet(node1) == subnet
     assert node1.procs[-1].poll() is None
     assert ping(cluster.pod(node2), cluster.pod(node1).addr).returncode == 0
@@ -278,8 +278,8 @@ def test_waits_for_valid_config_and_ignores_bad_leases(make_cluster):
     cluster.set_config('{"Network": "198.18.0.0/29"}')
     eventually(lambda: "network is too small" in node1.log(), timeout=5, what="validation error logged")
     head = leases_prefix(cluster.prefix)
-    cluster.registry.put(head + "198.18.200.0-24", b"{definitely not json")
-    cluster.registry.put(head + "not-a-subnet", b"{}")
+    cluster.etcd_client.put(head + "198.18.200.0-24", b"{definitely not json")
+    cluster.etcd_client.put(head + "not-a-subnet", b"{}")
     cluster.set_config(NETWORK)
     node1.wait_ready()
     cluster.start(node2)
@@ -294,11 +294,11 @@ def test_healthz_reflects_etcd(make_cluster, session_lab):
     server.start()
     try:
         cluster = make_cluster(1, None, etcd_endpoint=server.endpoint_for(lab.CTL_IP))
-        cluster.registry.close()
-        from flanneld.etcd.client import Registry
+        cluster.etcd_client.close()
+        from flanneld.etcd.client import EtcdClient
         from flanneld.etcd.options import EtcdOptions
 
-        cluster.registry = Registry(EtcdOptions(endpoints=(server.endpoint,), prefix=cluster.prefix))
+        cluster.etcd_client = EtcdClient(EtcdOptions(endpoints=(server.endpoint,), prefix=cluster.prefix))
         cluster.set_config(NETWORK)
         node = cluster.nodes[0]
         cluster.start(node)
@@ -419,7 +419,7 @@ def test_dual_stack(make_cluster):
     result = ping(pod1, pod2.ip6.split("/")[0])
     assert result.returncode == 0, result.stdout + result.stderr
     assert cluster.lease_key(node1).endswith("-24&" + str(env.lease_subnet6).replace("/", "-"))
-    lease = cluster.registry.get(cluster.lease_key(node1))
+    lease = cluster.etcd_client.get(cluster.lease_key(node1))
     assert lease is not None and b'"BackendV6Data":{"VNI":1,"VtepMAC":' in lease.value
 
 
@@ -443,8 +443,8 @@ def test_peer_mac_change_replaces_stale_fdb_entry(make_cluster):
     new_mac = "0e:99:88:77:66:55"
     changed = LeaseAttrs(old.public_ip, None, "vxlan", backend_json({"VNI": 1, "VtepMAC": new_mac})).lease(
         old.subnet, None)
-    kv = cluster.registry.get(cluster.lease_key(node2))
-    cluster.registry.put(kv.key, encode_value(changed), kv.lease_id)
+    kv = cluster.etcd_client.get(cluster.lease_key(node2))
+    cluster.etcd_client.put(kv.key, encode_value(changed), kv.lease_id)
     eventually(lambda: fdbs(node1).get(new_mac) == node2.ip and old.backend["VtepMAC"] not in fdbs(node1)
                and neighs(node1).get(gateway(cluster, node2)) == new_mac, timeout=1.0, what="FDB updated")
 
@@ -457,7 +457,7 @@ def test_interop_with_an_upstream_style_node(make_cluster):
     mac, subnet, gw = "96:c1:44:57:f9:c6", "198.18.250.0/24", "198.18.250.0"
     value = (f'{{"PublicIP":"{upstream.ip}","PublicIPv6":null,"BackendType":"vxlan",'
              f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}').encode()
-    cluster.registry.put(leases_prefix(cluster.prefix) + "198.18.250.0-24", value, cluster.registry.grant(600))
+    cluster.etcd_client.put(leases_prefix(cluster.prefix) + "198.18.250.0-24", value, cluster.etcd_client.grant(600))
     ours = cluster.lease(node1)
     lab.ipbatch([
         f"link add flannel.1 address {mac} mtu 1450 type vxlan id 1 local {upstream.ip} dev {upstream.ifname} "

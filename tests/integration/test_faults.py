@@ -16,8 +16,8 @@ import time
 import pytest
 
 from flanneld import lab
-from flanneld.etcd.client import Registry
-from flanneld.etcd.errors import RegistryError
+from flanneld.etcd.client import EtcdClient
+from flanneld.etcd.errors import EtcdError
 from flanneld.etcd.options import EtcdOptions
 from flanneld.lab.flannel import NETWORK, Cluster
 from flanneld.lab.probes import Pinger, eventually
@@ -39,7 +39,7 @@ def fake_lease(n: int, subnet: str) -> tuple[str, bytes]:
 
 def put_fake(cluster: Cluster, n: int, subnet: str) -> str:
     key, value = fake_lease(n, subnet)
-    cluster.registry.put(leases_prefix(cluster.prefix) + key, value)
+    cluster.etcd_client.put(leases_prefix(cluster.prefix) + key, value)
     return subnet
 
 
@@ -50,7 +50,7 @@ def no_traceback(*nodes: lab.Node) -> None:
 
 def own_state(cluster: Cluster, node: lab.Node) -> tuple[str, str, int]:
     """(subnet, VTEP MAC, etcd lease id): what a restart must keep."""
-    return cluster.subnet(node), link(node)["address"], cluster.registry.get(cluster.lease_key(node)).lease_id
+    return cluster.subnet(node), link(node)["address"], cluster.etcd_client.get(cluster.lease_key(node)).lease_id
 
 
 @pytest.fixture
@@ -161,10 +161,10 @@ def test_etcd_restarted_with_compaction_in_between(make_cluster, own_etcd):
     daemon.send_signal(signal.SIGSTOP)
     try:
         server.restart()
-        cluster.registry.delete(leases_prefix(cluster.prefix) + gone.replace("/", "-"))
+        cluster.etcd_client.delete(leases_prefix(cluster.prefix) + gone.replace("/", "-"))
         came = put_fake(cluster, 2, "198.18.241.0/24")
-        revision, _ = cluster.registry.list_prefix(cluster.prefix)
-        cluster.registry.compact(revision)
+        revision, _ = cluster.etcd_client.list_prefix(cluster.prefix)
+        cluster.etcd_client.compact(revision)
     finally:
         daemon.send_signal(signal.SIGCONT)
     eventually(lambda: came in routes(node1) and gone not in routes(node1), timeout=5,
@@ -208,7 +208,7 @@ def test_three_member_cluster_member_killed(make_cluster, session_lab):
         in_use = _established_ports(node1) & {m.client_port for m in members.members}
         assert len(in_use) == 1, in_use
         victim = members.member_on_port(in_use.pop())
-        probe = Registry(EtcdOptions(endpoints=(victim.endpoint,), prefix=cluster.prefix))
+        probe = EtcdClient(EtcdOptions(endpoints=(victim.endpoint,), prefix=cluster.prefix))
         lease_id = probe.grant(120)
         probe.close()
         victim.kill()
@@ -218,15 +218,15 @@ def test_three_member_cluster_member_killed(make_cluster, session_lab):
         def put_new() -> bool:  # a write may wait out the survivors' leader election
             try:
                 return bool(put_fake(cluster, 4, new))
-            except RegistryError:
+            except EtcdError:
                 return False
 
         eventually(put_new, timeout=10, what="the survivors take writes")
         eventually(lambda: new in routes(node1), timeout=5, what="the watch resumed on another member")
-        assert cluster.registry.keepalive(lease_id) > 0  # renewals (keepalives) go to the survivors
+        assert cluster.etcd_client.keepalive(lease_id) > 0  # renewals (keepalives) go to the survivors
         key, subnet = cluster.lease_key(node1), cluster.subnet(node1)
-        cluster.registry.delete(key)
-        eventually(lambda: cluster.registry.get(key) is not None, timeout=5, what="own lease re-acquired")
+        cluster.etcd_client.delete(key)
+        eventually(lambda: cluster.etcd_client.get(key) is not None, timeout=5, what="own lease re-acquired")
         assert cluster.subnet(node1) == subnet
         node3 = cluster.lab.add_node(3)
         cluster.nodes.append(node3)
@@ -366,11 +366,11 @@ def test_500_leases_churn_in_bursts_while_pods_talk(make_cluster):
     def put(batch):
         for n, subnet in batch:
             key, value = fake_lease(n, subnet)
-            cluster.registry.put(head + key, value)
+            cluster.etcd_client.put(head + key, value)
 
     def delete(batch):
         for _, subnet in batch:
-            cluster.registry.delete(head + subnet.replace("/", "-"))
+            cluster.etcd_client.delete(head + subnet.replace("/", "-"))
 
     fakes = list(enumerate(free, start=10))
     put(fakes[:250])
@@ -402,15 +402,15 @@ def test_bad_leases_are_ignored_or_warned_and_nothing_else_is_disturbed(make_clu
     head = leases_prefix(cluster.prefix)
     own_key = cluster.lease_key(node1)
     good = put_fake(cluster, 7, "198.18.230.0/24")
-    cluster.registry.put(head + "198.18.231.0-24", b'{"PublicIP":"198.51.100.107","BackendType":"vxlan",')
-    cluster.registry.put(head + "junk-key", b"{}")
-    cluster.registry.put(head + "10.99.0.0-24", fake_lease(8, "10.99.0.0/24")[1])  # outside the Network
+    cluster.etcd_client.put(head + "198.18.231.0-24", b'{"PublicIP":"198.51.100.107","BackendType":"vxlan",')
+    cluster.etcd_client.put(head + "junk-key", b"{}")
+    cluster.etcd_client.put(head + "10.99.0.0-24", fake_lease(8, "10.99.0.0/24")[1])  # outside the Network
     wide = put_fake(cluster, 9, "198.18.208.0/20")  # not SubnetLen: programmed, warned (above SubnetMax)
     key, value = fake_lease(10, "198.18.232.0/24")  # upstream spells the field "VtepMac" too
-    cluster.registry.put(head + key, value.replace(b"VtepMAC", b"VtepMac"))
-    stolen = json.loads(cluster.registry.get(own_key).value)
+    cluster.etcd_client.put(head + key, value.replace(b"VtepMAC", b"VtepMac"))
+    stolen = json.loads(cluster.etcd_client.get(own_key).value)
     stolen["PublicIP"] = "198.51.100.99"  # someone claims our subnet with another address
-    cluster.registry.put(own_key, json.dumps(stolen).encode())
+    cluster.etcd_client.put(own_key, json.dumps(stolen).encode())
 
     eventually(lambda: {good, wide, "198.18.232.0/24"} <= set(routes(node1)), timeout=3, what="good leases")
     eventually(lambda: str(cluster.lease(node1).public_ip) == node1.ip, timeout=3, what="our lease restored")
@@ -521,7 +521,7 @@ def test_node_problems_fail_at_once_in_one_line_before_anything_is_programmed(ma
         listener.kill()
         listener.wait()
     assert link(node) is None  # nothing programmed
-    assert cluster.registry.list_prefix(leases_prefix(cluster.prefix))[1] == []  # and no lease taken
+    assert cluster.etcd_client.list_prefix(leases_prefix(cluster.prefix))[1] == []  # and no lease taken
 
 
 # -- security -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pyetcd import etcdrpc
 
 from flanneld import lab
 from flanneld.etcd import h2_unary
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 
 TTL_METHOD = "/etcdserverpb.Lease/LeaseTimeToLive"
@@ -25,8 +25,8 @@ def _ttl_requests(ids):
     return [etcdrpc.LeaseTimeToLiveRequest(ID=lid).SerializeToString() for lid in ids]
 
 
-def test_answers_come_back_in_request_order(registry, etcd):
-    ids = [registry.grant(300 + n) for n in range(300)]
+def test_answers_come_back_in_request_order(etcd_client, etcd):
+    ids = [etcd_client.grant(300 + n) for n in range(300)]
     ids.insert(150, 0x7E57)  # unknown lease: a normal answer with TTL -1
     answers = h2_unary.call_many(_target(etcd), TTL_METHOD, _ttl_requests(ids), timeout=10)
     decoded = [etcdrpc.LeaseTimeToLiveResponse.FromString(a) for a in answers]
@@ -40,7 +40,7 @@ def test_respects_the_servers_stream_limit(session_lab):
     server = lab.EtcdServer("streams", extra_args=["--max-concurrent-streams", "4"])
     server.start()
     try:
-        reg = Registry(EtcdOptions(endpoints=(server.endpoint,)))
+        reg = EtcdClient(EtcdOptions(endpoints=(server.endpoint,)))
         ids = [reg.grant(600) for _ in range(200)]
         answers = h2_unary.call_many(_target(server), TTL_METHOD, _ttl_requests(ids), timeout=10)
         assert all(a is not None for a in answers)  # a refused stream would have been None
@@ -84,12 +84,12 @@ def test_nothing_listening_is_a_clear_error():
         h2_unary.call_many(h2_unary.Target("127.0.0.1", port), TTL_METHOD, [b""], timeout=2)
 
 
-def test_registry_falls_back_to_grpc_when_pipelining_fails(registry, monkeypatch):
-    ids = [registry.grant(600) for _ in range(40)]
+def test_registry_falls_back_to_grpc_when_pipelining_fails(etcd_client, monkeypatch):
+    ids = [etcd_client.grant(600) for _ in range(40)]
 
     def broken(*_args, **_kw):
         raise h2_unary.H2Error("injected")
 
     monkeypatch.setattr(h2_unary, "call_many", broken)
-    ttls = registry.time_to_live_many(ids)
+    ttls = etcd_client.time_to_live_many(ids)
     assert sorted(ttls) == sorted(ids) and all(590 <= t <= 600 for t in ttls.values())

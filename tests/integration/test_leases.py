@@ -11,7 +11,7 @@ import time
 import pytest
 
 from flanneld import lab
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.leases.listing import list_leases
 from flanneld.leases.manager import LeaseError, LeaseManager
@@ -33,25 +33,25 @@ def attrs(n: int, v6: bool = False) -> LeaseAttrs:
                       backend_json({"VNI": 1, "VtepMAC": f"0e:00:00:00:{n // 256:02x}:{n % 256:02x}"}))
 
 
-def put_lease(registry, prefix, subnet, public_ip, lease_id=0, mac="0e:aa:00:00:00:01"):
+def put_lease(etcd_client, prefix, subnet, public_ip, lease_id=0, mac="0e:aa:00:00:00:01"):
     a = LeaseAttrs(ipaddress.IPv4Address(public_ip), None, "vxlan", backend_json({"VNI": 1, "VtepMAC": mac}))
     lease = a.lease(ipaddress.ip_network(subnet), None)
-    registry.put(leases_prefix(prefix) + lease.key, encode_value(lease), lease_id)
+    etcd_client.put(leases_prefix(prefix) + lease.key, encode_value(lease), lease_id)
     return lease
 
 
-def manager(registry, cfg=None, **kw):
-    return LeaseManager(registry, cfg or config(), registry.options.prefix, rng=random.Random(kw.pop("seed", None)),
-                        **kw)
+def manager(etcd_client, cfg=None, **kw):
+    return LeaseManager(etcd_client, cfg or config(), etcd_client.options.prefix,
+                        rng=random.Random(kw.pop("seed", None)), **kw)
 
 
 def acquire_concurrently(etcd, prefix: str, cfg, attrs_of, count: int) -> dict[int, object]:
-    """`count` nodes, each with its own registry, acquiring at the same moment; their leases by node."""
+    """`count` nodes, each with its own etcd client, acquiring at the same moment; their leases by node."""
     barrier = threading.Barrier(count)
     results: dict[int, object] = {}
 
     def node(n: int) -> None:
-        reg = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=prefix))
+        reg = EtcdClient(EtcdOptions(endpoints=(etcd.endpoint,), prefix=prefix))
         try:
             mgr = LeaseManager(reg, cfg, prefix, rng=random.Random(n))
             barrier.wait()
@@ -71,18 +71,18 @@ def acquire_concurrently(etcd, prefix: str, cfg, attrs_of, count: int) -> dict[i
     return results
 
 
-def test_100_concurrent_acquirers_get_distinct_subnets(etcd, registry, etcd_prefix):
+def test_100_concurrent_acquirers_get_distinct_subnets(etcd, etcd_client, etcd_prefix):
     cfg = config()
     results = acquire_concurrently(etcd, etcd_prefix, cfg, attrs, 100)
     subnets = [lease.subnet for lease in results.values()]  # type: ignore[attr-defined]
     assert len(subnets) == 100 and len(set(subnets)) == 100
-    listing = list_leases(registry, etcd_prefix)
+    listing = list_leases(etcd_client, etcd_prefix)
     assert len(listing.leases) == 100
     assert {x.lease.subnet for x in listing.leases.values()} == set(subnets)
     assert all(cfg.ipv4.fits(s) for s in subnets)
 
 
-def test_50_concurrent_acquirers_in_an_ipv6_only_network(etcd, registry, etcd_prefix):
+def test_50_concurrent_acquirers_in_an_ipv6_only_network(etcd, etcd_client, etcd_prefix):
     cfg = parse_config('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "2001:db8:1800::/56"}')
 
     def attrs6(n: int) -> LeaseAttrs:
@@ -93,18 +93,18 @@ def test_50_concurrent_acquirers_in_an_ipv6_only_network(etcd, registry, etcd_pr
     assert len(set(subnets)) == 50 and all(cfg.ipv6.fits(s) for s in subnets)
     assert all(lease.subnet is None for lease in results.values())  # type: ignore[union-attr]
     # each node finds its own lease again by its public IPv6 (upstream's IPv6-only mode reuses one lease for all)
-    mgr = LeaseManager(registry, cfg, etcd_prefix)
+    mgr = LeaseManager(etcd_client, cfg, etcd_prefix)
     again = mgr.acquire(attrs6(7))
     assert again.lease.subnet6 == results[7].subnet6  # type: ignore[union-attr]
 
 
-def test_dual_stack_concurrent_acquirers_unique_per_family(etcd, registry, etcd_prefix):
+def test_dual_stack_concurrent_acquirers_unique_per_family(etcd, etcd_client, etcd_prefix):
     cfg = config(EnableIPv6=True, IPv6Network="2001:db8:1800::/56")
     barrier = threading.Barrier(30)
     results: dict[int, object] = {}
 
     def node(n: int) -> None:
-        reg = Registry(EtcdOptions(endpoints=(etcd.endpoint,), prefix=etcd_prefix))
+        reg = EtcdClient(EtcdOptions(endpoints=(etcd.endpoint,), prefix=etcd_prefix))
         try:
             mgr = LeaseManager(reg, cfg, etcd_prefix, rng=random.Random(1))  # same seed: maximal collisions
             barrier.wait()
@@ -126,113 +126,113 @@ def test_dual_stack_concurrent_acquirers_unique_per_family(etcd, registry, etcd_
     assert all("&" in x.key for x in leases)
 
 
-def test_preexisting_dual_stack_key_blocks_its_ipv4_subnet(registry, etcd_prefix):
+def test_preexisting_dual_stack_key_blocks_its_ipv4_subnet(etcd_client, etcd_prefix):
     cfg = config(SubnetMin="198.18.1.0", SubnetMax="198.18.2.0")
     # an upstream dual-stack node holds 198.18.1.0/24; a v4-only acquirer must not take it too
-    registry.put(leases_prefix(etcd_prefix) + "198.18.1.0-24&2001:db8:1800:1::-64",
+    etcd_client.put(leases_prefix(etcd_prefix) + "198.18.1.0-24&2001:db8:1800:1::-64",
                  b'{"PublicIP":"198.51.100.40","PublicIPv6":"2001:db8:51::40","BackendType":"vxlan"}')
     for seed in range(5):
-        mgr = manager(registry, cfg, seed=seed)
+        mgr = manager(etcd_client, cfg, seed=seed)
         got = mgr.acquire(attrs(seed))
         assert got.lease.subnet == ipaddress.ip_network("198.18.2.0/24")
-        registry.delete(leases_prefix(etcd_prefix) + got.lease.key)
+        etcd_client.delete(leases_prefix(etcd_prefix) + got.lease.key)
 
 
-def test_exhaustion_is_a_clear_error(registry):
+def test_exhaustion_is_a_clear_error(etcd_client):
     cfg = config(SubnetMin="198.18.1.0", SubnetMax="198.18.3.0")
     for n in range(3):
-        manager(registry, cfg).acquire(attrs(n))
+        manager(etcd_client, cfg).acquire(attrs(n))
     with pytest.raises(LeaseError, match=r"out of subnets: every /24 in 198.18.1.0 .. 198.18.3.0"):
-        manager(registry, cfg).acquire(attrs(3))
+        manager(etcd_client, cfg).acquire(attrs(3))
 
 
-def test_reuses_own_lease_by_public_ip_and_keeps_one_etcd_lease(etcd, registry, etcd_prefix):
+def test_reuses_own_lease_by_public_ip_and_keeps_one_etcd_lease(etcd, etcd_client, etcd_prefix):
     before = etcd.lease_ids()
-    first = manager(registry).acquire(attrs(7))
+    first = manager(etcd_client).acquire(attrs(7))
     for _ in range(3):  # restarts: a new manager each time
-        again = manager(registry).acquire(attrs(7))
+        again = manager(etcd_client).acquire(attrs(7))
         assert again.lease.subnet == first.lease.subnet
         assert again.etcd_lease == first.etcd_lease
-    mgr = manager(registry, ttl=30, renew_margin=10)
+    mgr = manager(etcd_client, ttl=30, renew_margin=10)
     own = mgr.acquire(attrs(7))
     for _ in range(10):
         assert mgr.renew()
     assert own.etcd_lease == first.etcd_lease
     assert etcd.lease_ids() - before == {first.etcd_lease}
-    kv = registry.get(leases_prefix(etcd_prefix) + first.lease.key)
+    kv = etcd_client.get(leases_prefix(etcd_prefix) + first.lease.key)
     assert kv.lease_id == first.etcd_lease
-    assert registry.time_to_live_many([first.etcd_lease])[first.etcd_lease] > 86000
+    assert etcd_client.time_to_live_many([first.etcd_lease])[first.etcd_lease] > 86000
 
 
-def test_renewal_keeps_a_short_lease_alive(registry, etcd_prefix):
-    mgr = manager(registry, ttl=2, renew_margin=1)
+def test_renewal_keeps_a_short_lease_alive(etcd_client, etcd_prefix):
+    mgr = manager(etcd_client, ttl=2, renew_margin=1)
     own = mgr.acquire(attrs(3))
     key = leases_prefix(etcd_prefix) + own.lease.key
     for _ in range(4):  # 4 s > 2x the TTL: only renewals keep the key
         time.sleep(mgr.seconds_until_renewal())
         assert mgr.renew()
-    assert registry.get(key) is not None
+    assert etcd_client.get(key) is not None
     time.sleep(3.5)  # no renewal: etcd expires the lease and the key
-    assert registry.get(key) is None
+    assert etcd_client.get(key) is None
     assert mgr.renew() is False
 
 
-def test_previous_subnet_from_subnet_env_is_preferred(registry):
+def test_previous_subnet_from_subnet_env_is_preferred(etcd_client):
     prev = SubnetEnv(subnet=ipaddress.IPv4Interface("198.18.77.1/24"))
-    got = manager(registry, previous=prev).acquire(attrs(1))
+    got = manager(etcd_client, previous=prev).acquire(attrs(1))
     assert got.lease.subnet == ipaddress.ip_network("198.18.77.0/24")
 
 
-def test_previous_subnet_taken_by_someone_else_is_not_stolen(registry, etcd_prefix):
-    put_lease(registry, etcd_prefix, "198.18.77.0/24", "198.51.100.99")
+def test_previous_subnet_taken_by_someone_else_is_not_stolen(etcd_client, etcd_prefix):
+    put_lease(etcd_client, etcd_prefix, "198.18.77.0/24", "198.51.100.99")
     prev = SubnetEnv(subnet=ipaddress.IPv4Interface("198.18.77.1/24"))
-    got = manager(registry, previous=prev).acquire(attrs(1))
+    got = manager(etcd_client, previous=prev).acquire(attrs(1))
     assert got.lease.subnet != ipaddress.ip_network("198.18.77.0/24")
 
 
-def test_reservations_are_never_stolen_and_stay_reservations(registry, etcd_prefix):
+def test_reservations_are_never_stolen_and_stay_reservations(etcd_client, etcd_prefix):
     cfg = config(SubnetMin="198.18.5.0", SubnetMax="198.18.6.0")
-    mine = put_lease(registry, etcd_prefix, "198.18.5.0/24", str(attrs(1).public_ip))
-    put_lease(registry, etcd_prefix, "198.18.6.0/24", "198.51.100.200")  # someone else's reservation
+    mine = put_lease(etcd_client, etcd_prefix, "198.18.5.0/24", str(attrs(1).public_ip))
+    put_lease(etcd_client, etcd_prefix, "198.18.6.0/24", "198.51.100.200")  # someone else's reservation
     for _restart in range(3):
-        own = manager(registry, cfg).acquire(attrs(1))
+        own = manager(etcd_client, cfg).acquire(attrs(1))
         assert own.lease.subnet == mine.subnet and own.reserved and own.etcd_lease == 0
-        kv = registry.get(leases_prefix(etcd_prefix) + mine.key)
+        kv = etcd_client.get(leases_prefix(etcd_prefix) + mine.key)
         assert kv.lease_id == 0  # still a reservation (upstream turns it into a 24 h lease)
         assert decode_lease(mine.key, kv.value).backend["VtepMAC"] == "0e:00:00:00:00:01"
     with pytest.raises(LeaseError, match="out of subnets"):
-        manager(registry, cfg).acquire(attrs(2))
-    assert registry.get(leases_prefix(etcd_prefix) + "198.18.6.0-24").lease_id == 0
+        manager(etcd_client, cfg).acquire(attrs(2))
+    assert etcd_client.get(leases_prefix(etcd_prefix) + "198.18.6.0-24").lease_id == 0
 
 
-def test_stale_own_lease_from_an_older_config_is_replaced(registry, etcd_prefix):
-    old = put_lease(registry, etcd_prefix, "198.18.0.0/25", str(attrs(4).public_ip), registry.grant(600))
-    own = manager(registry).acquire(attrs(4))
+def test_stale_own_lease_from_an_older_config_is_replaced(etcd_client, etcd_prefix):
+    old = put_lease(etcd_client, etcd_prefix, "198.18.0.0/25", str(attrs(4).public_ip), etcd_client.grant(600))
+    own = manager(etcd_client).acquire(attrs(4))
     assert own.lease.subnet.prefixlen == 24
-    assert registry.get(leases_prefix(etcd_prefix) + old.key) is None
+    assert etcd_client.get(leases_prefix(etcd_prefix) + old.key) is None
 
 
-def test_own_key_deleted_reacquires_same_subnet(registry, etcd_prefix):
-    mgr = manager(registry)
+def test_own_key_deleted_reacquires_same_subnet(etcd_client, etcd_prefix):
+    mgr = manager(etcd_client)
     own = mgr.acquire(attrs(5))
-    registry.delete(leases_prefix(etcd_prefix) + own.lease.key)
+    etcd_client.delete(leases_prefix(etcd_prefix) + own.lease.key)
     again = mgr.acquire(attrs(5))
     assert again.lease.subnet == own.lease.subnet
     assert again.etcd_lease == own.etcd_lease
 
 
-def test_junk_entries_are_ignored_and_not_allocated(registry, etcd_prefix):
+def test_junk_entries_are_ignored_and_not_allocated(etcd_client, etcd_prefix):
     head = leases_prefix(etcd_prefix)
     cfg = config(SubnetMin="198.18.1.0", SubnetMax="198.18.3.0")
-    registry.put(head + "garbage", b"hello")
-    registry.put(head + "198.18.1.0-24", b"{not json")
-    put_lease(registry, etcd_prefix, "198.18.2.0/24", "198.51.100.50")
-    listing = list_leases(registry, etcd_prefix)
+    etcd_client.put(head + "garbage", b"hello")
+    etcd_client.put(head + "198.18.1.0-24", b"{not json")
+    put_lease(etcd_client, etcd_prefix, "198.18.2.0/24", "198.51.100.50")
+    listing = list_leases(etcd_client, etcd_prefix)
     assert list(listing.leases) == ["198.18.2.0-24"]
     assert {k for k, _ in listing.junk} == {head + "garbage", head + "198.18.1.0-24"}
-    own = manager(registry, cfg).acquire(attrs(9))
+    own = manager(etcd_client, cfg).acquire(attrs(9))
     assert own.lease.subnet == ipaddress.ip_network("198.18.3.0/24")
-    watcher = LeaseWatcher(registry, etcd_prefix)
+    watcher = LeaseWatcher(etcd_client, etcd_prefix)
     events = watcher.resync()
     assert sorted(e.lease.key for e in events) == ["198.18.2.0-24", "198.18.3.0-24"]
 
@@ -262,18 +262,18 @@ def start_watcher(watcher, sink):
     return thread
 
 
-def test_watch_delivers_add_change_remove_and_skips_junk(registry, etcd_prefix):
+def test_watch_delivers_add_change_remove_and_skips_junk(etcd_client, etcd_prefix):
     head = leases_prefix(etcd_prefix)
-    put_lease(registry, etcd_prefix, "198.18.1.0/24", "198.51.100.11")
-    watcher, sink = LeaseWatcher(registry, etcd_prefix), Collector()
+    put_lease(etcd_client, etcd_prefix, "198.18.1.0/24", "198.51.100.11")
+    watcher, sink = LeaseWatcher(etcd_client, etcd_prefix), Collector()
     thread = start_watcher(watcher, sink)
     try:
         sink.wait_for(lambda ev: len(ev) == 1)
-        put_lease(registry, etcd_prefix, "198.18.2.0/24", "198.51.100.12")
-        registry.put(head + "198.18.2.0-24", b"broken")  # junk update: last good value is kept
-        registry.put(head + "junk", b"x")
-        put_lease(registry, etcd_prefix, "198.18.1.0/24", "198.51.100.11", mac="0e:aa:00:00:00:02")
-        registry.delete(head + "198.18.1.0-24")
+        put_lease(etcd_client, etcd_prefix, "198.18.2.0/24", "198.51.100.12")
+        etcd_client.put(head + "198.18.2.0-24", b"broken")  # junk update: last good value is kept
+        etcd_client.put(head + "junk", b"x")
+        put_lease(etcd_client, etcd_prefix, "198.18.1.0/24", "198.51.100.11", mac="0e:aa:00:00:00:02")
+        etcd_client.delete(head + "198.18.1.0-24")
         sink.wait_for(lambda ev: len(ev) >= 4)
         time.sleep(0.2)
         kinds = [(e.kind, e.lease.key) for e in sink.events]
@@ -288,25 +288,25 @@ def test_watch_delivers_add_change_remove_and_skips_junk(registry, etcd_prefix):
     assert not thread.is_alive()
 
 
-def test_compaction_forces_relist_and_diff(registry, etcd_prefix):
+def test_compaction_forces_relist_and_diff(etcd_client, etcd_prefix):
     head = leases_prefix(etcd_prefix)
-    put_lease(registry, etcd_prefix, "198.18.1.0/24", "198.51.100.11")
-    put_lease(registry, etcd_prefix, "198.18.2.0/24", "198.51.100.12")
-    watcher = LeaseWatcher(registry, etcd_prefix)
+    put_lease(etcd_client, etcd_prefix, "198.18.1.0/24", "198.51.100.11")
+    put_lease(etcd_client, etcd_prefix, "198.18.2.0/24", "198.51.100.12")
+    watcher = LeaseWatcher(etcd_client, etcd_prefix)
     assert len(watcher.resync()) == 2  # "disconnected" from here on
-    registry.delete(head + "198.18.1.0-24")
-    put_lease(registry, etcd_prefix, "198.18.2.0/24", "198.51.100.12", mac="0e:aa:00:00:00:09")
-    put_lease(registry, etcd_prefix, "198.18.3.0/24", "198.51.100.13")
+    etcd_client.delete(head + "198.18.1.0-24")
+    put_lease(etcd_client, etcd_prefix, "198.18.2.0/24", "198.51.100.12", mac="0e:aa:00:00:00:09")
+    put_lease(etcd_client, etcd_prefix, "198.18.3.0/24", "198.51.100.13")
     for i in range(5):  # churn, then compact away all of it
-        registry.put(f"{etcd_prefix}/other/{i}", b"x")
-    registry.compact(registry.list_prefix(head)[0])
+        etcd_client.put(f"{etcd_prefix}/other/{i}", b"x")
+    etcd_client.compact(etcd_client.list_prefix(head)[0])
     sink = Collector()
     thread = start_watcher(watcher, sink)
     try:
         sink.wait_for(lambda ev: len(ev) >= 3)
         got = sorted((e.kind, e.lease.key) for e in sink.events)
         assert got == [("added", "198.18.3.0-24"), ("changed", "198.18.2.0-24"), ("removed", "198.18.1.0-24")]
-        put_lease(registry, etcd_prefix, "198.18.4.0/24", "198.51.100.14")  # and the watch continues
+        put_lease(etcd_client, etcd_prefix, "198.18.4.0/24", "198.51.100.14")  # and the watch continues
         sink.wait_for(lambda ev: len(ev) >= 4)
     finally:
         watcher.stop()
@@ -316,7 +316,7 @@ def test_compaction_forces_relist_and_diff(registry, etcd_prefix):
 def test_watch_resumes_after_etcd_restart(session_lab, etcd_prefix):
     server = lab.EtcdServer("restart")
     server.start()
-    reg = Registry(EtcdOptions(endpoints=(server.endpoint,), prefix=etcd_prefix))
+    reg = EtcdClient(EtcdOptions(endpoints=(server.endpoint,), prefix=etcd_prefix))
     try:
         put_lease(reg, etcd_prefix, "198.18.1.0/24", "198.51.100.11")
         watcher, sink = LeaseWatcher(reg, etcd_prefix), Collector()

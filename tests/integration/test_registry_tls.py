@@ -11,8 +11,8 @@ import time
 import pytest
 
 from flanneld import lab
-from flanneld.etcd.client import Registry
-from flanneld.etcd.errors import RegistryError
+from flanneld.etcd.client import EtcdClient
+from flanneld.etcd.errors import EtcdError
 from flanneld.etcd.options import EtcdOptions
 
 PASSWORD = "s3cret-Pa55word-xyzzy"
@@ -55,7 +55,7 @@ def client_dir(certs):
     return os.path.dirname(certs.ca)
 
 
-def roundtrip(reg: Registry) -> None:
+def roundtrip(reg: EtcdClient) -> None:
     key = reg.options.prefix + "/subnets/198.18.1.0-24"
     reg.put(key, b"v1")
     assert reg.get(key).value == b"v1"
@@ -68,7 +68,7 @@ def roundtrip(reg: Registry) -> None:
     bulk_ttls(reg)
 
 
-def bulk_ttls(reg: Registry) -> None:
+def bulk_ttls(reg: EtcdClient) -> None:
     """The pipelined HTTP/2 TTL lookup works over this TLS/auth set-up itself (no grpcio fallback)."""
     ids = [reg.grant(600) for _ in range(40)]
     fast = reg._pipelined_ttls(ids)
@@ -79,15 +79,15 @@ def bulk_ttls(reg: Registry) -> None:
 
 def test_mutual_tls_with_client_certificate(mutual_tls_etcd, certs):
     d = client_dir(certs)
-    reg = Registry(EtcdOptions(endpoints=(mutual_tls_etcd.endpoint,), cafile=certs.ca,
+    reg = EtcdClient(EtcdOptions(endpoints=(mutual_tls_etcd.endpoint,), cafile=certs.ca,
                                certfile=f"{d}/client.crt", keyfile=f"{d}/client.key"))
     roundtrip(reg)
     reg.close()
 
 
 def test_mutual_tls_without_client_certificate_fails_clearly(mutual_tls_etcd, certs):
-    reg = Registry(EtcdOptions(endpoints=(mutual_tls_etcd.endpoint,), cafile=certs.ca, timeout=2))
-    with pytest.raises(RegistryError, match=r"^etcd get .* failed: .*TLS: etcd requires a client certificate "
+    reg = EtcdClient(EtcdOptions(endpoints=(mutual_tls_etcd.endpoint,), cafile=certs.ca, timeout=2))
+    with pytest.raises(EtcdError, match=r"^etcd get .* failed: .*TLS: etcd requires a client certificate "
                                             r"\(give --etcd-certfile and --etcd-keyfile\)$"):
         reg.get("/coreos.com/network/config")
     reg.close()
@@ -96,16 +96,16 @@ def test_mutual_tls_without_client_certificate_fails_clearly(mutual_tls_etcd, ce
 def test_client_certificate_from_another_ca_is_named(mutual_tls_etcd, tmp_path):
     other = lab.make_certs(str(tmp_path))
     d = client_dir(other)
-    reg = Registry(EtcdOptions(endpoints=(mutual_tls_etcd.endpoint,), cafile=mutual_tls_etcd.tls.ca,
+    reg = EtcdClient(EtcdOptions(endpoints=(mutual_tls_etcd.endpoint,), cafile=mutual_tls_etcd.tls.ca,
                                certfile=f"{d}/client.crt", keyfile=f"{d}/client.key", timeout=2))
-    with pytest.raises(RegistryError, match=r"TLS: etcd rejected our client certificate"):
+    with pytest.raises(EtcdError, match=r"TLS: etcd rejected our client certificate"):
         reg.get("/coreos.com/network/config")
     reg.close()
 
 
 def test_auth_over_plain_http_on_every_path(plain_auth_etcd):
     """Unary calls, watch, keepalive and the pipelined TTL lookup, token as metadata without TLS."""
-    reg = Registry(EtcdOptions(endpoints=(plain_auth_etcd.endpoint,), username="flannel", password=PASSWORD))
+    reg = EtcdClient(EtcdOptions(endpoints=(plain_auth_etcd.endpoint,), username="flannel", password=PASSWORD))
     roundtrip(reg)
     lease_id = reg.grant(60)
     assert 50 <= reg.keepalive(lease_id) <= 60
@@ -116,21 +116,21 @@ def test_auth_over_plain_http_on_every_path(plain_auth_etcd):
 
 def test_ca_only_tls(auth_etcd, certs):
     # CA-only (no client cert) is honoured, not silently ignored as upstream does
-    reg = Registry(EtcdOptions(endpoints=(auth_etcd.endpoint,), cafile=certs.ca, username="flannel",
+    reg = EtcdClient(EtcdOptions(endpoints=(auth_etcd.endpoint,), cafile=certs.ca, username="flannel",
                                password=PASSWORD))
     roundtrip(reg)
     reg.close()
 
 
 def test_unknown_ca_is_rejected(auth_etcd):
-    reg = Registry(EtcdOptions(endpoints=(auth_etcd.endpoint,), username="flannel", password=PASSWORD, timeout=2))
-    with pytest.raises(RegistryError, match=r"cannot connect to etcd.*TLS: etcd's certificate is not trusted "
+    reg = EtcdClient(EtcdOptions(endpoints=(auth_etcd.endpoint,), username="flannel", password=PASSWORD, timeout=2))
+    with pytest.raises(EtcdError, match=r"cannot connect to etcd.*TLS: etcd's certificate is not trusted "
                                             r"\(.*\); check --etcd-cafile"):
         reg.get("/coreos.com/network/config")
 
 
 def test_auth_survives_token_expiry(auth_etcd, certs):
-    reg = Registry(EtcdOptions(endpoints=(auth_etcd.endpoint,), cafile=certs.ca, username="flannel",
+    reg = EtcdClient(EtcdOptions(endpoints=(auth_etcd.endpoint,), cafile=certs.ca, username="flannel",
                                password=PASSWORD))
     reg.put("/coreos.com/network/config", b"{}")
     time.sleep(2.5)  # token TTL is 1 s: the next call must re-authenticate transparently
@@ -142,8 +142,8 @@ def test_wrong_password_is_a_clear_error_without_the_password(auth_etcd, certs, 
     caplog.set_level(logging.DEBUG)
     wrong = PASSWORD + "-wrong"
     opts = EtcdOptions(endpoints=(auth_etcd.endpoint,), cafile=certs.ca, username="flannel", password=wrong)
-    reg = Registry(opts)
-    with pytest.raises(RegistryError) as info:
+    reg = EtcdClient(opts)
+    with pytest.raises(EtcdError) as info:
         reg.get("/coreos.com/network/config")
     message = str(info.value)
     assert "authentication failed" in message
@@ -153,9 +153,9 @@ def test_wrong_password_is_a_clear_error_without_the_password(auth_etcd, certs, 
 
 
 def test_permission_denied_outside_prefix(auth_etcd, certs):
-    reg = Registry(EtcdOptions(endpoints=(auth_etcd.endpoint,), cafile=certs.ca, username="flannel",
+    reg = EtcdClient(EtcdOptions(endpoints=(auth_etcd.endpoint,), cafile=certs.ca, username="flannel",
                                password=PASSWORD))
-    with pytest.raises(RegistryError, match="PERMISSION_DENIED"):
+    with pytest.raises(EtcdError, match="PERMISSION_DENIED"):
         reg.put("/elsewhere/key", b"x")
 
 
@@ -173,26 +173,26 @@ def test_permission_denied_outside_prefix(auth_etcd, certs):
     ],
 )
 def test_bad_connection_options(options, message):
-    with pytest.raises(RegistryError, match=message):
-        Registry(options)
+    with pytest.raises(EtcdError, match=message):
+        EtcdClient(options)
 
 
 def test_unusable_tls_files_are_named_at_start(tmp_path, certs):
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
     d = client_dir(certs)
-    with pytest.raises(RegistryError, match=rf"^etcd CA file {junk} holds no usable certificate"):
-        Registry(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=str(junk)))
-    with pytest.raises(RegistryError, match=rf"^etcd certificate file {junk} and key file {d}/client.key are not a "
+    with pytest.raises(EtcdError, match=rf"^etcd CA file {junk} holds no usable certificate"):
+        EtcdClient(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=str(junk)))
+    with pytest.raises(EtcdError, match=rf"^etcd certificate file {junk} and key file {d}/client.key are not a "
                                             "usable PEM certificate and matching key"):
-        Registry(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=certs.ca, certfile=str(junk),
+        EtcdClient(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=certs.ca, certfile=str(junk),
                              keyfile=f"{d}/client.key"))
-    with pytest.raises(RegistryError, match="are not a usable PEM certificate and matching key"):  # a mismatched pair
-        Registry(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=certs.ca, certfile=f"{d}/client.crt",
+    with pytest.raises(EtcdError, match="are not a usable PEM certificate and matching key"):  # a mismatched pair
+        EtcdClient(EtcdOptions(endpoints=("https://127.0.0.1:2379",), cafile=certs.ca, certfile=f"{d}/client.crt",
                              keyfile=certs.key))
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-passout", "pass:secret", "-subj", "/CN=encrypted", "-days", "1", "-keyout",
                     str(tmp_path / "enc.key"), "-out", str(tmp_path / "enc.crt")], check=True, capture_output=True)
-    with pytest.raises(RegistryError, match=rf"^etcd key file {tmp_path}/enc.key is encrypted; give an unencrypted"):
-        Registry(EtcdOptions(endpoints=("https://127.0.0.1:2379",), certfile=str(tmp_path / "enc.crt"),
+    with pytest.raises(EtcdError, match=rf"^etcd key file {tmp_path}/enc.key is encrypted; give an unencrypted"):
+        EtcdClient(EtcdOptions(endpoints=("https://127.0.0.1:2379",), certfile=str(tmp_path / "enc.crt"),
                              keyfile=str(tmp_path / "enc.key")))  # never a passphrase prompt

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from flanneld import lab
-from flanneld.etcd.client import Registry
+from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.lab.flannel import NETWORK
 from flanneld.lab.probes import Pinger, eventually
@@ -41,7 +41,7 @@ def fake(cluster, n: int) -> str:
     subnet = f"198.18.{200 + n}.0/24"
     value = (f'{{"PublicIP":"198.51.100.{100 + n}","PublicIPv6":null,"BackendType":"vxlan",'
              f'"BackendData":{{"VNI":1,"VtepMAC":"0e:fb:00:00:00:{n:02x}"}}}}')
-    cluster.registry.put(leases_prefix(cluster.prefix) + subnet.replace("/", "-"), value.encode())
+    cluster.etcd_client.put(leases_prefix(cluster.prefix) + subnet.replace("/", "-"), value.encode())
     return subnet
 
 
@@ -56,13 +56,13 @@ def test_daemons_through_the_grpc_proxy(make_cluster, members, proxy):
 
     new = fake(cluster, 1)  # watch through the proxy
     eventually(lambda: all(new in routes(n) for n in cluster.nodes), timeout=3, what="event through the proxy")
-    reg = Registry(EtcdOptions(endpoints=(proxy.endpoint,), prefix=cluster.prefix))
+    reg = EtcdClient(EtcdOptions(endpoints=(proxy.endpoint,), prefix=cluster.prefix))
     lease_id = reg.grant(60)
     assert reg.keepalive(lease_id) > 0  # renewals are keepalives: they pass the proxy
     reg.revoke(lease_id)
     key, subnet = cluster.lease_key(node1), cluster.subnet(node1)
-    cluster.registry.delete(key)  # re-acquisition: a transaction through the proxy
-    eventually(lambda: cluster.registry.get(key) is not None, timeout=5, what="own lease re-acquired")
+    cluster.etcd_client.delete(key)  # re-acquisition: a transaction through the proxy
+    eventually(lambda: cluster.etcd_client.get(key) is not None, timeout=5, what="own lease re-acquired")
     assert cluster.subnet(node1) == subnet
 
     # compaction while the daemon's stream is down: the proxy restarts, history is compacted away
@@ -71,10 +71,10 @@ def test_daemons_through_the_grpc_proxy(make_cluster, members, proxy):
     try:
         proxy.restart()
         gone = fake(cluster, 2)
-        cluster.registry.delete(leases_prefix(cluster.prefix) + gone.replace("/", "-"))
+        cluster.etcd_client.delete(leases_prefix(cluster.prefix) + gone.replace("/", "-"))
         came = fake(cluster, 3)
-        revision, _ = cluster.registry.list_prefix(cluster.prefix)
-        cluster.registry.compact(revision)
+        revision, _ = cluster.etcd_client.list_prefix(cluster.prefix)
+        cluster.etcd_client.compact(revision)
     finally:
         daemon.send_signal(signal.SIGCONT)
     try:

@@ -116,7 +116,7 @@ def test_three_nodes_encrypted_and_nothing_in_clear_on_the_underlay(make_cluster
     wg = wg_dump(node1)
     lease = cluster.lease(node1)
     assert lease.backend_type == "wireguard" and lease.backend == {"PublicKey": wg["public_key"], "Port": 51820}
-    assert cluster.registry.get(cluster.lease_key(node1)).value == (
+    assert cluster.etcd_client.get(cluster.lease_key(node1)).value == (
         f'{{"PublicIP":"{node1.ip}","PublicIPv6":null,"BackendType":"wireguard",'
         f'"BackendData":{{"PublicKey":"{wg["public_key"]}","Port":51820}}}}').encode()
     assert wg["listen_port"] == 51820 and len(wg["peers"]) == 2
@@ -196,7 +196,7 @@ def test_hitless_restart_peer_removal_and_repair(make_cluster):
     ckey = wg_dump(c)["public_key"]
     cluster.stop(c)
     removed_at = time.monotonic()
-    cluster.registry.delete(cluster.lease_key(c))
+    cluster.etcd_client.delete(cluster.lease_key(c))
     for node in (a, b):
         eventually(lambda n=node: ckey not in wg_dump(n)["peers"], timeout=1.0, what="peer removed")
     assert time.monotonic() - removed_at < 1.0
@@ -248,11 +248,11 @@ def test_peer_lease_without_port_and_an_upstream_style_lease(make_cluster):
                         "BackendData": {"PublicKey": "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM="}},
                        separators=(",", ":"))
     key = cluster.prefix + "/subnets/198.18.201.0-24"
-    cluster.registry.put(key, lease.encode())
+    cluster.etcd_client.put(key, lease.encode())
     eventually(lambda: "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM=" in wg_dump(a)["peers"], timeout=2,
                what="old-style peer programmed")
     assert wg_dump(a)["peers"]["hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM="]["endpoint"] == "198.51.100.77:51900"
-    cluster.registry.delete(key)
+    cluster.etcd_client.delete(key)
     eventually(lambda: "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM=" not in wg_dump(a)["peers"], timeout=2,
                what="old-style peer removed")
 
@@ -307,7 +307,7 @@ def test_bad_inputs_are_one_clear_line(make_cluster):
     proc = cluster.start(node, "--wireguard-provider=kernel", wait=False)
     assert proc.wait(20) == 1
     assert "creating wireguard device flannel-wg: Operation not supported" in node.log()
-    assert "Traceback" not in node.log() and cluster.registry.list_prefix(cluster.prefix + "/subnets/")[1] == []
+    assert "Traceback" not in node.log() and cluster.etcd_client.list_prefix(cluster.prefix + "/subnets/")[1] == []
     # a key file that holds no key is never replaced
     node.sh("sh", "-c", "echo not-a-key > /run/flannel/wgkey")
     proc = cluster.start(node, wait=False)

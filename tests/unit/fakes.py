@@ -1,9 +1,9 @@
-"""In-memory stand-ins for the kernel tables and the etcd registry, for unit tests without root.
+"""In-memory stand-ins for the kernel tables and the etcd etcd_client, for unit tests without root.
 
 The fake kernel speaks the daemon's own netlink bytes: writes are parsed with the codec and kept
 as table entries keyed the way the kernel keys them, dumps answer with the same payloads, and
 every write is also queued as a notification (what the netlink monitor would see). The fake
-registry keeps revisions like etcd: every put/delete bumps the revision, a listing reports it.
+etcd_client keeps revisions like etcd: every put/delete bumps the revision, a listing reports it.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class FakeKernel:
         self.tx_csum[name] = enabled
 
 
-class FakeRegistry:
+class FakeEtcdClient:
     """etcd's revision semantics for one prefix: get, put, delete, listing at a revision."""
 
     def __init__(self) -> None:

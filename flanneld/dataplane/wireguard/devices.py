@@ -31,7 +31,7 @@ class _Control(Protocol):
             changes: Sequence[PeerChange] = ()) -> None: ...
 
 
-class _Kernel:
+class _GenlControl:
     """A kernel WireGuard device, through generic netlink (one short-lived socket per call)."""
 
     def __init__(self, name: str) -> None:
@@ -53,7 +53,7 @@ class _Kernel:
             client.close()
 
 
-class _Userspace:
+class _UapiControl:
     """A wireguard-go device, through its UAPI socket; errors as KernelError like the kernel's."""
 
     def __init__(self, name: str) -> None:
@@ -94,7 +94,7 @@ class WireguardDevices:
 
     @staticmethod
     def control(link: ObservedLink | None, name: str) -> _Control:
-        return _Kernel(name) if link is not None and link.kind == "wireguard" else _Userspace(name)
+        return _GenlControl(name) if link is not None and link.kind == "wireguard" else _UapiControl(name)
 
     def incompatible(self, link: ObservedLink, spec: WireguardLink, underlay_index: int) -> str:
         if link.kind == "wireguard":

@@ -1,4 +1,4 @@
-"""host-gw, alloc and extension planners, the registry's refusals, and lease bytes as upstream writes them."""
+"""host-gw, alloc and extension planners, the backend table's refusals, and lease bytes as upstream writes them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The daemon's event handling (flanneld.node.overlay) on the in-memory kernel and registry, without root."""
+"""The daemon's event handling (flanneld.node.overlay) on the in-memory kernel and etcd client, without root."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from flanneld.node.metrics import Metrics, parse
 from flanneld.node.overlay import Overlay, OverlaySettings
 from flanneld.plan.backend import External, NodeSettings, create_backend, published_addresses
 from flanneld.plan.state import ObservedLink
-from tests.unit.fakes import FakeKernel, FakeRegistry
+from tests.unit.fakes import FakeEtcdClient, FakeKernel
 
 A = ipaddress.ip_address
 PREFIX = "/test/network"
@@ -46,11 +46,11 @@ def event(kind: str, n: int, raw: bytes | None = None) -> LeaseEvent:
 
 def started(tmp_path, config=CONFIG):  # type: ignore[no-untyped-def]
     """An overlay as the daemon's start leaves it: devices, our lease, a full reconcile."""
-    kernel, registry = FakeKernel(), FakeRegistry()
+    kernel, etcd_client = FakeKernel(), FakeEtcdClient()
     kernel.add_plain("eth0", 2)
     backend = create_backend(config, EXT, NodeSettings())
     reconciler = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
-    leases = LeaseManager(registry, config, PREFIX)  # type: ignore[arg-type]
+    leases = LeaseManager(etcd_client, config, PREFIX)  # type: ignore[arg-type]
     devices = reconciler.ensure_links(backend.links())
     own = leases.acquire(backend.lease_attrs(devices))
     overlay = Overlay(config, backend, reconciler, leases,
@@ -58,7 +58,7 @@ def started(tmp_path, config=CONFIG):  # type: ignore[no-untyped-def]
                       threading.Event(), devices)
     overlay.adopt_lease(own.lease)
     overlay.full_reconcile("start")
-    return overlay, kernel, registry
+    return overlay, kernel, etcd_client
 
 
 @pytest.fixture
@@ -149,27 +149,27 @@ def test_failed_writes_ask_for_a_full_reconcile(node):
 
 
 def test_our_lease_deleted_or_modified_is_repaired(node):
-    overlay, _, registry = node
+    overlay, _, etcd_client = node
     key = HEAD + overlay.own.key
     subnet = overlay.own.subnet
-    hijacked = json.loads(registry.get(key).value)
+    hijacked = json.loads(etcd_client.get(key).value)
     hijacked["PublicIP"] = "198.51.100.99"
-    registry.put(key, json.dumps(hijacked).encode(), registry.get(key).lease_id)
-    assert overlay.apply_lease_events([LeaseEvent("changed", overlay.own.key, registry.get(key).value)],
+    etcd_client.put(key, json.dumps(hijacked).encode(), etcd_client.get(key).lease_id)
+    assert overlay.apply_lease_events([LeaseEvent("changed", overlay.own.key, etcd_client.get(key).value)],
                                       incremental=True) == ""
-    assert json.loads(registry.get(key).value)["PublicIP"] == "198.51.100.11"
-    registry.delete(key)
+    assert json.loads(etcd_client.get(key).value)["PublicIP"] == "198.51.100.11"
+    etcd_client.delete(key)
     reason = overlay.apply_lease_events([LeaseEvent("removed", overlay.own.key, b"{}")], incremental=True)
-    assert reason == "own lease re-acquired" and registry.get(key) is not None and overlay.own.subnet == subnet
+    assert reason == "own lease re-acquired" and etcd_client.get(key) is not None and overlay.own.subnet == subnet
 
 
 def test_a_recreated_device_keeps_the_published_mac(node):
-    overlay, kernel, registry = node
+    overlay, kernel, etcd_client = node
     mac = overlay.devices["flannel.1"].mac
     kernel.delete_link(kernel.link("flannel.1").index)
     report = overlay.full_reconcile("drift")
     assert report.created == ["flannel.1"] and kernel.link("flannel.1").mac == mac
-    assert mac in registry.get(HEAD + overlay.own.key).value.decode()
+    assert mac in etcd_client.get(HEAD + overlay.own.key).value.decode()
 
 
 def test_probe_addresses_follow_the_enabled_families():
@@ -188,12 +188,12 @@ def kv(key: str, raw: bytes, rev: int) -> KeyValue:
 
 
 def test_watcher_lists_applies_and_diffs_after_compaction():
-    registry = FakeRegistry()
-    registry.put(HEAD + "198.18.2.0-24", value(2))
-    registry.put(HEAD + "junk", b"{")
-    watcher = LeaseWatcher(registry, PREFIX)  # type: ignore[arg-type]
+    etcd_client = FakeEtcdClient()
+    etcd_client.put(HEAD + "198.18.2.0-24", value(2))
+    etcd_client.put(HEAD + "junk", b"{")
+    watcher = LeaseWatcher(etcd_client, PREFIX)  # type: ignore[arg-type]
     assert [(e.kind, e.key) for e in watcher.resync()] == [("added", "198.18.2.0-24")]
-    rev = registry.revision
+    rev = etcd_client.revision
     batch = WatchBatch(rev + 2, [WatchEvent(False, kv("198.18.3.0-24", value(3), rev + 1)),
                                  WatchEvent(False, kv("198.18.2.0-24", b"{broken", rev + 2))])
     assert [(e.kind, e.key) for e in watcher.apply(batch)] == [("added", "198.18.3.0-24")]
@@ -202,21 +202,21 @@ def test_watcher_lists_applies_and_diffs_after_compaction():
     removed = watcher.apply(WatchBatch(rev + 10, [WatchEvent(True, kv("198.18.3.0-24", b"", rev + 10))]))
     assert [(e.kind, e.value) for e in removed] == [("removed", value(3))]  # DELETE carries the last value
     # after a compaction: list again and synthesise what the missed events would have said
-    registry.put(HEAD + "198.18.2.0-24", value(2, "0e:00:00:00:00:22"))
-    registry.put(HEAD + "198.18.4.0-24", value(4))
+    etcd_client.put(HEAD + "198.18.2.0-24", value(2, "0e:00:00:00:00:22"))
+    etcd_client.put(HEAD + "198.18.4.0-24", value(4))
     assert sorted((e.kind, e.key) for e in watcher.resync()) == [("added", "198.18.4.0-24"),
                                                                 ("changed", "198.18.2.0-24")]
-    registry.delete(HEAD + "198.18.4.0-24")
+    etcd_client.delete(HEAD + "198.18.4.0-24")
     assert [(e.kind, e.key) for e in watcher.resync()] == [("removed", "198.18.4.0-24")]
 
 
 def test_renewals_are_jittered_per_node_within_a_tenth_of_the_margin():
     import random
 
-    jitters = {LeaseManager(FakeRegistry(), CONFIG, PREFIX, renew_margin=3600,  # type: ignore[arg-type]
+    jitters = {LeaseManager(FakeEtcdClient(), CONFIG, PREFIX, renew_margin=3600,  # type: ignore[arg-type]
                             rng=random.Random(seed)).renew_jitter for seed in range(20)}
     assert len(jitters) == 20 and all(0 <= j <= 60 for j in jitters)
-    small = LeaseManager(FakeRegistry(), CONFIG, PREFIX, ttl=100, renew_margin=50)  # type: ignore[arg-type]
+    small = LeaseManager(FakeEtcdClient(), CONFIG, PREFIX, ttl=100, renew_margin=50)  # type: ignore[arg-type]
     assert small.renew_jitter <= 5
 
 
@@ -230,7 +230,7 @@ def test_wireguard_leases_sharing_a_key_are_merged_by_a_full_reconcile(tmp_path,
     monkeypatch.setitem(devices.KINDS, "wireguard", fake)
     monkeypatch.setenv("WIREGUARD_KEY_FILE", str(tmp_path / "wgkey"))
     config = parse_config('{"Network": "198.18.0.0/16", "SubnetMin": "198.18.100.0", "Backend": {"Type": "wireguard"}}')
-    overlay, _kernel, _registry = started(tmp_path, config)
+    overlay, _kernel, _etcd_client = started(tmp_path, config)
     key = "hA3o0ZdPN1S3fPYGyIqhJDqLRcmCN0VwVtHyyWy6ykM="
 
     def wg(n: int, host: int) -> bytes:
@@ -255,18 +255,18 @@ def test_wireguard_leases_sharing_a_key_are_merged_by_a_full_reconcile(tmp_path,
 def test_a_start_lists_once_when_its_lease_is_unchanged_and_again_after_writing():
     """Restart storm: find_own's listing serves acquisition and the watcher. A node that wrote its
     lease lists again, so being ready still covers every lease that existed before ours."""
-    registry = FakeRegistry()
+    etcd_client = FakeEtcdClient()
     backend = create_backend(CONFIG, EXT, NodeSettings())
     attrs = backend.lease_attrs({"flannel.1": ObservedLink("flannel.1", 5, "vxlan", 1450, "0e:aa:00:00:00:01", True)})
-    first = LeaseManager(registry, CONFIG, PREFIX)  # type: ignore[arg-type]
+    first = LeaseManager(etcd_client, CONFIG, PREFIX)  # type: ignore[arg-type]
     assert first.find_own(published_addresses(CONFIG, EXT)) is None
     first.acquire(attrs)
     assert first.take_listing() is None  # it created its lease: the watcher lists afresh
-    again = LeaseManager(registry, CONFIG, PREFIX)  # type: ignore[arg-type]  # the restart
-    registry.requests.clear()
+    again = LeaseManager(etcd_client, CONFIG, PREFIX)  # type: ignore[arg-type]  # the restart
+    etcd_client.requests.clear()
     assert again.find_own(published_addresses(CONFIG, EXT)) is not None
     again.acquire(attrs)
-    assert registry.requests == {"list": 1, "keepalive": 1}  # and no read-back of our own key
+    assert etcd_client.requests == {"list": 1, "keepalive": 1}  # and no read-back of our own key
     _revision, kvs = again.take_listing()  # type: ignore[misc]
     assert [kv.key for kv in kvs] == [HEAD + first.own.lease.key]  # type: ignore[union-attr]
     assert again.take_listing() is None
