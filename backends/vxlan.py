@@ -43,6 +43,12 @@ def normalize_mac(value: Any) -> str | None:
     return value.lower().replace("-", ":")
 
 
+def is_unicast(mac: str) -> bool:
+    """A MAC an FDB entry can point at: the kernel refuses multicast and broadcast ones (the low bit
+    of the first octet) and the all-zero one with EOPNOTSUPP/EINVAL, on every try."""
+    return not int(mac[:2], 16) & 1 and mac != "00:00:00:00:00:00"
+
+
 @dataclass(frozen=True)
 class VxlanOptions:
     """The ``Backend`` object of a vxlan config (upstream option names)."""
@@ -211,6 +217,9 @@ class VxlanBackend(BackendBase):
         mac = normalize_mac(fam.backend_data(peer).get("VtepMAC"))
         if mac is None:
             return f"its BackendData has no valid {fam} VtepMAC", "backend-data"
+        if not is_unicast(mac):
+            return (f"its {fam} VtepMAC {mac} is not a unicast MAC (multicast, broadcast or all-zero): no FDB "
+                    "entry can point at it", "backend-data")
         gateway = str(subnet.network_address)
         out.neighs.append(Neigh(f.device, gateway, mac))
         out.fdbs.append(Fdb(f.device, mac, str(public)))

@@ -87,6 +87,7 @@ class Reconciler:
         DirectRouting leave by it; device kinds that need a lower device are created over it)."""
         self.kernel = kernel
         self.underlay_index = underlay_index
+        self._told: set[tuple[object, int]] = set()  # write refusals already warned of (see _say)
         self.desired: DesiredState | None = None  # devices, addresses, owned networks of the last reconcile
         self.index: dict[str, int] = {underlay: underlay_index}  # our devices and the underlay by name
         self._names: dict[int, str] = {underlay_index: underlay}
@@ -218,10 +219,7 @@ class Reconciler:
             puts.append((nl.route(bulk.next_seq(), False, net.network_address.packed, net.prefixlen, gw, oif,
                                   r.onlink, r.blackhole, r.metric), r))
         report.written += len(puts)
-        failures = bulk.write(items + puts)
-        for failure in failures:
-            log.warning("could not write %s: %s", failure.item, failure.message)
-        report.failures += failures
+        self._say(bulk.write(items + puts), report)
 
     def _write_wg(self, wg: TableDiff[WgPeer], report: Report) -> None:
         desired = self.desired
@@ -234,9 +232,16 @@ class Reconciler:
             failures = handler(spec.kind).write_peers(self.kernel, spec, put, delete)
             report.written += len(put)
             report.deleted += len(delete)
-            for failure in failures:
-                log.warning("could not write WireGuard peer %s: %s", failure.item, failure.message)
-            report.failures += failures
+            self._say(failures, report, "WireGuard peer ")
+
+    def _say(self, failures: list[WriteFailure], report: Report, what: str = "") -> None:
+        """Add `failures` to the report; warn of each once, not on every retry of the same refusal
+        (a full reconcile forgets the ones it no longer meets, so a refusal that comes back is told)."""
+        for failure in failures:
+            if (failure.item, failure.errno) not in self._told:
+                self._told.add((failure.item, failure.errno))
+                log.warning("could not write %s%s: %s", what, failure.item, failure.message)
+        report.failures += failures
 
     def _lookup_index(self, name: str) -> int | None:
         link = self.kernel.link(name)
@@ -271,6 +276,7 @@ class Reconciler:
         neighs, fdbs, routes, wg = self._actual(desired)
         self._write(diff(desired.neighs, neighs), diff(desired.fdbs, fdbs), diff(desired.routes, routes),
                     diff(desired.wg_peers, wg), report)
+        self._told &= {(f.item, f.errno) for f in report.failures}
         report.seconds = time.perf_counter() - start
         return report
 

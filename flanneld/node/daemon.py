@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import queue
@@ -20,12 +21,13 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flanneld import __version__
 from flanneld.dataplane.firewall import FirewallError
 from flanneld.dataplane.iface import IfaceError, IfaceOptions
-from flanneld.dataplane.netlink import Kernel, KernelError, Monitor
+from flanneld.dataplane.netlink import Kernel, KernelError, Monitor, WriteFailure
 from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.errors import EtcdError
 from flanneld.etcd.options import EtcdOptions
@@ -46,6 +48,23 @@ log = logging.getLogger("flanneld")
 
 DRIFT_DEBOUNCE = 0.02
 RETRY_AFTER_FAILURE = 1.0
+# What the kernel answers, on every try, for a write it will never take (an FDB entry pointing at
+# a multicast MAC, a malformed route): retried with a backoff, not once a second.
+PERMANENT_REFUSALS = frozenset({errno.EINVAL, errno.EOPNOTSUPP})
+
+
+def retry_delay(previous: float | None, failures: Sequence[WriteFailure], cap: float) -> float | None:
+    """Seconds until the next full reconcile after one that left `failures` (None: no retry).
+
+    A failure that may pass (a device briefly gone, ENOBUFS) is retried after a second; when every
+    failure is a refusal that will not change, the wait doubles each time, up to `cap` (the
+    periodic reconcile's interval), so one bad entry never costs every node a full dump a second.
+    """
+    if not failures:
+        return None
+    if previous is None or not all(f.errno in PERMANENT_REFUSALS for f in failures):
+        return RETRY_AFTER_FAILURE
+    return min(previous * 2, cap)
 
 
 class FatalError(Exception):
@@ -221,6 +240,7 @@ class Daemon:
         next_fw = now + self.opts.iptables_resync
         next_full = now + self.opts.reconcile_interval
         retry_full_at: float | None = None
+        retry_wait: float | None = None
         while not self.stop_event.is_set():
             self.loop_heartbeat = now = time.monotonic()
             self.metrics.watch_connected.set(int(self.watcher.connected if self.watcher else 0))
@@ -259,7 +279,9 @@ class Daemon:
                 full_reason = full_reason or "retry"
             if full_reason:
                 report = overlay.full_reconcile(full_reason)
-                retry_full_at = time.monotonic() + RETRY_AFTER_FAILURE if report is None or report.failures else None
+                retry_wait = (RETRY_AFTER_FAILURE if report is None else
+                              retry_delay(retry_wait, report.failures, self.opts.reconcile_interval))
+                retry_full_at = time.monotonic() + retry_wait if retry_wait is not None else None
             if now >= next_fw:
                 overlay.check_firewall()
                 next_fw = time.monotonic() + self.opts.iptables_resync

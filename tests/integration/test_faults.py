@@ -426,6 +426,37 @@ def test_bad_leases_are_ignored_or_warned_and_nothing_else_is_disturbed(make_clu
     no_traceback(node1, node2)
 
 
+def test_a_lease_whose_vtep_mac_is_not_unicast_is_skipped_once_and_nothing_loops(make_cluster):
+    """Such a MAC passed the format check, the kernel refused its FDB entry on every try, and every
+    vxlan node ran a full reconcile (and warned) once a second for as long as the key existed."""
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    head = leases_prefix(cluster.prefix)
+    junk = {"198.18.233.0/24": "01:00:5e:00:00:01", "198.18.234.0/24": "ff:ff:ff:ff:ff:ff",
+            "198.18.235.0/24": "00:00:00:00:00:00"}
+    for n, (subnet, mac) in enumerate(junk.items()):
+        key, value = fake_lease(20 + n, subnet)
+        cluster.etcd_client.put(head + key, value.replace(b"0e:fa:00:%02x:00:01" % (20 + n), mac.encode()))
+    good = put_fake(cluster, 23, "198.18.236.0/24")  # written after the junk: programmed all the same
+    eventually(lambda: good in routes(node1) and good in routes(node2), timeout=3, what="the good peer")
+    skipped = ("flanneld_skipped_peers", (("reason", "backend-data"),))
+    repairs = ("flanneld_drift_repairs_total", ())
+    eventually(lambda: parse(node1.http("/metrics")[1]).get(skipped) == 3, timeout=3, what="three skipped peers")
+    before = parse(node1.http("/metrics")[1]).get(repairs, 0.0)
+    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    time.sleep(4)
+    assert pinger.stop()[1] == 0
+    assert parse(node1.http("/metrics")[1]).get(repairs, 0.0) == before  # no reconcile loop
+    for node in (node1, node2):
+        log = node.log()
+        for subnet, mac in junk.items():
+            assert log.count(f"VtepMAC {mac} is not a unicast MAC") == 1, log[-3000:]
+            assert subnet not in routes(node)
+        assert "could not write" not in log
+    no_traceback(node1, node2)
+
+
 @pytest.mark.parametrize(("backend", "message"), [
     ({"Type": "vxlan", "VNI": 16777216}, "Backend.VNI must be an integer in 0..16777215, got 16777216"),
     ({"Type": "vxlan", "MTU": 100}, "Backend.MTU 100 is too small for an overlay (minimum 1280)"),

@@ -90,6 +90,9 @@ def test_blackhole_route_has_a_low_priority():
 @pytest.mark.parametrize(("lease", "reason"), [
     (peer(2, btype="host-gw"), "backend type 'host-gw' is not vxlan"),
     (peer(2, mac="not-a-mac"), "no valid IPv4 VtepMAC"),
+    (peer(2, mac="01:00:5e:00:00:01"), "VtepMAC 01:00:5e:00:00:01 is not a unicast MAC"),
+    (peer(2, mac="ff:ff:ff:ff:ff:ff"), "VtepMAC ff:ff:ff:ff:ff:ff is not a unicast MAC"),
+    (peer(2, mac="00:00:00:00:00:00"), "VtepMAC 00:00:00:00:00:00 is not a unicast MAC"),
     (peer(2, public="198.51.100.11"), "our own public address"),
     (peer(2, subnet="10.9.0.0/24"), "outside the network"),
     (peer(2, public="0.0.0.0"), "no IPv4 public address"),

@@ -103,6 +103,23 @@ def test_failed_writes_are_reported_per_entry():
     assert "198.18.5.0/24" not in routes(kernel)
 
 
+def test_a_refused_write_is_told_once_and_again_only_after_it_went_away(caplog):
+    kernel, rec, _ = setup(peer(2))
+    kernel.bulk.refuse.add(ipaddress.ip_address("198.18.5.0").packed)
+    with caplog.at_level("WARNING", logger="flanneld.dataplane.reconciler"):
+        for _ in range(5):  # the retries a daemon makes of the same refusal
+            assert rec.reconcile(desired(peer(2), peer(5))).failures
+        told = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
+        assert len(told) == 2  # the neighbour and the route, each once
+        kernel.bulk.refuse.clear()
+        assert not rec.reconcile(desired(peer(2), peer(5))).failures
+        caplog.clear()
+        kernel.bulk.refuse.add(ipaddress.ip_address("198.18.5.0").packed)
+        rec.reconcile(desired(peer(2)))  # the entry is no longer wanted ...
+        rec.reconcile(desired(peer(2), peer(5)))  # ... and is back, refused again: told again
+        assert len([r for r in caplog.records if "could not write" in r.getMessage()]) == 2
+
+
 def test_a_backend_without_devices_routes_over_the_underlay():
     kernel = FakeKernel()
     kernel.add_plain("eth0", 2)
