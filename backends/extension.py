@@ -17,11 +17,13 @@ loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import queue
 import shlex
+import signal
 import string
 import subprocess
 import threading
@@ -68,24 +70,43 @@ def argv_for(command: str, env: Mapping[str, str]) -> list[str]:
     return [string.Template(arg).safe_substitute(env) for arg in shlex.split(command)]
 
 
-def run_hook(name: str, command: str, env: Mapping[str, str], stdin: str, timeout: float) -> str | None:
-    """Run one hook; its stdout (stripped), or None when it failed (logged, never raised)."""
+class HookError(Exception):
+    """A hook could not run, failed or timed out; the message says which, with its stderr."""
+
+
+def run(name: str, command: str, env: Mapping[str, str], stdin: str, timeout: float) -> str:
+    """Run one hook in a process group of its own; its stdout (stripped), or HookError.
+
+    On a timeout the whole group is killed: a pipeline (``sh -c 'a | b'``) leaves no process behind.
+    """
     try:
         argv = argv_for(command, env)
-        proc = subprocess.run(argv, input=stdin + "\n", capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **env})
-    except subprocess.TimeoutExpired:
-        log.error("%s %r timed out after %gs and was killed", name, command, timeout)
-        return None
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, **env}, start_new_session=True)
     except (OSError, ValueError) as exc:
-        log.error("%s %r could not run: %s", name, command, getattr(exc, "strerror", None) or exc)
-        return None
+        raise HookError(f"{name} {command!r} could not run: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        stdout, stderr = proc.communicate(stdin + "\n", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise HookError(f"{name} {command!r} timed out after {timeout:g}s and was killed") from None
     if proc.returncode != 0:
-        log.error("%s %r failed with exit status %d: %s", name, command, proc.returncode,
-                  proc.stderr.strip()[-500:] or "(no stderr)")
+        said = "; ".join(line.strip() for line in stderr.strip()[-500:].splitlines() if line.strip())
+        raise HookError(f"{name} {command!r} failed with exit status {proc.returncode}: {said or '(no stderr)'}")
+    log.info("%s %r ran%s", name, command, f": {stdout.strip()[:200]}" if stdout.strip() else "")
+    return stdout.strip()
+
+
+def run_hook(name: str, command: str, env: Mapping[str, str], stdin: str, timeout: float) -> str | None:
+    """Run one peer hook; its stdout, or None when it failed (logged, never raised: a peer's hook
+    failing never stops the daemon)."""
+    try:
+        return run(name, command, env, stdin, timeout)
+    except HookError as exc:
+        log.error("%s", exc)
         return None
-    log.info("%s %r ran%s", name, command, f": {proc.stdout.strip()[:200]}" if proc.stdout.strip() else "")
-    return proc.stdout.strip()
 
 
 class ExtensionBackend(BackendBase):
@@ -104,10 +125,15 @@ class ExtensionBackend(BackendBase):
         return self.ext.mtu
 
     def prepare(self) -> None:
-        """PreStartupCommand, before the lease is acquired: its output is what we publish."""
+        """PreStartupCommand, before the lease is acquired: its output is what we publish. One that
+        fails is a ConfigError (start-up retries it): publishing empty BackendData would hand every
+        peer's SubnetAddCommand empty input (upstream refuses to start)."""
         if self.options.pre_startup:
-            output = run_hook("PreStartupCommand", self.options.pre_startup, {}, "", self.options.timeout)
-            self.data = compact_json(json.dumps(output or "", ensure_ascii=False))
+            try:
+                output = run("PreStartupCommand", self.options.pre_startup, {}, "", self.options.timeout)
+            except HookError as exc:
+                raise ConfigError(str(exc)) from None
+            self.data = compact_json(json.dumps(output, ensure_ascii=False))
 
     def lease_attrs(self, devices: Mapping[str, ObservedLink]) -> LeaseAttrs:
         return replace(self.publics, backend_type="extension", backend_data=self.data)

@@ -15,13 +15,16 @@ log = logging.getLogger("flanneld")
 
 
 def retry(what: str, fn: Callable[[], object], stop: threading.Event, delay: float = 1.0,
-          max_delay: float = 10.0) -> object:
-    """Call fn until it succeeds or `stop` is set (then None); log each distinct failure once."""
+          max_delay: float = 10.0, also: tuple[type[Exception], ...] = ()) -> object:
+    """Call fn until it succeeds or `stop` is set (then None); log each distinct failure once.
+
+    etcd, lease and kernel failures are retried; `also` names more (a backend's start-up hook).
+    """
     last = ""
     while not stop.is_set():
         try:
             return fn()
-        except (EtcdError, LeaseError, KernelError) as exc:
+        except (EtcdError, LeaseError, KernelError, *also) as exc:
             if str(exc) != last:
                 log.warning("%s: %s (retrying)", what, exc)
                 last = str(exc)

@@ -102,7 +102,11 @@ def start(etcd_client: EtcdClient, kernel: Kernel, s: StartSettings, metrics: Me
         return None
     backend.adopt(existing)  # type: ignore[arg-type]
     devices.update(reconciler.ensure_links(backend.links()))
-    backend.prepare()
+    # a backend's own start-up step (extension: PreStartupCommand, whose output we publish) that
+    # fails is waited out like a bad config, never published half-done
+    if retry(f"preparing the {config.backend.type} backend", lambda: backend.prepare() or True, stop,
+             also=(ConfigError,)) is None:
+        return None
 
     phase("acquiring a subnet lease")
     own = retry("acquiring a subnet lease", lambda: leases.acquire(backend.lease_attrs(devices)), stop)

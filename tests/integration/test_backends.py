@@ -148,6 +148,27 @@ def test_extension_hooks_run_with_upstreams_environment_and_failures_are_survive
     assert "Traceback" not in node1.log()
 
 
+def test_a_failing_pre_startup_command_holds_start_up_until_it_succeeds(make_cluster, tmp_path):
+    """Its output is our BackendData: publishing an empty one would feed every peer's SubnetAddCommand
+    empty input. The daemon says why once, publishes nothing, stays unready and tries again."""
+    ready = tmp_path / "vtep-ready"
+    backend = {"Type": "extension", "CommandTimeout": 2,
+               "PreStartupCommand": f"sh -c 'cat {ready} 2>/dev/null || {{ echo no >&2; echo vtep yet >&2; exit 3; }}'"}
+    cluster = make_cluster(1, {"Network": "198.18.0.0/16", "SubnetMax": "198.18.199.0", "Backend": backend})
+    node = cluster.nodes[0]
+    cluster.start(node, wait=False)
+    said = "failed with exit status 3: no; vtep yet (retrying)"  # stderr's lines on one log line
+    eventually(lambda: said in node.log(), timeout=10, what="the refusal")
+    time.sleep(3)  # retried meanwhile
+    assert node.log().count("failed with exit status 3") == 1
+    assert node.http("/readyz")[0] == 503
+    assert cluster.etcd_client.list_prefix(leases_prefix(cluster.prefix))[1] == []
+    ready.write_text("vtep-42\n")
+    node.wait_ready()
+    assert json.loads(cluster.etcd_client.get(cluster.lease_key(node)).value)["BackendData"] == "vtep-42"
+    assert "Traceback" not in node.log()
+
+
 def test_an_unsupported_backend_is_refused_in_one_line_and_the_daemon_waits(make_cluster):
     cluster = make_cluster(1, {"Network": "198.18.0.0/16", "Backend": {"Type": "udp"}})
     node = cluster.nodes[0]

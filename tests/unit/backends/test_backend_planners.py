@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 
@@ -117,6 +121,25 @@ def test_extension_hooks_report_failures_and_time_out(tmp_path, caplog):
     assert "failed with exit status 3: oops" in caplog.text
     assert run_hook("SubnetAddCommand", "sleep 5", {}, "", 0.2) is None and "timed out after 0.2s" in caplog.text
     assert run_hook("SubnetAddCommand", "/nonexistent/hook", {}, "", 1) is None and "could not run" in caplog.text
+
+
+def test_a_timed_out_hook_leaves_no_process_of_its_pipeline_behind():
+    marker = "31.4159265"  # a sleep no other process on this machine runs
+    start = time.monotonic()
+    assert run_hook("SubnetAddCommand", f"sh -c 'sleep {marker} | sleep {marker}'", {}, "", 0.3) is None
+    assert time.monotonic() - start < 3  # survivors would hold its output open: the hook runner would hang
+    time.sleep(0.2)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout.split()
+    for pid in left:
+        os.kill(int(pid), signal.SIGKILL)
+    assert left == []
+
+
+def test_a_failing_pre_startup_command_is_refused_not_published_empty():
+    be = make("extension", V4, PreStartupCommand="sh -c 'echo no vtep yet >&2; exit 4'")
+    with pytest.raises(ConfigError, match=r"PreStartupCommand .* failed with exit status 4: no vtep yet"):
+        be.prepare()
+    assert be.lease_attrs({}).backend_data is None
 
 
 def test_extension_publishes_pre_startup_output_as_a_json_string():
