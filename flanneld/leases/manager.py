@@ -179,8 +179,9 @@ class LeaseManager:
         """
         head = leases_prefix(self.prefix)
         revision, kvs = listing or self.etcd_client.list_prefix(head, serializable=serializable)
-        marker = str(attrs.public_ip) if self.config.enable_ipv4 else str(attrs.public_ipv6)
-        needle = f'"{marker}"'.encode()
+        # IPv4 addresses have one spelling (Go writes them so, and the codec refuses others); an
+        # IPv6 one has many (2001:DB8::11, 2001:db8:0::0011): an IPv6-only node decodes every value
+        needle = f'"{attrs.public_ip}"'.encode() if self.config.enable_ipv4 else b""
         previous = subnet_key(*self.previous) if any(self.previous) else None
         mine: list[Listed] = []
         recognized: list[Listed] = []
@@ -244,7 +245,10 @@ class LeaseManager:
                 # ours by IP, but from an older config (e.g. another SubnetLen): give it back
                 log.info("deleting our lease %s: it does not fit the current network config", x.lease.describe())
                 self._listing = None  # we write: the watcher lists afresh (see take_listing)
-                release(self.etcd_client, x)
+                if release(self.etcd_client, x) and x.kv.lease_id:
+                    # its etcd lease carries our new key instead: one etcd lease per node, none left
+                    # to linger keyless until it expires
+                    self._spare_etcd_lease = x.kv.lease_id
             else:
                 log.warning("reservation %s for our public IP does not fit the network config; ignoring it",
                             x.lease.describe())

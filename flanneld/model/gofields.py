@@ -1,4 +1,4 @@
-"""Field lookup the way Go's encoding/json fills a struct: an exact name wins, else any case.
+"""Field lookup the way Go's encoding/json fills a struct: any case, the last matching key wins.
 
 Upstream Flannel decodes configs and leases into Go structs, so ``"VtepMac"`` fills ``VtepMAC``
 and ``"network"`` fills ``Network``. Every JSON object either side reads goes through here, at
@@ -12,16 +12,16 @@ from typing import Any
 
 
 def lookup(obj: Mapping[str, Any], name: str) -> Any:
-    """The value of field `name` in `obj` (None if absent); exact match first, then the last case-insensitive one.
+    """The value of field `name` in `obj` (None if absent), as Go fills a struct field.
 
-    Go keeps the last of several case-insensitive matches, and so do we.
+    Go's decoder walks the object's keys in document order and sets the field for each key that
+    names it, exactly or in another case, so the last such key wins: ``{"Type": "vxlan",
+    "type": "host-gw"}`` is host-gw upstream, and so here.
     """
-    if name in obj:
-        return obj[name]
     lowered = name.lower()
     found = None
     for key, value in obj.items():
-        if key.lower() == lowered:
+        if key == name or key.lower() == lowered:
             found = value
     return found
 

@@ -208,6 +208,14 @@ def test_nested_config_objects_match_field_names_in_any_case():
     assert cfg.backend.get("extra").get("INNER") == 1
 
 
+def test_a_field_named_twice_in_different_cases_takes_the_last_as_go_does():
+    """Go sets the field for every key that names it, in document order: upstream runs host-gw here."""
+    cfg = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", "type": "host-gw"}}')
+    assert cfg.backend.type == "host-gw"
+    assert parse_config('{"network": "10.6.0.0/16", "Network": "10.5.0.0/16"}').ipv4.network.exploded == "10.5.0.0/16"
+    assert parse_config('{"Network": "10.5.0.0/16", "network": "10.6.0.0/16"}').ipv4.network.exploded == "10.6.0.0/16"
+
+
 @pytest.mark.parametrize("subnet", ["198.18.0.0/24", "198.18.255.248/29", "198.18.0.0/16", "198.19.0.0/24",
                                     "198.0.0.0/8", "198.17.255.0/24", "2001:db8:1800::/64", "0.0.0.0/0"])
 def test_contains_agrees_with_ipaddress_subnet_of(subnet):

@@ -91,7 +91,10 @@ def test_backend_data_fields_match_in_any_case_as_go_does():
     assert lease.backend.get("Nested").get("Deep") == 1  # every level
     exact = decode_lease("10.5.63.0-24",
                          b'{"BackendData":{"vtepmac":"aa:aa:aa:aa:aa:aa","VtepMAC":"bb:bb:bb:bb:bb:bb"}}')
-    assert exact.backend.get("VtepMAC") == "bb:bb:bb:bb:bb:bb"  # an exact match wins
+    assert exact.backend.get("VtepMAC") == "bb:bb:bb:bb:bb:bb"
+    later = decode_lease("10.5.64.0-24",
+                         b'{"BackendData":{"VtepMAC":"bb:bb:bb:bb:bb:bb","vtepmac":"aa:aa:aa:aa:aa:aa"}}')
+    assert later.backend.get("VtepMAC") == "aa:aa:aa:aa:aa:aa"  # as Go: the last key naming the field wins
 
 
 @pytest.mark.parametrize(

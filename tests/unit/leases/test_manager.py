@@ -1,0 +1,39 @@
+"""This node's lease against an in-memory etcd: what acquisition finds as ours and what it leaves behind."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+from flanneld.leases.manager import LeaseManager
+from flanneld.model.config import parse_config
+from flanneld.model.lease import LeaseAttrs, leases_prefix
+from tests.unit.fakes import FakeEtcdClient
+
+PREFIX = "/coreos.com/network"
+HEAD = leases_prefix(PREFIX)
+
+
+def manager(etcd: FakeEtcdClient, config: str) -> LeaseManager:
+    return LeaseManager(etcd, parse_config(config), PREFIX, rng=random.Random(1))  # type: ignore[arg-type]
+
+
+def test_a_lease_that_no_longer_fits_leaves_no_second_etcd_lease_behind():
+    """Ours by address but of an older SubnetLen: its key goes, and so must its etcd lease (one per node)."""
+    etcd = FakeEtcdClient()
+    old = etcd.grant(86400)
+    etcd.put(HEAD + "198.18.5.0-24", b'{"PublicIP":"198.51.100.11","PublicIPv6":null,"BackendType":"vxlan"}', old)
+    own = manager(etcd, '{"Network": "198.18.0.0/16", "SubnetLen": 26}').acquire(
+        LeaseAttrs(ipaddress.ip_address("198.51.100.11"), backend_type="vxlan"))
+    assert own.lease.subnet.prefixlen == 26 and HEAD + "198.18.5.0-24" not in etcd.data
+    assert list(etcd.etcd_leases) == [own.etcd_lease]  # the only etcd lease left is the one holding our key
+
+
+def test_an_ipv6_only_node_finds_its_reservation_in_any_spelling_of_its_address():
+    etcd = FakeEtcdClient()
+    key = "0.0.0.0-0&2001:db8:1800:5::-64"
+    etcd.put(HEAD + key, b'{"PublicIP":"0.0.0.0","PublicIPv6":"2001:DB8:51:0::0011","BackendType":"vxlan"}')
+    config = '{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "2001:db8:1800::/56"}'
+    own = manager(etcd, config).acquire(LeaseAttrs(public_ipv6=ipaddress.ip_address("2001:db8:51::11"),
+                                                   backend_type="vxlan"))
+    assert str(own.lease.subnet6) == "2001:db8:1800:5::/64" and own.reserved
