@@ -125,6 +125,10 @@ class WireguardBackend(BackendBase):
         self.provider = provider
         self.blackhole = blackhole
         self.publics = published_addresses(config, ext)
+        if not options.mtu and self.mtu() < 1280:
+            raise ConfigError(f"the WireGuard device's MTU would be {self.mtu()} (interface {ext.name}'s MTU {ext.mtu} "
+                              f"minus {OVERHEAD}), below IPv6's minimum 1280: set Backend.MTU to at least "
+                              f"{1280 + OVERHEAD} if the path allows it, or use an interface with a larger MTU")
         self.ranges = {fc.family.version: fc for fc in config.families()}
         families = tuple(fc.family for fc in config.families())
         # each device with the families it carries: one per family in separate mode, else one for all

@@ -93,9 +93,12 @@ class VxlanDevices(NoPeerTable):
         return link
 
     def settle(self, kernel: Kernel, spec: VxlanLink, link: ObservedLink) -> None:
-        if spec.disable_tx_checksum and kernel.tx_checksum(spec.name):
-            kernel.set_tx_checksum(spec.name, False)
-            log.info("turned off tx checksum offload on %s", spec.name)
+        """Tx checksum offload as Backend.DisableTxChecksumOffloading says, both ways: an option set
+        back to false turns it on again (the kernel's default for a VXLAN device)."""
+        wanted = not spec.disable_tx_checksum
+        if kernel.tx_checksum(spec.name) != wanted:
+            kernel.set_tx_checksum(spec.name, wanted)
+            log.info("turned %s tx checksum offload on %s", "on" if wanted else "off", spec.name)
 
 
 KINDS: dict[str, DeviceKind] = {"vxlan": VxlanDevices()}

@@ -424,12 +424,20 @@ def test_dual_stack(make_cluster):
 
 
 def test_tx_checksum_offload_switch(make_cluster):
-    cluster = make_cluster(1, {**NETWORK, "Backend": {"Type": "vxlan", "DisableTxChecksumOffloading": True}})
+    dual = {**NETWORK, "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56"}
+    cluster = make_cluster(1, {**dual, "Backend": {"Type": "vxlan", "DisableTxChecksumOffloading": True}})
     cluster.start_all()
     node = cluster.nodes[0]
-    out = node.sh(lab.tool("python3"), "-c",
-                  "from flanneld.dataplane.netlink import Kernel; print(Kernel().tx_checksum('flannel.1'))").stdout
-    assert out.strip() == "False"
+
+    def offload() -> list[str]:
+        return node.sh(lab.tool("python3"), "-c", "from flanneld.dataplane.netlink import Kernel; k = Kernel(); "
+                       "print(k.tx_checksum('flannel.1'), k.tx_checksum('flannel-v6.1'))").stdout.split()
+
+    assert offload() == ["False", "False"]  # both devices
+    cluster.set_config({**dual, "Backend": {"Type": "vxlan", "DisableTxChecksumOffloading": False}})
+    assert cluster.stop(node) == 0
+    cluster.start(node)
+    assert offload() == ["True", "True"]  # switched back off: the kernel's default again
 
 
 def test_peer_mac_change_replaces_stale_fdb_entry(make_cluster):

@@ -4,6 +4,7 @@ keys, wireguard-go's UAPI codec and the kernel's netlink messages (compared to p
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ipaddress
 import json
 import os
@@ -283,3 +284,13 @@ def test_two_leases_with_one_public_key_become_one_peer():
         peers = [wg_lease(n, f"198.51.100.{10 + n}") for n in order]
         (peer,) = be.plan(own, peers).desired.wg_peers
         assert peer.allowed_ips == ("198.18.2.0/24", "198.18.3.0/24") and peer.endpoint == "198.51.100.12:51820"
+
+
+def test_an_interface_mtu_that_leaves_wireguard_below_1280_is_refused():
+    """WireGuard carries IPv6 inside, which needs 1280: a 1300-byte underlay would give 1220 silently."""
+    small = dataclasses.replace(EXT, mtu=1300)
+    config = parse_config(json.dumps({**V4, "Backend": {"Type": "wireguard"}}))
+    with pytest.raises(ConfigError, match=r"MTU would be 1220 \(interface eth0's MTU 1300 minus 80\), below IPv6's "
+                                          r"minimum 1280: set Backend.MTU to at least 1360"):
+        create_backend(config, small, NodeSettings())
+    assert create_backend(config, dataclasses.replace(EXT, mtu=1360), NodeSettings()).mtu() == 1280
