@@ -187,13 +187,12 @@ class EtcdClient:
             for host, port, secure in self._endpoints
         ]
         try:
-            client = pyetcd.MultiEndpointEtcd3Client(
-                endpoints=endpoints,
-                timeout=self.options.timeout,
-                user=self.options.username or None,
-                password=self.options.password or None,
-                failover=True,
-            )
+            # no credentials here: the library would log in on one member picked at random, with
+            # no failover (one start in three failing with a member down); we log in ourselves
+            client = pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=self.options.timeout,
+                                                     failover=True)
+            if self.options.username:
+                self._authenticate(client)
         except Exception as exc:
             for ep in endpoints:
                 ep.close()
@@ -204,6 +203,20 @@ class EtcdClient:
         # security level"), so username/password would never work without TLS.
         client.call_credentials = None
         return client
+
+    def _authenticate(self, client: pyetcd.MultiEndpointEtcd3Client) -> None:
+        """Get an auth token from the first member that answers (each tried once)."""
+        request = etcdrpc.AuthenticateRequest(name=self.options.username, password=self.options.password)
+        for left in range(len(client.endpoints) - 1, -1, -1):
+            try:
+                client.metadata = (("token", client.authstub.Authenticate(request, self.options.timeout).token),)
+                return
+            except grpc.RpcError as exc:
+                if not left or not is_unreachable(exc):
+                    raise
+                log.info("etcd authentication: endpoint unreachable (%s), trying another", describe_error(exc))
+                client.endpoint_in_use.fail()
+                client._clear_old_stubs()
 
     def _get_client(self) -> pyetcd.MultiEndpointEtcd3Client:
         with self._lock:
