@@ -225,6 +225,24 @@ class Firewall:
         text = f"table {kind} {name}\ndelete table {kind} {name}\n" + (script or "")
         self._tool(["nft", "-f", "-"], text)
 
+    # -- an iptables FORWARD chain that drops, beside our nftables table ------------------------
+
+    def _forward_drops(self, version: int) -> bool:
+        """Whether iptables(-nft)'s FORWARD chain exists with a DROP policy (Docker sets one).
+
+        It hooks forwarding as our nftables chain does, and an accept ends only the base chain it
+        is in: the packet still meets that chain's DROP. So in nftables mode, with forward rules
+        on, we then accept the flannel networks in that chain too, as iptables mode does.
+        """
+        out = self._tool(["nft", "list", "chain", NFT_TABLE[version][0], "filter", "FORWARD"], check=False)
+        return "policy drop;" in out
+
+    def _forward_companion(self, fam: FamilyRules) -> list[ChainSpec]:
+        """In nftables mode: the iptables forward chain needed beside our table ([] when none is)."""
+        if not (self.spec.nftables and self.spec.forward and self._forward_drops(fam.network.version)):
+            return []
+        return [c for c in iptables_rules(self.spec, fam) if c.table == "filter"]
+
     # -- entry points ------------------------------------------------------------------------
 
     def apply(self) -> None:
@@ -233,6 +251,10 @@ class Firewall:
             version = fam.network.version
             if self.spec.nftables:
                 self._nft_apply(version, nft_script(self.spec, fam))
+                if companion := self._forward_companion(fam):
+                    self._ipt_apply(version, companion)
+                    log.info("the %s FORWARD chain's policy is DROP: accepting %s there too",
+                             iptables_tool(version, "save").split("-")[0], fam.network)
             else:
                 self._ipt_apply(version, iptables_rules(self.spec, fam))
         log.info("firewall rules installed (%s: masquerade %s, forward %s)",
@@ -247,6 +269,9 @@ class Firewall:
             if self.spec.nftables:
                 if nft_lines(self._nft_state(version)) != nft_lines(nft_script(self.spec, fam)):
                     drifted.append(f"nftables table {NFT_TABLE[version][1]}")
+                companion = self._forward_companion(fam)
+                if companion and self._ipt_drifted(companion, self._ipt_state(version, "filter")):
+                    drifted.append(f"{iptables_tool(version, 'save').split('-')[0]} filter table")
             else:
                 chains = iptables_rules(self.spec, fam)
                 for table in ("nat", "filter"):

@@ -231,6 +231,25 @@ def test_ip_masq_outside_traffic_only(make_cluster, tmp_path, nftables):
         assert "-j MASQUERADE --random-fully" in node1.sh("iptables-save", "-t", "nat").stdout
 
 
+@pytest.mark.parametrize("nftables", [False, True], ids=["iptables", "nftables"])
+def test_pods_reach_each_other_under_a_forward_drop_policy(make_cluster, nftables):
+    """Docker sets iptables' FORWARD policy to DROP. Our nftables accept ends only our own chain, so
+    in nftables mode the flannel networks are accepted in that chain too; a flush is repaired."""
+    cluster = make_cluster(2, {**NETWORK, "EnableNFTables": nftables})
+    for node in cluster.nodes:
+        node.sh("iptables", "-P", "FORWARD", "DROP")
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    assert ping(pod1, pod2.addr).returncode == 0 and ping(pod2, pod1.addr).returncode == 0
+    node1.sh("iptables", "-F", "FLANNEL-FWD")  # someone flushes it: the periodic check restores it
+    eventually(lambda: "-A FLANNEL-FWD" in node1.sh("iptables-save", "-t", "filter").stdout, timeout=3,
+               what="FLANNEL-FWD restored")
+    assert ping(pod1, pod2.addr).returncode == 0 and ping(pod2, pod1.addr).returncode == 0
+    if nftables:
+        assert "accept" in node1.sh("nft", "list", "table", "ip", "flannel-ipv4").stdout
+
+
 def test_without_ip_masq_outside_is_unreachable(make_cluster):
     cluster = make_cluster(1, NETWORK)
     cluster.start_all()
