@@ -116,7 +116,7 @@ def one_per_key(peers: Iterable[WgPeer]) -> list[WgPeer]:
     return out
 
 
-BLACKHOLE_METRIC = 4000  # low priority: never shadows the pod bridge's connected route (see README)
+BLACKHOLE_METRIC = 4000  # low priority: never shadows the pod bridge's connected route (see docs/compatibility.md)
 
 
 def int_option(backend: BackendConfig, name: str, default: int, low: int, high: int) -> int:
