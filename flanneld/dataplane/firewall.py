@@ -144,8 +144,11 @@ def nft_lines(text: str | None) -> tuple[str, ...]:
     return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
 
 
+TOOL_TIMEOUT = 30  # seconds an iptables/nft call may take (one waiting for the xtables lock included)
+
+
 def _run(argv: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=30)
+    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
 
 
 def iptables_tool(version: int, what: str) -> str:
@@ -165,6 +168,9 @@ class Firewall:
             proc = self._run_tool(argv, stdin)
         except FileNotFoundError:
             raise FirewallError(f"{argv[0]} is not installed") from None
+        except subprocess.TimeoutExpired:
+            # a FirewallError like any other failure: the check is retried, the loop goes on
+            raise FirewallError(f"{argv[0]} did not answer within {TOOL_TIMEOUT} s") from None
         if check and proc.returncode != 0:
             raise FirewallError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
         return proc.stdout

@@ -635,3 +635,30 @@ def test_no_secret_in_logs_metrics_or_flannelctl_output(make_cluster, own_etcd, 
         assert PASSWORD not in text and not any(token in text for token in tokens)
     if log_format == "json":
         assert all(json.loads(line) for line in node.log().splitlines())
+
+
+@SOAK
+def test_a_hung_iptables_save_never_kills_the_daemon(make_cluster, tmp_path):
+    """The periodic firewall check's tool hangs (a stuck xtables lock): after its 30 s timeout the
+    check fails in one line and is retried; the daemon (its loop thread included) goes on."""
+    wrappers, hang = tmp_path / "bin", tmp_path / "hang"
+    wrappers.mkdir()
+    real = subprocess.run(["sh", "-c", "command -v iptables-save"], capture_output=True, text=True).stdout.strip()
+    wrapper = wrappers / "iptables-save"
+    wrapper.write_text(f'#!/bin/sh\n[ -e {hang} ] && exec sleep 300\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    cluster.start(node, env={"PATH": f"{wrappers}:{os.environ['PATH']}"})
+    hang.touch()
+    try:
+        eventually(lambda: "iptables-save did not answer within 30 s" in node.log(), timeout=45, interval=0.5,
+                   what="the hung check reported")
+        assert node.procs[-1].poll() is None and node.http("/healthz")[0] == 200
+    finally:
+        hang.unlink()
+        node.sh("pkill", "-f", "sleep 300", check=False)
+    node.sh("iptables", "-F", "FLANNEL-FWD")
+    eventually(lambda: "-A FLANNEL-FWD" in node.sh("iptables-save", "-t", "filter").stdout, timeout=35,
+               what="the loop still repairs the firewall")
+    no_traceback(node)

@@ -102,3 +102,20 @@ def test_nft_listing_with_the_kernels_indentation_is_not_drift():
     tables.listing = {"nft flannel-ipv4": listed.replace('\t\tip saddr 10.5.0.0/16 accept comment "flanneld forward"\n',
                                                          "")}
     assert fw.check() is False and tables.restores == 1
+
+
+def test_a_tool_that_hangs_is_a_firewall_error_not_a_crash():
+    """A hung iptables-save (a stuck xtables lock) ran into subprocess's timeout, whose exception
+    nothing caught: the daemon's loop thread died. It is now one FirewallError the check retries."""
+    import subprocess
+
+    import pytest
+
+    from flanneld.dataplane.firewall import Firewall, FirewallError
+
+    def hangs(argv, stdin):  # type: ignore[no-untyped-def]
+        raise subprocess.TimeoutExpired(argv, 30)
+
+    fw = Firewall(FirewallSpec((V4,), masq=True, forward=True), hangs)
+    with pytest.raises(FirewallError, match="iptables-save did not answer within 30 s"):
+        fw.check()
