@@ -1,4 +1,4 @@
-"""In-memory stand-ins for the kernel tables and the etcd etcd_client, for unit tests without root.
+"""In-memory stand-ins for the kernel tables and the etcd client, for unit tests without root.
 
 The fake kernel speaks the daemon's own netlink bytes: writes are parsed with the codec and kept
 as table entries keyed the way the kernel keys them, dumps answer with the same payloads, and
