@@ -81,6 +81,10 @@ class Overlay:
     counts: PeerCounts = field(default_factory=PeerCounts)
     _skip_logged: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _misfit_logged: dict[str, str] = field(default_factory=dict)
+    # FDB key (device, VTEP MAC) -> the lease whose entry it is; leases skipped because another
+    # holds their VTEP MAC (a copied lease), kept to be planned again when that one goes
+    _vteps: dict[tuple[str, str], str] = field(default_factory=dict)
+    _copies: dict[str, Lease] = field(default_factory=dict)
 
     # -- our lease ---------------------------------------------------------------------------
 
@@ -165,8 +169,7 @@ class Overlay:
             if old is not None:
                 _extend(removed, old)
             if ev.kind != "removed":
-                plan = self.backend.plan_peer(lease)
-                plan.backend_type = lease.backend_type
+                plan = self._plan(key, lease)
                 self._set_plan(key, plan)
                 _extend(added, plan)
                 self._log_skips(key, plan)
@@ -179,6 +182,7 @@ class Overlay:
                 public = lease.public_ip if lease.subnet else lease.public_ipv6
                 log.info("lease %s %s (%s)", ev.kind, lease.describe(), public,
                          extra={"lease": lease.describe(), "peer": str(public), "event": ev.kind})
+        self._replan_copies(added, removed)
         for kind, count in kinds.items():
             self.metrics.lease_events.labels(kind=kind).inc(count)
         self._count_peers()
@@ -202,14 +206,48 @@ class Overlay:
         holders = self.counts.wg_keys
         return any(holders[key] > came[key] for key in keys if holders[key] > 1 or key not in came)
 
+    def _plan(self, key: str, lease: Lease) -> PeerPlan:
+        """The backend's plan for a peer lease, unless another lease already holds its VTEP MAC:
+        two FDB entries with one key would take turns in the kernel on every reconcile."""
+        plan = self.backend.plan_peer(lease)
+        plan.backend_type = lease.backend_type
+        holders = sorted({self._vteps[f.key] for f in plan.fdbs if self._vteps.get(f.key, key) != key})
+        if not holders:
+            return plan
+        self._copies[key] = lease
+        mac = next(f.mac for f in plan.fdbs if self._vteps.get(f.key, key) != key)
+        copied = PeerPlan(skipped=plan.skipped, skipped_kinds=plan.skipped_kinds, backend_type=plan.backend_type)
+        copied.skip(f"its VtepMAC {mac} is already the VTEP of lease {holders[0]} (a copied lease?)", "backend-data")
+        return copied
+
+    def _replan_copies(self, added: PeerPlan, removed: PeerPlan) -> None:
+        """Plan again the copied leases whose VTEP MAC is free now (its holder left or changed)."""
+        for key, lease in list(self._copies.items()):
+            del self._copies[key]
+            plan = self._plan(key, lease)
+            if key in self._copies:
+                continue  # still held by another lease: its skipped plan stands
+            old = self._drop_plan(key)
+            if old is not None:
+                _extend(removed, old)
+            self._set_plan(key, plan)
+            _extend(added, plan)
+            self._log_skips(key, plan)
+
     def _set_plan(self, key: str, plan: PeerPlan) -> None:
         self.peers[key] = plan
         self.counts.add(plan, 1)
+        for f in plan.fdbs:
+            self._vteps[f.key] = key
 
     def _drop_plan(self, key: str) -> PeerPlan | None:
         plan = self.peers.pop(key, None)
         if plan is not None:
             self.counts.add(plan, -1)
+            for f in plan.fdbs:
+                if self._vteps.get(f.key) == key:
+                    del self._vteps[f.key]
+        self._copies.pop(key, None)
         return plan
 
     def _count_peers(self) -> None:

@@ -488,6 +488,25 @@ def test_a_lease_whose_vtep_mac_is_not_unicast_is_skipped_once_and_nothing_loops
     no_traceback(node1, node2)
 
 
+def test_a_lease_copying_a_nodes_vtep_mac_never_takes_its_fdb_entry(make_cluster):
+    """A second lease with node2's VtepMAC wanted an FDB entry with the same key: the entry took turns
+    between the two addresses on every reconcile. The copy is skipped; node2 keeps its entry."""
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all("--reconcile-interval=1")
+    node1, node2 = cluster.nodes
+    mac = cluster.lease(node2).backend["VtepMAC"]
+    key, value = fake_lease(30, "198.18.237.0/24")
+    cluster.etcd_client.put(leases_prefix(cluster.prefix) + key, value.replace(b"0e:fa:00:1e:00:01", mac.encode()))
+    eventually(lambda: "already the VTEP of lease" in node1.log(), timeout=3, what="the copy named")
+    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    for _ in range(12):  # full reconciles once a second meanwhile
+        assert fdbs(node1).get(mac) == node2.ip
+        time.sleep(0.25)
+    assert pinger.stop()[1] == 0
+    assert node1.log().count("already the VTEP of lease") == 1 and "198.18.237.0/24" not in routes(node1)
+    no_traceback(node1, node2)
+
+
 @pytest.mark.parametrize(("backend", "message"), [
     ({"Type": "vxlan", "VNI": 16777216}, "Backend.VNI must be an integer in 0..16777215, got 16777216"),
     ({"Type": "vxlan", "MTU": 100}, "Backend.MTU 100 is too small for an overlay (minimum 1280)"),

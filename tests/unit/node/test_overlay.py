@@ -270,3 +270,23 @@ def test_a_start_lists_once_when_its_lease_is_unchanged_and_again_after_writing(
     _revision, kvs = again.take_listing()  # type: ignore[misc]
     assert [kv.key for kv in kvs] == [HEAD + first.own.lease.key]  # type: ignore[union-attr]
     assert again.take_listing() is None
+
+
+def test_a_lease_copying_another_nodes_vtep_mac_is_skipped_until_the_first_goes(node, caplog):
+    """Two leases with one VtepMAC want two FDB entries with one key: the entry flipped between them
+    on every reconcile. The later one is skipped, named once, and programmed when the first leaves."""
+    overlay, kernel, _ = node
+    caplog.set_level(logging.WARNING, "flanneld")
+    mac = "0e:00:00:00:00:02"
+    overlay.apply_lease_events([event("added", 2)], incremental=True)
+    overlay.apply_lease_events([event("added", 3, value(3, mac))], incremental=True)
+    assert fdbs(kernel) == {mac: "198.51.100.12"} and "198.18.3.0/24" not in routes(kernel)
+    for _ in range(3):
+        overlay.full_reconcile("periodic")
+        assert fdbs(kernel) == {mac: "198.51.100.12"}
+    said = [r.getMessage() for r in caplog.records if "already the VTEP of lease 198.18.2.0-24" in r.getMessage()]
+    assert len(said) == 1 and "198.18.3.0-24" in said[0]
+    assert parse(overlay.metrics.render())[("flanneld_skipped_peers", (("reason", "backend-data"),))] == 1
+    overlay.apply_lease_events([event("removed", 2)], incremental=True)
+    assert fdbs(kernel) == {mac: "198.51.100.13"} and routes(kernel) == {"198.18.3.0/24"}
+    assert not overlay.peers["198.18.3.0-24"].skipped
