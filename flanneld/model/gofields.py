@@ -21,7 +21,7 @@ def lookup(obj: Mapping[str, Any], name: str) -> Any:
     lowered = name.lower()
     found = None
     for key, value in obj.items():
-        if key == name or key.lower() == lowered:
+        if key.lower() == lowered:
             found = value
     return found
 

@@ -110,24 +110,25 @@ def parse(text: str) -> SubnetEnv:
     return SubnetEnv(**fields)
 
 
-def _cidr(text: str, cls: type) -> Any:
-    """`cls` of `text`, refusing what ipaddress accepts but the plugin (and Go's ParseCIDR) does not:
-    an IPv6 zone, IPv4 embedded in IPv6, a missing prefix length."""
+def _cidr(text: str, version: int) -> str:
+    """`text` stripped, for ipaddress to parse, refusing first what it accepts but the plugin (and
+    Go's ParseCIDR) does not: an IPv6 zone, IPv4 embedded in IPv6, a missing prefix length."""
     text = text.strip()
-    if "%" in text or "/" not in text or (cls._version == 6 and "." in text):
-        raise ValueError(f"{text!r} is not an IPv{cls._version} CIDR")
-    return cls(text) if cls in (ipaddress.IPv4Interface, ipaddress.IPv6Interface) else cls(text, strict=False)
+    if "%" in text or "/" not in text or (version == 6 and "." in text):
+        raise ValueError(f"{text!r} is not an IPv{version} CIDR")
+    return text
 
 
-def _networks(text: str, cls: type) -> tuple:
-    return tuple(_cidr(part, cls) for part in text.split(",") if part.strip())
+def _networks(text: str, version: int) -> tuple:
+    cls = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+    return tuple(cls(_cidr(part, version), strict=False) for part in text.split(",") if part.strip())
 
 
 _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {  # name -> (SubnetEnv field, value parser)
-    "FLANNEL_NETWORK": ("networks", lambda v: _networks(v, ipaddress.IPv4Network)),
-    "FLANNEL_SUBNET": ("subnet", lambda v: _cidr(v, ipaddress.IPv4Interface)),
-    "FLANNEL_IPV6_NETWORK": ("ipv6_networks", lambda v: _networks(v, ipaddress.IPv6Network)),
-    "FLANNEL_IPV6_SUBNET": ("ipv6_subnet", lambda v: _cidr(v, ipaddress.IPv6Interface)),
+    "FLANNEL_NETWORK": ("networks", lambda v: _networks(v, 4)),
+    "FLANNEL_SUBNET": ("subnet", lambda v: ipaddress.IPv4Interface(_cidr(v, 4))),
+    "FLANNEL_IPV6_NETWORK": ("ipv6_networks", lambda v: _networks(v, 6)),
+    "FLANNEL_IPV6_SUBNET": ("ipv6_subnet", lambda v: ipaddress.IPv6Interface(_cidr(v, 6))),
     "FLANNEL_MTU": ("mtu", int),
     "FLANNEL_IPMASQ": ("ipmasq", lambda v: v == "true"),
 }
