@@ -133,6 +133,13 @@ def _kv(kv: Any) -> KeyValue:
                     kv.create_revision, kv.version, kv.lease)
 
 
+def _next_endpoint(client: pyetcd.MultiEndpointEtcd3Client) -> None:
+    """Mark the member in use failed: the client's next call goes to another (pyetcd's failover)."""
+    if client.endpoint_in_use is not None:
+        client.endpoint_in_use.fail()
+        client._clear_old_stubs()
+
+
 class EtcdClient:
     """A connection to etcd with the handful of operations flannel needs."""
 
@@ -207,16 +214,16 @@ class EtcdClient:
     def _authenticate(self, client: pyetcd.MultiEndpointEtcd3Client) -> None:
         """Get an auth token from the first member that answers (each tried once)."""
         request = etcdrpc.AuthenticateRequest(name=self.options.username, password=self.options.password)
-        for left in range(len(client.endpoints) - 1, -1, -1):
+        tries = len(client.endpoints)
+        for tried in range(1, tries + 1):
             try:
                 client.metadata = (("token", client.authstub.Authenticate(request, self.options.timeout).token),)
                 return
             except grpc.RpcError as exc:
-                if not left or not is_unreachable(exc):
+                if tried == tries or not is_unreachable(exc):
                     raise
                 log.info("etcd authentication: endpoint unreachable (%s), trying another", describe_error(exc))
-                client.endpoint_in_use.fail()
-                client._clear_old_stubs()
+                _next_endpoint(client)
 
     def _get_client(self) -> pyetcd.MultiEndpointEtcd3Client:
         with self._lock:
@@ -249,9 +256,8 @@ class EtcdClient:
                     continue
                 if failovers > 0 and is_unreachable(exc) and not isinstance(exc, etcd_exc.NoServerAvailableError):
                     failovers -= 1
-                    if isinstance(exc, grpc.RpcError) and client.endpoint_in_use is not None:
-                        client.endpoint_in_use.fail()  # our own streams (keepalive) bypass pyetcd's marking
-                        client._clear_old_stubs()
+                    if isinstance(exc, grpc.RpcError):
+                        _next_endpoint(client)  # our own streams (keepalive) bypass pyetcd's marking
                     log.info("etcd %s: endpoint unreachable (%s), trying another", what, describe_error(exc))
                     continue
                 raise EtcdError(f"etcd {what} failed: {self._explain(exc)}") from None

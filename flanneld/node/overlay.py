@@ -211,13 +211,13 @@ class Overlay:
         two FDB entries with one key would take turns in the kernel on every reconcile."""
         plan = self.backend.plan_peer(lease)
         plan.backend_type = lease.backend_type
-        holders = sorted({self._vteps[f.key] for f in plan.fdbs if self._vteps.get(f.key, key) != key})
-        if not holders:
+        held = sorted((self._vteps[f.key], f.mac) for f in plan.fdbs if self._vteps.get(f.key, key) != key)
+        if not held:
             return plan
         self._copies[key] = lease
-        mac = next(f.mac for f in plan.fdbs if self._vteps.get(f.key, key) != key)
+        holder, mac = held[0]
         copied = PeerPlan(skipped=plan.skipped, skipped_kinds=plan.skipped_kinds, backend_type=plan.backend_type)
-        copied.skip(f"its VtepMAC {mac} is already the VTEP of lease {holders[0]} (a copied lease?)", "backend-data")
+        copied.skip(f"its VtepMAC {mac} is already the VTEP of lease {holder} (a copied lease?)", "backend-data")
         return copied
 
     def _replan_copies(self, added: PeerPlan, removed: PeerPlan) -> None:
