@@ -40,7 +40,7 @@ from flanneld.node.events import Event, LeaseBatch, NetlinkBatch, Stop
 from flanneld.node.health import HealthServer, sd_notify
 from flanneld.node.metrics import Metrics
 from flanneld.node.overlay import Overlay, OverlaySettings
-from flanneld.node.signals import call_on_signals, dump_stacks_on
+from flanneld.node.signals import STOP_SIGNALS, call_on_signals, format_stacks
 from flanneld.node.startup import StartSettings, start, validate
 from flanneld.plan.backend import NodeSettings
 
@@ -127,8 +127,7 @@ class Daemon:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT. Returns the exit status."""
-        call_on_signals(self._on_signal)
-        dump_stacks_on(signal.SIGUSR1)
+        call_on_signals(self._on_signal, (*STOP_SIGNALS, signal.SIGUSR1))
         log.info("flanneld %s starting; etcd %s", __version__, self.opts.etcd.describe())
         try:
             # what can fail on the node's own account fails now, before a lease or a device exists
@@ -158,7 +157,12 @@ class Daemon:
         log.info("serving /healthz, /readyz and /metrics on %s:%d", host, self.health_server.port)
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        """On the signal thread (:mod:`flanneld.node.signals`), so taking the queue's lock is safe."""
+        """On the signal thread (:mod:`flanneld.node.signals`), so taking the queue's lock is safe.
+        SIGUSR1 prints every thread's stack (what to ask for when a daemon seems stuck) and the
+        daemon goes on."""
+        if sig == signal.SIGUSR1:
+            log.warning("SIGUSR1: the stack of every thread follows\n%s", format_stacks())
+            return
         if not self.stop_event.is_set():
             log.info("received %s: stopping, leaving the data plane and lease in place", sig.name)
         self.stop_event.set()

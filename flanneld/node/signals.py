@@ -1,4 +1,4 @@
-"""Stop signals delivered to an ordinary thread, and stack dumps on SIGUSR1.
+"""Signals (stop, and SIGUSR1's stack dump) handled on an ordinary thread.
 
 A Python signal handler runs in the main thread between two of its bytecodes, possibly while
 that thread holds a lock: inside ``queue.Queue.get`` (its mutex, while it removes a timed-out
@@ -7,15 +7,22 @@ queue or setting that event, then waits on its own thread forever, and the daemo
 SIGTERM until systemd kills it. So the Python-level handler installed here does nothing: the
 interpreter's C handler writes the signal's number to a wakeup pipe (``signal.set_wakeup_fd``)
 and a thread of our own reads it and runs the callback, where taking any lock is safe.
+
+The stack dump is Python code on that thread too, not :mod:`faulthandler`: faulthandler's handler
+walks every thread's state from inside the C signal handler, without the interpreter's lock, and
+a thread ending at that moment leaves it a freed pointer. A daemon whose /healthz server runs a
+thread per request died of SIGSEGV on SIGUSR1 that way (CI, 2026-12-04). The price: a thread
+stuck in C code *holding* the interpreter lock blocks the dump; every wait in this daemon releases it.
 """
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger("flanneld")
@@ -53,6 +60,13 @@ def call_on_signals(callback: Callable[[signal.Signals], None],
     threading.Thread(target=read, name="signals", daemon=True).start()
 
 
-def dump_stacks_on(signum: signal.Signals = signal.SIGUSR1) -> None:
-    """`kill -USR1` prints every thread's stack to stderr (the journal) and the daemon goes on."""
-    faulthandler.register(signum, all_threads=True, chain=False)
+def format_stacks() -> str:
+    """Every thread's stack, innermost call first, in faulthandler's layout (which operators
+    and our tests know), under the thread's name."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        lines.append(f"Thread {ident:#018x} ({names.get(ident, 'unnamed')}) (most recent call first):")
+        lines.extend(f'  File "{f.filename}", line {f.lineno} in {f.name}'
+                     for f in reversed(traceback.extract_stack(frame)))
+    return "\n".join(lines)

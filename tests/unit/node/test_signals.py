@@ -63,16 +63,50 @@ def test_stop_signals_arrive_while_the_main_thread_waits_on_a_queue() -> None:
 
 def test_sigusr1_prints_every_threads_stack_and_the_process_goes_on() -> None:
     proc = run("""
-        import os, signal, threading, time
-        from flanneld.node.signals import dump_stacks_on
-        dump_stacks_on(signal.SIGUSR1)
+        import os, signal, sys, threading, time
+        from flanneld.node.signals import call_on_signals, format_stacks
+        done = threading.Event()
+        def dump(sig):
+            print(format_stacks(), file=sys.stderr, flush=True)
+            done.set()
+        call_on_signals(dump, (signal.SIGUSR1,))
         threading.Thread(target=time.sleep, args=(2,), name="sleeper", daemon=True).start()
         os.kill(os.getpid(), signal.SIGUSR1)
-        time.sleep(0.1)
+        assert done.wait(5)
         print("still running", flush=True)
     """)
-    assert proc.returncode == 0 and proc.stdout == "still running\n"
-    assert proc.stderr.count("(most recent call first)") >= 2, proc.stderr  # main + the sleeper
+    assert proc.returncode == 0 and proc.stdout == "still running\n", proc.stderr
+    assert proc.stderr.count("(most recent call first)") >= 3, proc.stderr  # main, signals, sleeper
+    assert "(sleeper) (most recent call first):" in proc.stderr and " in <module>" in proc.stderr
+
+
+def test_sigusr1_while_threads_start_and_end_never_kills_the_process() -> None:
+    # faulthandler's all-thread dump read a thread's state as it was freed: SIGSEGV (daemon, CI)
+    proc = run("""
+        import os, signal, subprocess, sys, threading, time
+        from flanneld.node.signals import call_on_signals, format_stacks
+        dumps = []
+        call_on_signals(lambda sig: dumps.append(format_stacks()), (signal.SIGUSR1,))
+        stop = threading.Event()
+        def churn():
+            while not stop.is_set():
+                threads = [threading.Thread(target=time.sleep, args=(0.001,)) for _ in range(20)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+        churners = [threading.Thread(target=churn) for _ in range(3)]
+        for t in churners:
+            t.start()
+        # from another process, so the kernel picks any thread of ours, a dying one included
+        subprocess.run(["sh", "-c", f"for i in $(seq 6000); do kill -USR1 {os.getpid()}; done"], check=True)
+        stop.set()
+        for t in churners:
+            t.join()
+        time.sleep(0.2)
+        print("dumps", bool(dumps), flush=True)
+    """, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "dumps True\n"), proc.stderr[-2000:]
 
 
 def test_a_failing_callback_does_not_deafen_the_process_to_the_next_signal() -> None:
