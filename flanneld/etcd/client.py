@@ -251,7 +251,7 @@ class EtcdClient:
             except Exception as exc:
                 if not reauthenticated and is_auth_expired(exc):
                     reauthenticated = True
-                    log.info("etcd auth token expired, re-authenticating")
+                    log.info("etcd refused our auth token (%s), logging in again", describe_error(exc))
                     self._reset_client(client)
                     continue
                 if failovers > 0 and is_unreachable(exc) and not isinstance(exc, etcd_exc.NoServerAvailableError):
@@ -426,8 +426,11 @@ class Watch:
                 if resp.compact_revision:
                     raise Compacted(resp.compact_revision)
                 if resp.canceled:
-                    if token_rejected(resp.cancel_reason):
-                        # etcd forgot our token (e.g. it restarted): the next watch logs in afresh
+                    if self._etcd_client.options.username and token_rejected(resp.cancel_reason, watch=True):
+                        # a token etcd forgot (it restarted) or no longer takes (a JWT from before
+                        # a change to users or roles): the next watch logs in afresh
+                        log.info("etcd refused our auth token (watch canceled: %s), logging in again",
+                                 resp.cancel_reason)
                         self._etcd_client._reset_client(self._client)
                     raise EtcdError(f"etcd canceled the watch: {resp.cancel_reason or 'no reason given'}")
                 events = [WatchEvent(ev.type == ev.DELETE, _kv(ev.kv)) for ev in resp.events]

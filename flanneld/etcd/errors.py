@@ -35,16 +35,25 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def token_rejected(text: str) -> bool:
-    """etcd's words for a token it no longer knows (expired, or etcd restarted and forgot it)."""
-    return "auth token" in text
+# etcd's words, in every version we meet, for a token it will not take any more; Go's client
+# logs in again on each (clientv3 shouldRefreshToken). "revision of auth store is old": a JWT
+# (etcd's recommended token type) issued before any change to users or roles, which every
+# unary call and watch is then refused with; simple tokens never say it.
+_STALE_TOKEN_WORDS = ("auth token", "revision of auth store is old", "user name is empty")
+
+
+def token_rejected(text: str, *, watch: bool = False) -> bool:
+    """etcd refused our token: it expired, etcd restarted and forgot it, or users or roles changed
+    since it was issued. A watch's cancel reason is also "permission denied" for a stale token on
+    servers before 3.4.22 / 3.5.6; one fresh login then tells a stale token from a real denial."""
+    return any(words in text for words in _STALE_TOKEN_WORDS) or (watch and "permission denied" in text)
 
 
 def is_auth_expired(exc: BaseException) -> bool:
     return (
         isinstance(exc, grpc.RpcError)
         and hasattr(exc, "code")
-        and exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        and exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT)
         and token_rejected(exc.details() or "")
     )
 

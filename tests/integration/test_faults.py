@@ -19,6 +19,7 @@ from flanneld import lab
 from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.errors import EtcdError
 from flanneld.etcd.options import EtcdOptions
+from flanneld.lab.etcd import jwt_auth_token
 from flanneld.lab.flannel import NETWORK, Cluster
 from flanneld.lab.probes import Pinger, eventually
 from flanneld.lab.readers import fdbs, link, routes
@@ -268,6 +269,50 @@ def test_with_auth_a_dead_member_never_fails_the_login(monkeypatch):
             assert ctl.returncode == 0, ctl.stderr
     finally:
         members.destroy()
+
+
+def change_users(server: lab.EtcdServer, name: str) -> None:
+    """Any change to users or roles: every JWT issued before it is refused from then on."""
+    server.etcdctl("user", "add", name, "--new-user-password=pw", "--interactive=false", user=server.root_user)
+
+
+def test_a_jwt_from_before_an_auth_change_is_replaced_in_calls_and_the_watch(own_etcd, tmp_path):
+    """etcd refuses such a token with "revision of auth store is old" (a watch: in its cancel
+    reason), not "invalid auth token": the client logged in again only on the latter, so every call
+    failed, and the watch was retried with the dead token until something reset the client."""
+    server = own_etcd(extra_args=jwt_auth_token(str(tmp_path)))
+    lab.enable_auth(server, "flannel", PASSWORD, "/flannel-test/")
+    prefix = f"/flannel-test/{os.getpid()}/"
+    client = EtcdClient(EtcdOptions(endpoints=[server.endpoint], prefix=prefix, username="flannel",
+                                    password=PASSWORD))
+    try:
+        assert client.list_prefix(prefix)[1] == []
+        change_users(server, "other1")
+        assert client.list_prefix(prefix)[1] == []  # a unary call logs in again and is retried
+        change_users(server, "other2")
+        with pytest.raises(EtcdError, match="revision of auth store is old"):
+            next(iter(client.watch_prefix(prefix, 1)))  # the watch is canceled (the caller retries)...
+        batch = next(iter(client.watch_prefix(prefix, 1)))  # ...and the next one logs in afresh
+        assert batch.created
+    finally:
+        client.close()
+
+
+def test_an_auth_change_at_etcd_never_stops_the_daemons_watch(make_cluster, own_etcd, tmp_path):
+    """JWT tokens, users changed, etcd restarted (the watch reconnects with the token it has)."""
+    server = own_etcd(extra_args=jwt_auth_token(str(tmp_path)))
+    lab.enable_auth(server, "flannel", PASSWORD, "/flannel-test/")
+    cluster = make_cluster(2, NETWORK, etcd=server, etcd_options={"username": "flannel", "password": PASSWORD})
+    cluster.start_all("--etcd-username=flannel", f"--etcd-password={PASSWORD}")
+    node1, node2 = cluster.nodes
+    change_users(server, "operator")
+    server.restart()
+    new = put_fake(cluster, 5, "198.18.244.0/24")
+    eventually(lambda: new in routes(node1) and new in routes(node2), timeout=10, what="the watch resumed")
+    for node in cluster.nodes:
+        assert node.http("/healthz")[0] == 200
+        assert "logging in again" in node.log() and PASSWORD not in node.log(), node.log()
+    no_traceback(node1, node2)
 
 
 @pytest.mark.parametrize("security", ["auth-http", "auth-https", "mutual-tls"])
