@@ -37,6 +37,7 @@ class HostGwOptions:
 
 class HostGwBackend(BackendBase):
     type = "host-gw"
+    uses_onlink = True
 
     def __init__(self, config: NetworkConfig, ext: External, blackhole: bool = False) -> None:
         self.config = config

@@ -102,6 +102,7 @@ class VxlanBackend(BackendBase):
         self.ext = ext
         self.options = options
         self.blackhole = blackhole
+        self.uses_onlink = options.direct_routing
         self.publics = published_addresses(config, ext)
         self.families: list[_Family] = []
         self.macs: dict[str, str] = {}  # device -> the MAC our lease publishes: kept when a device is recreated

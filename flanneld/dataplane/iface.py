@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from flanneld.dataplane import nlcodec as nl
 from flanneld.dataplane.netlink import AddrInfo, Kernel, KernelError
 from flanneld.dataplane.nlcodec import RT_SCOPE_UNIVERSE
 from flanneld.model.family import IPV4, IPV6
@@ -104,7 +106,36 @@ def choose(interfaces: list[Iface], opts: IfaceOptions, default_index: int | Non
     return found, "default route"
 
 
-def external(iface: Iface, opts: IfaceOptions, need_v4: bool, need_v6: bool) -> External:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def onlink_networks(addrs: Iterable[AddrInfo], routes: Iterable[tuple[int, bytes, int]]) -> tuple[Network, ...]:
+    """What an interface reaches without a router: the prefixes of its global addresses and its
+    on-link routes (``ip route add 198.51.100.128/25 dev eth0``: upstream's host-gw routes a peer
+    there, the kernel taking the gateway as on-link), sorted, each once."""
+    nets = {ipaddress.ip_network(f"{a.ip}/{a.prefixlen}", strict=False) for a in addrs if a.scope == RT_SCOPE_UNIVERSE}
+    nets.update((ipaddress.IPv4Network if family == nl.AF_INET else ipaddress.IPv6Network)(
+        (int.from_bytes(dst, "big"), length), strict=False) for family, dst, length in routes)
+    return tuple(sorted(nets, key=lambda n: (n.version, n)))  # type: ignore[arg-type]
+
+
+def read_onlink(kernel: Kernel, index: int) -> tuple[Network, ...]:
+    return onlink_networks(kernel.addresses(index), kernel.onlink_routes(index))
+
+
+def touches_onlink(kind: int, payload: bytes, index: int) -> bool:
+    """Whether a netlink notification may change what interface `index` reaches directly: an
+    address of it, or an on-link route out of it, came or went (renumbering, a subnet added)."""
+    view = memoryview(payload)
+    if kind in (nl.RTM_NEWADDR, nl.RTM_DELADDR):
+        return nl.parse_addr(view).ifindex == index
+    if kind in (nl.RTM_NEWROUTE, nl.RTM_DELROUTE):
+        return nl.is_onlink_route(nl.parse_route(view), index)
+    return False
+
+
+def external(iface: Iface, opts: IfaceOptions, need_v4: bool, need_v6: bool,
+             onlink_routes: Iterable[tuple[int, bytes, int]] = ()) -> External:
     """Addresses to run over and to publish on the chosen interface."""
     ip4 = iface.first_global(4)
     ip6 = iface.first_global(6)
@@ -117,8 +148,7 @@ def external(iface: Iface, opts: IfaceOptions, need_v4: bool, need_v6: bool) -> 
         public6 = ipaddress.IPv6Address(opts.public_ipv6) if opts.public_ipv6 else ip6
     except ValueError as exc:
         raise IfaceError(f"bad --public-ip/--public-ipv6: {exc}") from None
-    onlink = tuple(ipaddress.ip_network(f"{a.ip}/{a.prefixlen}", strict=False)
-                   for a in iface.addrs if a.scope == RT_SCOPE_UNIVERSE)
+    onlink = onlink_networks(iface.addrs, onlink_routes)
     return External(iface.name, iface.index, iface.mtu, ip4 if need_v4 else None,  # type: ignore[arg-type]
                     public if need_v4 else None, ip6 if need_v6 else None,  # type: ignore[arg-type]
                     public6 if need_v6 else None, onlink)  # type: ignore[arg-type]
@@ -141,4 +171,4 @@ def select(kernel: Kernel, opts: IfaceOptions, need_v4: bool, need_v6: bool) -> 
             raise IfaceError(f"--iface-can-reach {opts.can_reach}: {exc}") from None
     default = kernel.default_route_oif(IPV4 if need_v4 else IPV6)
     iface, why = choose(interfaces, opts, default, reach)
-    return external(iface, opts, need_v4, need_v6), why
+    return external(iface, opts, need_v4, need_v6, kernel.onlink_routes(iface.index)), why

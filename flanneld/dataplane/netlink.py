@@ -291,6 +291,16 @@ class Kernel:
                 best = (rec.metric, rec.oif)
         return best[1] if best else None
 
+    def onlink_routes(self, index: int) -> list[tuple[int, bytes, int]]:
+        """(family, destination, prefix length) of the main table's routes that leave by interface
+        `index` with no gateway, other than default routes: networks it reaches directly."""
+        out = []
+        for af in (nl.AF_INET, nl.AF_INET6):
+            for kind, payload in self.bulk.dump(nl.dump_routes(self.bulk.next_seq(), af)):
+                if kind == nl.RTM_NEWROUTE and nl.is_onlink_route(rec := nl.parse_route(payload), index):
+                    out.append((rec.family, rec.dst, rec.dst_len))
+        return out
+
     def route_get(self, ip: str) -> tuple[int | None, str | None]:
         """(output interface, gateway) the kernel would use for `ip`."""
         found = self._request(lambda seq: nl.get_route(seq, nl.ip_bytes(ip)), f"no route to {ip}")

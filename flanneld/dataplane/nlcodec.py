@@ -279,6 +279,13 @@ def parse_route(payload: memoryview) -> RouteRecord:
                        oif, metric)
 
 
+def is_onlink_route(rec: RouteRecord, index: int) -> bool:
+    """A main-table unicast route out of interface `index` with no gateway (not a default route):
+    the interface's link reaches that network without a router."""
+    return rec.oif == index and rec.gateway is None and rec.dst_len > 0 and rec.table == RT_TABLE_MAIN \
+        and rec.rtype == RTN_UNICAST
+
+
 def parse_link(payload: memoryview) -> ObservedLink:
     """A link message as the device it describes; a VXLAN device's parameters in ``data`` under
     the names pyroute2 gives them, so flannelctl doctor's reading and ours are one type."""

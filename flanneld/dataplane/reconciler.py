@@ -86,6 +86,7 @@ class Reconciler:
         """`underlay`: the external interface chosen by interface selection (routes of host-gw and
         DirectRouting leave by it; device kinds that need a lower device are created over it)."""
         self.kernel = kernel
+        self.underlay = underlay
         self.underlay_index = underlay_index
         self._told: set[tuple[object, int]] = set()  # write refusals already warned of (see _say)
         self.desired: DesiredState | None = None  # devices, addresses, owned networks of the last reconcile

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from flanneld import __version__
 from flanneld.dataplane.firewall import FirewallError
-from flanneld.dataplane.iface import IfaceError, IfaceOptions
+from flanneld.dataplane.iface import IfaceError, IfaceOptions, touches_onlink
 from flanneld.dataplane.netlink import Kernel, KernelError, Monitor, WriteFailure
 from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.errors import EtcdError
@@ -237,6 +237,13 @@ class Daemon:
                     return f"netlink notification {kind}"
         return ""
 
+    def _underlay_touched(self, batches: list[NetlinkBatch]) -> bool:
+        """Whether the notifications may change what the external interface reaches directly."""
+        assert self.overlay is not None
+        index = self.overlay.reconciler.underlay_index
+        return any(batch.messages is None or any(touches_onlink(kind, payload, index)
+                                                 for kind, payload in batch.messages) for batch in batches)
+
     def _loop(self) -> None:
         overlay = self.overlay
         assert overlay is not None
@@ -259,6 +266,7 @@ class Daemon:
             if drift:  # a burst of changes (someone flushing a table) is repaired once, after it
                 time.sleep(DRIFT_DEBOUNCE)
                 items += self._collect(0)
+            netlink = [e for e in items if isinstance(e, NetlinkBatch)]
             batches = [e for e in items if isinstance(e, LeaseBatch)]
             lease_events = [ev for e in batches for ev in e.events]
             full_reason = ""
@@ -270,6 +278,8 @@ class Daemon:
                         self.metrics.event_programmed.observe(done - batch.received)
                 if len(lease_events) > 1000:
                     release_memory()
+            if self._underlay_touched(netlink):
+                full_reason = overlay.underlay_changed() or full_reason
             now = time.monotonic()
             renew_in = overlay.leases.seconds_until_renewal()
             if renew_in is not None and renew_in <= 0:

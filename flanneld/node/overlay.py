@@ -15,8 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flanneld.dataplane.firewall import Firewall, FirewallError, FirewallSpec
+from flanneld.dataplane.iface import read_onlink
 from flanneld.dataplane.netlink import KernelError
 from flanneld.dataplane.reconciler import Reconciler, Report
+from flanneld.leases.listing import list_leases
 from flanneld.leases.manager import LeaseManager
 from flanneld.leases.watcher import LeaseEvent
 from flanneld.model import subnetenv
@@ -197,6 +199,34 @@ class Overlay:
             if report.failures:
                 return "failed writes"
         return full_reason
+
+    def underlay_changed(self) -> str:
+        """An address or on-link route of the external interface came or went: when the backend's
+        peer plans depend on what it reaches directly (host-gw, DirectRouting), plan every known
+        peer again from a fresh listing (peer leases are not kept once planned). Returns a reason
+        for a full reconcile, which writes the difference."""
+        underlay = self.reconciler.underlay
+        try:
+            onlink = read_onlink(self.reconciler.kernel, self.reconciler.underlay_index)
+        except KernelError as exc:
+            log.warning("reading what %s reaches directly failed: %s; the next change retries", underlay, exc)
+            return ""
+        if not self.backend.underlay_changed(onlink):
+            return ""
+        log.info("interface %s now reaches %s directly; planning every peer again", underlay,
+                 ", ".join(map(str, onlink)) or "no network")
+        listing = retry("listing leases", lambda: list_leases(self.leases.etcd_client, self.settings.prefix),
+                        self.stop)
+        if listing is None:
+            return ""
+        for key, listed in listing.leases.items():  # peers the watch told us of: it brings the others
+            if key != self.own.key and key in self.peers:
+                self._drop_plan(key)
+                plan = self._plan(key, listed.lease)
+                self._set_plan(key, plan)
+                self._log_skips(key, plan)
+        self._count_peers()
+        return "underlay changed"
 
     def _shared_keys(self, added: PeerPlan, removed: PeerPlan) -> bool:
         """Whether a WireGuard peer that came or went shares its public key with another lease

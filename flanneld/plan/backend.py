@@ -189,10 +189,17 @@ class Backend(Protocol):
     def peer_changed(self, kind: str, peer: Lease) -> None:
         """A peer lease was added, changed or removed (hooks; the data plane comes from plan_peer)."""
 
+    def underlay_changed(self, onlink: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+        """The external interface reaches `onlink` directly now (renumbered, an on-link route
+        added or gone). True when peer plans depend on it and must be made again."""
+
 
 class BackendBase:
     """What most backends do not need, done once: no device identity, no devices, no hooks, and
     the whole plan as the base state plus every peer's entries."""
+
+    ext: External
+    uses_onlink = False  # whether plan_peer asks ext.reaches_directly (host-gw, DirectRouting)
 
     def adopt(self, lease: Lease | None) -> None:
         pass
@@ -214,6 +221,11 @@ class BackendBase:
 
     def peer_changed(self, kind: str, peer: Lease) -> None:
         pass
+
+    def underlay_changed(self, onlink: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+        changed = onlink != self.ext.onlink
+        self.ext = replace(self.ext, onlink=onlink)
+        return changed and self.uses_onlink
 
     def base_state(self, own: Lease) -> DesiredState:
         raise NotImplementedError

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from flanneld.lab.netns import CTL_IP, ROUTER_IP, ipbatch
 from flanneld.lab.probes import eventually, ping, tcp_exchange
 from flanneld.lab.readers import link, routes
 from flanneld.model.lease import leases_prefix
@@ -61,6 +62,42 @@ def test_host_gw_three_nodes_plain_ip_and_a_node_off_the_segment_is_skipped(make
         assert node.log().count(f"not programming all of lease {key}") == 1
     for src, dst in all_pairs(pods):
         assert ping(src, dst.addr).returncode == 0
+
+
+def test_host_gw_routes_a_peer_reached_by_an_on_link_route_and_sees_the_interface_change(make_cluster):
+    """A /32 address and on-link routes, as many cloud hosts are set up: upstream routes a peer
+    that such a route reaches (the kernel takes the gateway as on-link); we skipped it, and what
+    the interface reaches was read once, at start. Now it is read again whenever an address or
+    on-link route of the interface comes or goes."""
+    cluster = make_cluster(2, HOST_GW)
+    node1, node2 = cluster.nodes
+    eth = node1.ifname
+    # node1 on a /32: the router and etcd on-link by host routes, node2 (.12) not on-link at all
+    ipbatch([f"addr del {node1.ip}/24 dev {eth}", f"addr add {node1.ip}/32 dev {eth}",
+             f"route add {ROUTER_IP}/32 dev {eth}", f"route add {CTL_IP}/32 dev {eth}",
+             f"route add default via {ROUTER_IP}"], ns=node1.ns)
+    cluster.start_all(converge=False)
+    eventually(lambda: cluster.subnet(node1) in routes(node2), timeout=5, what="node2 routes to node1")
+    pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    peer = cluster.subnet(node2)
+    key = cluster.lease_key(node2).rsplit("/", 1)[1]
+    assert peer not in routes(node1) and f"its public address {node2.ip} is not on our L2 segment" in node1.log()
+
+    segment = f"{node1.ip.rsplit('.', 1)[0]}.0/24"
+    node1.sh("ip", "route", "add", segment, "dev", eth)  # node2's segment, on-link
+    eventually(lambda: routes(node1).get(peer, {}).get("gateway") == node2.ip, timeout=3, what="the peer routed")
+    for src, dst in ((pod1, pod2), (pod2, pod1)):
+        assert ping(src, dst.addr).returncode == 0, f"{src.name} -> {dst.addr}"
+    assert "now reaches" in node1.log()
+
+    node1.sh("ip", "route", "del", segment, "dev", eth)
+    eventually(lambda: peer not in routes(node1), timeout=3, what="the route withdrawn with the on-link route")
+    assert node1.log().count(f"not programming all of lease {key}") == 2  # skipped, routed, skipped again
+
+    node1.sh("ip", "addr", "add", f"{segment.rsplit('.', 1)[0]}.99/24", "dev", eth)  # renumbered: a /24 again
+    eventually(lambda: routes(node1).get(peer, {}).get("gateway") == node2.ip, timeout=3, what="routed again")
+    assert ping(pod1, pod2.addr).returncode == 0
+    assert "Traceback" not in node1.log()
 
 
 @pytest.mark.parametrize(("backend", "net"), [("vxlan", V6_NET), ("host-gw", V6_NET), ("host-gw", DUAL)],

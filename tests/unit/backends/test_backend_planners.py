@@ -54,6 +54,23 @@ def test_host_gw_skips_a_peer_off_our_segment_naming_why_and_keeps_the_rest():
     assert reasons["198.18.5.0-24"] == "backend type 'vxlan' is not host-gw"
 
 
+def test_host_gw_plans_again_once_the_interface_reaches_a_peer_and_not_before() -> None:
+    be = make("host-gw", V4)
+    remote = hostgw_peer(4, "203.0.113.70")
+    assert be.plan_peer(remote).routes == []
+    assert be.underlay_changed((*EXT.onlink, N("203.0.113.64/26"))) is True  # an on-link route came
+    assert be.plan_peer(remote).routes == [Route("198.18.4.0/24", "203.0.113.70", "eth0")]
+    assert be.underlay_changed((*EXT.onlink, N("203.0.113.64/26"))) is False  # nothing new: no replanning
+    assert be.underlay_changed(EXT.onlink) is True and be.plan_peer(remote).routes == []
+
+
+def test_only_backends_whose_plans_ask_what_is_on_link_replan_when_it_changes() -> None:
+    more = (*EXT.onlink, N("203.0.113.64/26"))
+    assert make("vxlan", V4, DirectRouting=True).underlay_changed(more) is True
+    assert make("vxlan", V4).underlay_changed(more) is False
+    assert make("alloc", V4).underlay_changed(more) is False
+
+
 def test_host_gw_ipv6_only_and_dual_stack():
     be6 = make("host-gw", V6)
     own6 = hostgw_peer(1, "", "2001:db8:51::11", subnet6=True)
