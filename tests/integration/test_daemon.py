@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -370,6 +372,42 @@ def test_sigterm_exit_zero_and_systemd_notification(make_cluster, tmp_path):
     assert sock.recv(4096) == b"STOPPING=1"
     sock.close()
     assert "Traceback" not in node.log()
+
+
+@contextlib.contextmanager
+def one_thread_frozen(tid: int):
+    """Stop one thread of a process, the others running on (ptrace's SEIZE + INTERRUPT stop only
+    the tracee; SIGSTOP would stop them all), and let it go on leaving."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    seize, interrupt, detach, wall = 0x4206, 0x4207, 17, 0x40000000
+    if libc.ptrace(seize, tid, None, None) != 0:
+        raise OSError(ctypes.get_errno(), f"PTRACE_SEIZE {tid}")
+    try:
+        assert libc.ptrace(interrupt, tid, None, None) == 0
+        assert os.waitpid(tid, wall)[0] == tid  # in its ptrace stop now
+        yield
+    finally:
+        libc.ptrace(detach, tid, None, None)
+
+
+def test_healthz_turns_503_while_the_event_loop_is_stuck_and_200_once_it_runs(make_cluster):
+    """The rule: no turn of the loop for max(60 s, 3 reconcile intervals). The loop thread (the
+    process's main thread) is frozen while every other thread, /healthz's too, runs on."""
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    daemon = cluster.start(node, "--reconcile-interval=10")  # the rule's floor: 60 s
+    with open(f"/proc/{daemon.pid}/comm") as comm:
+        assert comm.read().strip() == "flanneld"
+    with one_thread_frozen(daemon.pid):
+        frozen = time.monotonic()
+        eventually(lambda: node.http("/healthz")[0] == 503, timeout=70, interval=1, what="503 while stuck")
+        assert time.monotonic() - frozen >= 58  # not before the rule says (the last turn may precede the freeze)
+        status, body = node.http("/healthz")
+        assert status == 503 and "unhealthy: event loop has not run for" in body, body
+        assert node.http("/readyz")[0] == 200  # ready it still is: the lease and data plane stand
+    eventually(lambda: node.http("/healthz")[0] == 200, timeout=3, what="healthy once the loop runs again")
+    assert daemon.poll() is None and "Traceback" not in node.log()
 
 
 def test_environment_flags_and_command_line_precedence(make_cluster):
