@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import re
-import signal
+import bisect
+import json
 import subprocess
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from flanneld.lab.cluster import Pod
-from flanneld.lab.netns import sh
+from flanneld.lab.netns import sh, tool
 
 
 def eventually(check: Callable[[], Any], timeout: float = 1.0, interval: float = 0.01, what: str = "") -> float:
@@ -26,24 +26,72 @@ def eventually(check: Callable[[], Any], timeout: float = 1.0, interval: float =
         time.sleep(interval)
 
 
+class Tally(NamedTuple):
+    """Every probe a Pinger sent: how many, how many never answered, and when each was sent
+    (time.monotonic()), so a test can tell that probing ran through a fault, not just around it."""
+
+    sent: int
+    lost: int
+    sent_at: tuple[float, ...]
+    lost_at: tuple[float, ...]
+    duplicates: int = 0
+
+    def merged(self, other: Tally) -> Tally:
+        """Both directions' probes as one tally."""
+        return Tally(self.sent + other.sent, self.lost + other.lost, tuple(sorted(self.sent_at + other.sent_at)),
+                     tuple(sorted(self.lost_at + other.lost_at)), self.duplicates + other.duplicates)
+
+    def sent_between(self, start: float, end: float) -> int:
+        return bisect.bisect_right(self.sent_at, end) - bisect.bisect_left(self.sent_at, start)
+
+    def assert_through(self, start: float, end: float, interval: float = 0.01) -> None:
+        """No probe lost, and probes went out before `start`, after `end` and all along between
+        (at least half the rate: a stalled prober proves nothing)."""
+        assert self.sent and self.sent_at[0] < start, f"probing began only after the window opened ({self.sent} sent)"
+        assert self.sent_at[-1] > end, f"probing stopped {end - self.sent_at[-1]:.2f}s before the window closed"
+        within = self.sent_between(start, end)
+        assert within >= (end - start) / interval / 2, \
+            f"only {within} probes in the {end - start:.1f}s window (one per {interval}s wanted)"
+        if self.lost:
+            spans = ", ".join(f"{t - start:+.2f}s" for t in self.lost_at[:10])
+            raise AssertionError(f"{self.lost} of {self.sent} probes lost, sent at (from the window's start) {spans}")
+
+
 class Pinger:
-    """Pings from a pod every `interval` seconds until stop(), which returns (sent, lost).
+    """Echo requests from a pod every `interval` seconds until stop(), which returns the Tally:
+    every probe sent is counted, a tail still unanswered when stopping included (after `grace`
+    seconds for replies in flight). See :mod:`flanneld.lab.icmp_probe`."""
 
-    Lost counts the sequence numbers with no reply up to the last one answered, so the probe
-    still in flight when we stop is not counted as lost.
-    """
+    def __init__(self, src: Pod, dst: str, interval: float = 0.01, grace: float = 1.0) -> None:
+        self.what = f"{src.name} -> {dst}"
+        self.proc = subprocess.Popen(["ip", "netns", "exec", src.name, tool("python3"), "-m", "flanneld.lab.icmp_probe",
+                                      dst, str(interval), str(grace)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        started = self.proc.stdout.readline()
+        if started.strip() != "probing":
+            self.proc.kill()
+            raise AssertionError(f"the prober {self.what} did not start: {started}{self.proc.communicate()[1]}")
 
-    def __init__(self, src: Pod, dst: str, interval: float = 0.01) -> None:
-        self.proc = subprocess.Popen(["ip", "netns", "exec", src.name, "ping", "-n", "-i", str(interval), "-W", "1",
-                                      dst], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(0.3)
+    def stop(self) -> Tally:
+        out, err = self.proc.communicate(timeout=30)  # closes its stdin: the prober's signal to stop
+        if self.proc.returncode != 0:
+            raise AssertionError(f"the prober {self.what} failed ({self.proc.returncode}): {err[-2000:]}")
+        result = json.loads(out.splitlines()[-1])
+        sent_at = tuple(result["sent_at"])
+        return Tally(len(sent_at), len(result["lost"]), sent_at, tuple(sent_at[i] for i in result["lost"]),
+                     result["duplicates"])
 
-    def stop(self) -> tuple[int, int]:
-        self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=15)
-        answered = {int(m) for m in re.findall(r"icmp_seq=(\d+) ttl=", out)}
-        assert answered, f"no ping was answered: {out[-500:]}"
-        return max(answered), max(answered) - len(answered)
+
+class BothWays:
+    """A Pinger from each pod to the other: a fault may break one direction's path only."""
+
+    def __init__(self, a: Pod, b: Pod, interval: float = 0.01) -> None:
+        self.pingers = (Pinger(a, b.addr, interval), Pinger(b, a.addr, interval))
+
+    def stop(self) -> Tally:
+        first, second = (p.stop() for p in self.pingers)
+        return first.merged(second)
 
 
 def ping(src: Pod, dst: str, count: int = 2, interval: float = 0.2, timeout: int = 2

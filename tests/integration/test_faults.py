@@ -21,7 +21,7 @@ from flanneld.etcd.errors import EtcdError
 from flanneld.etcd.options import EtcdOptions
 from flanneld.lab.etcd import jwt_auth_token
 from flanneld.lab.flannel import NETWORK, Cluster
-from flanneld.lab.probes import Pinger, eventually
+from flanneld.lab.probes import BothWays, eventually
 from flanneld.lab.readers import fdbs, link, routes
 from flanneld.model.lease import leases_prefix
 from flanneld.node.metrics import parse
@@ -79,14 +79,15 @@ def test_kill_9_under_ping_loses_nothing_and_keeps_subnet_and_mac(make_cluster):
     node1, node2 = cluster.nodes
     pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
     before = own_state(cluster, node1)
-    pinger = Pinger(pod2, pod1.addr)
+    probes = BothWays(pod1, pod2)
+    start = time.monotonic()
     assert cluster.stop(node1, signal.SIGKILL) == -signal.SIGKILL
     time.sleep(0.5)  # the kernel keeps forwarding without the daemon
     cluster.start(node1)
     eventually(lambda: cluster.subnet(node2) in routes(node1), timeout=3, what="peer programmed after restart")
+    end = time.monotonic()
     time.sleep(0.3)
-    sent, lost = pinger.stop()
-    assert sent > 50 and lost == 0
+    probes.stop().assert_through(start, end)  # every probe, both ways, from the kill to the restarted daemon ready
     assert own_state(cluster, node1) == before
     assert fdbs(node2)[before[1]] == node1.ip
     no_traceback(node1)
@@ -99,12 +100,14 @@ def test_twenty_sigterm_restarts_in_a_row(make_cluster):
     pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
     before = own_state(cluster, node1)
     leases_before = cluster.etcd.lease_ids()
-    pinger = Pinger(pod2, pod1.addr)
+    probes = BothWays(pod1, pod2)
+    start = time.monotonic()
     for _ in range(20):
         assert cluster.stop(node1) == 0
         cluster.start(node1)
-    sent, lost = pinger.stop()
-    assert sent > 100 and lost == 0
+    end = time.monotonic()
+    time.sleep(0.3)
+    probes.stop().assert_through(start, end)
     assert own_state(cluster, node1) == before
     assert cluster.etcd.lease_ids() == leases_before  # no etcd lease leaked or replaced on any restart
     assert cluster.subnet(node2) in routes(node1)
@@ -120,7 +123,8 @@ def _etcd_outage(make_cluster, own_etcd, seconds: float) -> None:
     cluster.start_all()
     node1, node2 = cluster.nodes
     pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
-    pinger = Pinger(pod1, pod2.addr)
+    probes = BothWays(pod1, pod2)
+    start = time.monotonic()
     server.stop()
 
     def down() -> bool:
@@ -135,9 +139,10 @@ def _etcd_outage(make_cluster, own_etcd, seconds: float) -> None:
     eventually(lambda: node1.http("/healthz")[0] == 200, timeout=NEW_PEER_WITHIN, what="healthy again")
     new = put_fake(cluster, 1, "198.18.250.0/24")
     eventually(lambda: new in routes(node1) and new in routes(node2), timeout=NEW_PEER_WITHIN, what="new peer")
-    assert time.monotonic() - back <= NEW_PEER_WITHIN + 0.5
-    sent, lost = pinger.stop()
-    assert sent > 100 and lost == 0
+    end = time.monotonic()
+    assert end - back <= NEW_PEER_WITHIN + 0.5
+    time.sleep(0.3)
+    probes.stop().assert_through(start, end)
     no_traceback(node1, node2)
 
 
@@ -179,7 +184,8 @@ def test_slow_etcd_paused_with_sigstop(make_cluster, own_etcd):
     cluster = make_cluster(2, NETWORK, etcd=server)
     cluster.start_all()
     node1, node2 = cluster.nodes
-    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2))
+    start = time.monotonic()
     os.kill(server.proc.pid, signal.SIGSTOP)
     try:
         time.sleep(6)
@@ -189,7 +195,9 @@ def test_slow_etcd_paused_with_sigstop(make_cluster, own_etcd):
     new = put_fake(cluster, 3, "198.18.242.0/24")
     eventually(lambda: new in routes(node1), timeout=NEW_PEER_WITHIN + 3, what="new peer after etcd resumed")
     eventually(lambda: node1.http("/healthz")[0] == 200, timeout=15, what="healthy")
-    assert pinger.stop()[1] == 0
+    end = time.monotonic()
+    time.sleep(0.3)
+    probes.stop().assert_through(start, end)
     no_traceback(node1, node2)
 
 
@@ -342,12 +350,15 @@ def test_etcd_restart_with_auth_or_tls(make_cluster, own_etcd, tmp_path, securit
     cluster = make_cluster(2, NETWORK, etcd=server, etcd_options=options)
     cluster.start_all(*flags)
     node1, node2 = cluster.nodes
-    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2))
+    start = time.monotonic()
     server.restart()
     new = put_fake(cluster, 5, "198.18.244.0/24")
     eventually(lambda: new in routes(node1) and new in routes(node2), timeout=5, what="watch resumed after restart")
     eventually(lambda: node1.http("/healthz")[0] == 200, timeout=5, what="healthy after restart")
-    assert pinger.stop()[1] == 0
+    end = time.monotonic()
+    time.sleep(0.3)
+    probes.stop().assert_through(start, end)
     for node in cluster.nodes:
         text = node.log() + node.http("/metrics")[1]
         assert PASSWORD not in text
@@ -380,16 +391,24 @@ def _underlay_down(make_cluster, seconds: float) -> None:
     cluster.start_all()
     node1, node2 = cluster.nodes
     pod1, pod2 = cluster.pod(node1), cluster.pod(node2)
+    probes = BothWays(pod1, pod2, interval=0.02)
+    down = time.monotonic()
     node1.sh("ip", "link", "set", node1.ifname, "down")
     time.sleep(seconds)
     node1.sh("ip", "link", "set", node1.ifname, "up")
     # the node's own network configuration puts its default route back (the kernel dropped it)
     node1.sh("ip", "route", "replace", "default", "via", lab.ROUTER_IP)
-    pinger = Pinger(pod1, pod2.addr, interval=0.05)
+    up = time.monotonic()
     new = put_fake(cluster, 6, "198.18.245.0/24")
     eventually(lambda: new in routes(node1), timeout=5, what="watch back after the link came up")
+    end = time.monotonic()
     time.sleep(1)
-    assert pinger.stop()[1] == 0
+    tally = probes.stop()
+    # the outage was real (probes sent while the link was down were lost) and the pods' path was
+    # back within 1 s of the link: from then on, through the watch's recovery, every probe answered
+    assert tally.lost and all(down <= t <= up + 1.0 for t in tally.lost_at), (tally.lost, tally.lost_at[-3:], up)
+    last = tally.sent_at[-1]
+    assert last > end and tally.sent_between(up + 1.0, last) >= (last - up - 1.0) / 0.02, "probing stalled"
     assert node1.procs[-1].poll() is None
     no_traceback(node1)
 
@@ -420,9 +439,10 @@ def test_peer_public_ip_changed_peers_follow(make_cluster):
     assert str(lease.public_ip) == new_ip and lease.backend.get("VtepMAC") == mac
     eventually(lambda: fdbs(node1).get(mac) == new_ip, timeout=3, what="peer's FDB entry follows the new address")
     assert link(node2)["linkinfo"]["info_data"]["local"] == new_ip
-    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2))
     time.sleep(0.5)
-    assert pinger.stop()[1] == 0
+    tally = probes.stop()
+    assert tally.lost == 0 and tally.sent > 50, tally[:2]
     assert "our address changed, keeping the subnet" in node2.log()
 
 
@@ -433,7 +453,8 @@ def test_500_leases_churn_in_bursts_while_pods_talk(make_cluster):
     cluster = make_cluster(2, {"Network": "198.18.0.0/16", "SubnetLen": 26, "Backend": {"Type": "vxlan"}})
     cluster.start_all()
     node1, node2 = cluster.nodes
-    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr, interval=0.02)
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2), interval=0.02)
+    start = time.monotonic()
     real = {cluster.subnet(n) for n in cluster.nodes}
     head = leases_prefix(cluster.prefix)
     free = [f"198.18.{i // 4}.{(i % 4) * 64}/26" for i in range(4, 1024)]
@@ -463,8 +484,9 @@ def test_500_leases_churn_in_bursts_while_pods_talk(make_cluster):
     eventually(lambda: exact(real), timeout=10, what="every removed lease gone (0 stale)")
     for node in cluster.nodes:
         assert len(fdbs(node)) == 1  # only the other real node's VTEP
-    sent, lost = pinger.stop()
-    assert sent > 20 and lost == 0
+    end = time.monotonic()
+    time.sleep(0.3)
+    probes.stop().assert_through(start, end, interval=0.02)
     no_traceback(node1, node2)
 
 
@@ -477,6 +499,8 @@ def test_bad_leases_are_ignored_or_warned_and_nothing_else_is_disturbed(make_clu
     node1, node2 = cluster.nodes
     head = leases_prefix(cluster.prefix)
     own_key = cluster.lease_key(node1)
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2))
+    start = time.monotonic()
     good = put_fake(cluster, 7, "198.18.230.0/24")
     cluster.etcd_client.put(head + "198.18.231.0-24", b'{"PublicIP":"198.51.100.107","BackendType":"vxlan",')
     cluster.etcd_client.put(head + "junk-key", b"{}")
@@ -484,12 +508,19 @@ def test_bad_leases_are_ignored_or_warned_and_nothing_else_is_disturbed(make_clu
     wide = put_fake(cluster, 9, "198.18.208.0/20")  # not SubnetLen: programmed, warned (above SubnetMax)
     key, value = fake_lease(10, "198.18.232.0/24")  # upstream spells the field "VtepMac" too
     cluster.etcd_client.put(head + key, value.replace(b"VtepMAC", b"VtepMac"))
+    eventually(lambda: {good, wide, "198.18.232.0/24"} <= set(routes(node1)), timeout=3, what="good leases")
+    end = time.monotonic()  # bad data around good: pods never noticed
     stolen = json.loads(cluster.etcd_client.get(own_key).value)
     stolen["PublicIP"] = "198.51.100.99"  # someone claims our subnet with another address
     cluster.etcd_client.put(own_key, json.dumps(stolen).encode())
-
-    eventually(lambda: {good, wide, "198.18.232.0/24"} <= set(routes(node1)), timeout=3, what="good leases")
     eventually(lambda: str(cluster.lease(node1).public_ip) == node1.ip, timeout=3, what="our lease restored")
+    restored = time.monotonic()
+    time.sleep(0.3)
+    tally = probes.stop()
+    # until we restore our lease, node2 sends our pods' traffic to the thief's address: those probes
+    # (and only those) may be lost
+    assert all(end <= t <= restored for t in tally.lost_at), (tally.lost, [t - end for t in tally.lost_at])
+    tally._replace(lost=0, lost_at=()).assert_through(start, end)
     log = node1.log()
     assert "ignoring malformed lease entry" in log and "junk-key" in log
     assert "10.99.0.0/24 is outside the network" in log
@@ -498,7 +529,6 @@ def test_bad_leases_are_ignored_or_warned_and_nothing_else_is_disturbed(make_clu
     assert log.count("198.18.208.0-20 does not fit") == 1  # once, not per event or reconcile
     assert "was modified in etcd; restoring our attributes" in log
     assert "10.99.0.0/24" not in routes(node1) and "198.18.231.0/24" not in routes(node1)
-    assert Pinger(cluster.pod(node1), cluster.pod(node2).addr).stop()[1] == 0
     no_traceback(node1, node2)
 
 
@@ -520,9 +550,12 @@ def test_a_lease_whose_vtep_mac_is_not_unicast_is_skipped_once_and_nothing_loops
     repairs = ("flanneld_drift_repairs_total", ())
     eventually(lambda: parse(node1.http("/metrics")[1]).get(skipped) == 3, timeout=3, what="three skipped peers")
     before = parse(node1.http("/metrics")[1]).get(repairs, 0.0)
-    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2))
+    start = time.monotonic()
     time.sleep(4)
-    assert pinger.stop()[1] == 0
+    end = time.monotonic()
+    time.sleep(0.3)
+    probes.stop().assert_through(start, end)
     assert parse(node1.http("/metrics")[1]).get(repairs, 0.0) == before  # no reconcile loop
     for node in (node1, node2):
         log = node.log()
@@ -543,11 +576,14 @@ def test_a_lease_copying_a_nodes_vtep_mac_never_takes_its_fdb_entry(make_cluster
     key, value = fake_lease(30, "198.18.237.0/24")
     cluster.etcd_client.put(leases_prefix(cluster.prefix) + key, value.replace(b"0e:fa:00:1e:00:01", mac.encode()))
     eventually(lambda: "already the VTEP of lease" in node1.log(), timeout=3, what="the copy named")
-    pinger = Pinger(cluster.pod(node1), cluster.pod(node2).addr)
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2))
+    start = time.monotonic()
     for _ in range(12):  # full reconciles once a second meanwhile
         assert fdbs(node1).get(mac) == node2.ip
         time.sleep(0.25)
-    assert pinger.stop()[1] == 0
+    end = time.monotonic()
+    time.sleep(0.3)
+    probes.stop().assert_through(start, end)
     assert node1.log().count("already the VTEP of lease") == 1 and "198.18.237.0/24" not in routes(node1)
     no_traceback(node1, node2)
 

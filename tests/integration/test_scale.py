@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
@@ -10,7 +11,7 @@ from flanneld import lab
 from flanneld.etcd.client import EtcdClient
 from flanneld.etcd.options import EtcdOptions
 from flanneld.lab.flannel import NETWORK
-from flanneld.lab.probes import Pinger, eventually
+from flanneld.lab.probes import BothWays, eventually
 from flanneld.lab.readers import routes
 from flanneld.model.lease import leases_prefix
 
@@ -52,7 +53,10 @@ def test_daemons_through_the_grpc_proxy(make_cluster, members, proxy):
     node1, node2, node3 = cluster.nodes
     # the proxy coalesces the three daemons' identical watches into one on etcd
     eventually(lambda: watchers(members) - base <= 1, timeout=5, what="coalesced watches")
-    assert Pinger(cluster.pod(node1), cluster.pod(node2).addr).stop()[1] == 0
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2))
+    time.sleep(0.5)
+    tally = probes.stop()
+    assert tally.lost == 0 and tally.sent > 50, tally[:2]
 
     new = fake(cluster, 1)  # watch through the proxy
     eventually(lambda: all(new in routes(n) for n in cluster.nodes), timeout=3, what="event through the proxy")
