@@ -41,6 +41,8 @@ E_NOT_AVAILABLE = 50
 E_SUBNET_CHANGED = 100  # plugin-specific: the pod's subnet is no longer this node's
 E_INTERNAL = 999
 
+MIN_MTU, MAX_MTU = 68, 65535  # FLANNEL_MTU's range, as flanneld.model.subnetenv's (a test pins them equal)
+
 REQUIRED_ENV = {
     "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
     "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
@@ -254,11 +256,15 @@ def read_subnet_env(path):
             elif key == "FLANNEL_IPV6_SUBNET":
                 env["ipv6_subnet"] = _network(value, 6)
             elif key == "FLANNEL_MTU":
+                if not (value.isascii() and value.isdigit()) or not MIN_MTU <= int(value) <= MAX_MTU:
+                    raise ValueError(f"FLANNEL_MTU must be a number in {MIN_MTU}..{MAX_MTU}, got {value!r}")
                 env["mtu"] = int(value)
             elif key == "FLANNEL_IPMASQ":
+                if value not in ("true", "false"):  # upstream's plugin took any other word for false
+                    raise ValueError(f"FLANNEL_IPMASQ must be true or false, got {value!r}")
                 env["ipmasq"] = value == "true"
     except ValueError as exc:
-        raise CniError(E_IO, f"{path} is malformed: {exc}") from None
+        raise CniError(E_INVALID_CONFIG, f"{path} is malformed: {exc}") from None
     missing = []
     if not env["networks"] and not env["ipv6_networks"]:
         missing += ["FLANNEL_NETWORK", "FLANNEL_IPV6_NETWORK"]

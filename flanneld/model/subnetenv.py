@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # both CLIs import this module for DEFAULT_PATH: it stays che
     from flanneld.model.lease import Lease
 
 DEFAULT_PATH = "/run/flannel/subnet.env"
+MIN_MTU, MAX_MTU = 68, 65535  # IPv4's minimum link MTU; the largest an IP packet can be
 
 
 class SubnetEnvError(ValueError):
@@ -43,12 +44,16 @@ class SubnetEnv:
         return self.ipv6_subnet.network if self.ipv6_subnet is not None else None
 
     def render(self) -> str:
+        """Upstream's lines in upstream's order, each present when its value is (a file read back
+        renders as it was read: parse(render()) is the same SubnetEnv)."""
         lines = []
-        if self.subnet is not None:
+        if self.networks:
             lines.append("FLANNEL_NETWORK=" + ",".join(str(n) for n in self.networks))
+        if self.subnet is not None:
             lines.append(f"FLANNEL_SUBNET={self.subnet}")
-        if self.ipv6_subnet is not None:
+        if self.ipv6_networks:
             lines.append("FLANNEL_IPV6_NETWORK=" + ",".join(str(n) for n in self.ipv6_networks))
+        if self.ipv6_subnet is not None:
             lines.append(f"FLANNEL_IPV6_SUBNET={self.ipv6_subnet}")
         lines.append(f"FLANNEL_MTU={self.mtu}")
         lines.append(f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}")
@@ -124,13 +129,29 @@ def _networks(text: str, version: int) -> tuple:
     return tuple(cls(_cidr(part, version), strict=False) for part in text.split(",") if part.strip())
 
 
+def _mtu(text: str) -> int:
+    """Decimal digits only (Go's ParseUint; not Python's int, which takes "-1", "+5", "1_450") and
+    an MTU a link can have."""
+    if not (text.isascii() and text.isdigit()) or not MIN_MTU <= int(text) <= MAX_MTU:
+        raise ValueError(f"FLANNEL_MTU must be a number in {MIN_MTU}..{MAX_MTU}, got {text!r}")
+    return int(text)
+
+
+def _ipmasq(text: str) -> bool:
+    """What the daemon (ours or upstream's strconv.FormatBool) writes; upstream's plugin took any
+    other word for false, silently turning pod masquerading off."""
+    if text not in ("true", "false"):
+        raise ValueError(f"FLANNEL_IPMASQ must be true or false, got {text!r}")
+    return text == "true"
+
+
 _FIELDS: dict[str, tuple[str, Callable[[str], Any]]] = {  # name -> (SubnetEnv field, value parser)
     "FLANNEL_NETWORK": ("networks", lambda v: _networks(v, 4)),
     "FLANNEL_SUBNET": ("subnet", lambda v: ipaddress.IPv4Interface(_cidr(v, 4))),
     "FLANNEL_IPV6_NETWORK": ("ipv6_networks", lambda v: _networks(v, 6)),
     "FLANNEL_IPV6_SUBNET": ("ipv6_subnet", lambda v: ipaddress.IPv6Interface(_cidr(v, 6))),
-    "FLANNEL_MTU": ("mtu", int),
-    "FLANNEL_IPMASQ": ("ipmasq", lambda v: v == "true"),
+    "FLANNEL_MTU": ("mtu", _mtu),
+    "FLANNEL_IPMASQ": ("ipmasq", _ipmasq),
 }
 
 

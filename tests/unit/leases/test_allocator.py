@@ -1,5 +1,6 @@
 """Subnet choice: range, overlap with any taken subnet, exhaustion, determinism."""
 
+import collections
 import ipaddress
 import random
 
@@ -48,19 +49,36 @@ def test_pick_is_random_among_free_but_seedable():
     assert pick_subnet(fam, Taken.of([]), random.Random(7)) == pick_subnet(fam, Taken.of([]), random.Random(7))
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 255), st.integers(20, 28)), max_size=60), st.integers(0, 2**32))
-def test_picked_subnet_overlaps_nothing(taken_spec, seed):
-    fam = family()
-    taken = [N((f"10.5.{octet}.0", plen), strict=False) for octet, plen in taken_spec]
-    try:
-        got = pick_subnet(fam, Taken.of(taken), random.Random(seed))
-    except OutOfSubnets:
-        assert not any(not any(c.overlaps(t) for t in taken) for c in N("10.5.0.0/16").subnets(new_prefix=24)
-                       if fam.subnet_min <= c.network_address <= fam.subnet_max)
-        return
-    assert fam.fits(got)
-    assert not any(got.overlaps(t) for t in taken)
+@st.composite
+def crowded_range(draw) -> tuple[int, int, list[ipaddress.IPv4Network]]:
+    """A range of 1 to 8 /24s and claims of /20../28 around it: often full, often not."""
+    low = draw(st.integers(1, 240))
+    high = low + draw(st.integers(0, 7))
+    claims = draw(st.lists(st.tuples(st.integers(low - 1, high + 1), st.integers(20, 28), st.integers(0, 255)),
+                           max_size=12))
+    return low, high, [N((f"10.5.{octet}.{host}", plen), strict=False) for octet, plen, host in claims]
+
+
+def test_a_picked_subnet_fits_and_overlaps_nothing_and_out_of_subnets_means_none_was_free() -> None:
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(crowded_range(), st.integers(0, 2**32))
+    def sound(spec, seed: int) -> None:
+        low, high, taken = spec
+        fam = family(SubnetMin=f"10.5.{low}.0", SubnetMax=f"10.5.{high}.0")
+        free = [c for c in (N(f"10.5.{o}.0/24") for o in range(low, high + 1)) if not any(c.overlaps(t) for t in taken)]
+        try:
+            got = pick_subnet(fam, Taken.of(taken), random.Random(seed))
+        except OutOfSubnets:
+            assert not free
+            outcomes["exhausted"] += 1
+            return
+        assert fam.fits(got) and got in free
+        outcomes["picked"] += 1
+
+    sound()
+    assert min(outcomes["picked"], outcomes["exhausted"]) > 0.25 * sum(outcomes.values()), outcomes
 
 
 @settings(max_examples=300, deadline=None)

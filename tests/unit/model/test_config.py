@@ -1,5 +1,6 @@
 """Network config parsing: upstream defaults, every validation rule, and fuzzing."""
 
+import collections
 import contextlib
 import ipaddress
 import json
@@ -158,17 +159,79 @@ plausible = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.dictionaries(interesting, plausible, max_size=8))
-def test_fuzz_structured_documents_only_raise_config_error(doc):
-    try:
-        result = parse_config(json.dumps(doc))
-    except ConfigError as exc:
-        assert str(exc)
+@st.composite
+def valid_document(draw) -> dict:
+    """A config upstream would take: IPv4, IPv6 or both, with or without ranges and a backend."""
+    doc: dict = {}
+    v4, v6 = draw(st.sampled_from([(True, False), (False, True), (True, True)]))
+    if v4:
+        prefix = draw(st.integers(8, 22))
+        net = ipaddress.IPv4Network((draw(st.integers(0, 2**32 - 1)), prefix), strict=False)
+        doc["Network"] = str(net)
+        if draw(st.booleans()):
+            length = draw(st.integers(prefix + 2, 28))
+            doc["SubnetLen"] = length
+            subnets = 2 ** (length - prefix)
+            low = draw(st.integers(1, subnets - 2))
+            if draw(st.booleans()):
+                doc["SubnetMin"] = str(net.network_address + low * 2 ** (32 - length))
+                doc["SubnetMax"] = str(net.network_address + draw(st.integers(low, subnets - 2)) * 2 ** (32 - length))
     else:
+        doc["EnableIPv4"] = False
+    if v6:
+        prefix6 = draw(st.integers(32, 60))
+        doc["EnableIPv6"] = True
+        doc["IPv6Network"] = str(ipaddress.IPv6Network((draw(st.integers(0, 2**128 - 1)), prefix6), strict=False))
+        if draw(st.booleans()):
+            doc["IPv6SubnetLen"] = draw(st.integers(prefix6 + 2, 64))
+    if draw(st.booleans()):
+        doc["Backend"] = {"Type": draw(st.sampled_from(["vxlan", "host-gw", "alloc"]))}
+    return doc
+
+
+@st.composite
+def mutated_document(draw) -> dict:
+    doc = draw(valid_document())
+    for _ in range(draw(st.integers(0, 2))):
+        how = draw(st.sampled_from(["value", "drop", "case", "add", "other-valid"]))
+        if not doc:
+            break
+        key = draw(st.sampled_from(sorted(doc)))
+        if how == "value":
+            doc[key] = draw(plausible)
+        elif how == "drop":
+            del doc[key]
+        elif how == "case":
+            doc[key.lower()] = doc.pop(key)  # Go matches names case-insensitively
+        elif how == "other-valid":
+            doc.update({k: v for k, v in draw(valid_document()).items() if k == key})
+        else:
+            doc[draw(interesting)] = draw(plausible)
+    return doc
+
+
+def test_fuzzed_documents_parse_to_a_consistent_config_or_raise_config_error() -> None:
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(st.integers(1, 10).flatmap(lambda n: st.dictionaries(interesting, plausible, max_size=8) if n == 1
+                                      else mutated_document()))  # 1 in 10 made of nothing valid
+    def consistent(doc: dict) -> None:
+        try:
+            result = parse_config(json.dumps(doc))
+        except ConfigError as exc:
+            assert str(exc)
+            outcomes["refused"] += 1
+            return
         for fam in result.families():
+            assert fam.network.prefixlen + 2 <= fam.subnet_len <= fam.network.max_prefixlen
             assert fam.subnet_min <= fam.subnet_max
-            assert fam.network.prefixlen + 2 <= fam.subnet_len
+            for edge in (fam.subnet_min, fam.subnet_max):
+                assert edge in fam.network and int(edge) % 2 ** (fam.network.max_prefixlen - fam.subnet_len) == 0
+        outcomes["parsed"] += 1
+
+    consistent()
+    assert outcomes["parsed"] > 0.5 * sum(outcomes.values()) and outcomes["refused"] > 40, outcomes
 
 
 @settings(max_examples=300, deadline=None)
