@@ -34,7 +34,7 @@ OK, WARN, PROBLEM = "ok", "warning", "problem"
 @dataclass(frozen=True)
 class Finding:
     level: str  # ok | warning | problem
-    area: str  # subnet.env, lease, device, neighbour, fdb, route, wireguard peer, firewall, peers
+    area: str  # subnet.env, lease, device, neighbour, fdb, route, wireguard peer, firewall, peers, pods
     text: str
 
 
@@ -366,6 +366,27 @@ def _check_firewall(inputs: Inputs, own: Lease) -> list[Finding]:
     return out
 
 
+def _check_pod_bridges(inputs: Inputs, own: Lease) -> list[Finding]:
+    """A bridge holding an address of the flannel network outside our subnet: the gateway of pods
+    started before our subnet moved (the bridge plugin never removes it). They are cut off, and the
+    bridge plugin fails every new pod ("already has an IP address different from ...")."""
+    out = []
+    for link in inputs.kernel.links.values():
+        if link.kind != "bridge":
+            continue
+        for ip, plen, scope in inputs.kernel.addresses.get(link.index, []):
+            address = ipaddress.ip_interface(f"{ip}/{plen}")
+            family = next((fc for fc in inputs.config.families() if fc.network.version == address.version), None)
+            ours = family.family.subnet(own) if family is not None else None
+            if scope == 0 and family is not None and address.ip in family.network and (
+                    ours is None or address.ip not in ours):
+                out.append(Finding(PROBLEM, "pods", f"bridge {link.name} holds {address}, not in our subnet "
+                                   f"{ours}: pods started before our subnet moved cannot reach the overlay, and the "
+                                   f"bridge plugin refuses new pods until it is gone; delete those pods, then "
+                                   f"ip addr del {address} dev {link.name}"))
+    return out
+
+
 def _backend(inputs: Inputs, own: Lease, ext: External) -> Backend:
     """The backend as the daemon runs it (ConfigError when the config cannot run here)."""
     # A blackhole route for our own subnet means flanneld runs with --ip-blackhole-route: expect it.
@@ -394,6 +415,7 @@ def examine(inputs: Inputs) -> tuple[list[Finding], dict[str, int]]:
     tables, skipped = _check_tables(inputs, own, backend)
     findings += tables
     findings += _check_firewall(inputs, own)
+    findings += _check_pod_bridges(inputs, own)
     return findings, {"leases": len(inputs.listing.leases) - 1, "skipped": skipped}
 
 

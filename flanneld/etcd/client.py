@@ -383,7 +383,16 @@ class EtcdClient:
         return ttls
 
     def revoke(self, lease_id: int) -> None:
-        self._call("lease revoke", lambda c: c.revoke_lease(lease_id))
+        """Revoke an etcd lease; one that is gone already (expired, revoked) is no error: the goal
+        of a revoke, no such lease, holds."""
+        def run(client: pyetcd.MultiEndpointEtcd3Client) -> None:
+            try:
+                client.revoke_lease(lease_id)
+            except grpc.RpcError as exc:
+                if not (hasattr(exc, "code") and exc.code() == grpc.StatusCode.NOT_FOUND):
+                    raise
+
+        self._call("lease revoke", run)
 
     def healthy(self) -> bool:
         try:

@@ -65,6 +65,9 @@ class Metrics:
         self.firewall_checks = Counter("flanneld_firewall_checks", "Firewall drift checks", registry=r)
         self.firewall_repairs = Counter("flanneld_firewall_repairs", "Firewall reinstalls after drift", registry=r)
         self.renewals = Counter("flanneld_lease_renewals", "Successful lease renewals", registry=r)
+        self.subnet_moves = Counter("flanneld_subnet_moves", "Times our subnet had to move (another node took it "
+                                    "while our lease was expired): the pods started before each move need recreating",
+                                    registry=r)
         self.lease_expiry = Gauge("flanneld_lease_expiry_seconds", "Seconds until our lease expires (-1: reservation)",
                                   registry=r)
 

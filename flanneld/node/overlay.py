@@ -122,10 +122,17 @@ class Overlay:
         got = retry("re-acquiring a subnet lease", lambda: self.leases.acquire(self._attrs()), self.stop)
         if got is None:
             return ""
-        changed = got.lease.key != self.own.key  # type: ignore[attr-defined]
+        old = self.own
+        changed = got.lease.key != old.key  # type: ignore[attr-defined]
         self.adopt_lease(got.lease)  # type: ignore[attr-defined]
         if changed:
-            log.warning("our subnet changed to %s", self.own.describe())
+            self.metrics.subnet_moves.inc()
+            log.warning("our subnet moved from %s to %s: another node holds %s now (our lease had expired, e.g. "
+                        "while etcd could not hear us). Pods started before now keep addresses in %s and cannot "
+                        "reach the overlay, and the bridge plugin refuses new pods while the pod bridge holds the "
+                        "old gateway: delete those pods, then remove that address from the bridge (flannelctl "
+                        "doctor names it)", old.describe(), self.own.describe(), old.describe(), old.describe(),
+                        extra={"old": old.describe(), "new": self.own.describe()})
             self._drop_plan(self.own.key)
             self.firewall = Firewall(firewall_spec(self.config, self.own, self.settings))
             self.firewall.apply()

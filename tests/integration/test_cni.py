@@ -5,8 +5,10 @@ Real 2-node cluster running our daemon; the delegate is Debian's reference bridg
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import signal
 import stat
 import subprocess
 import uuid
@@ -15,7 +17,9 @@ import pytest
 
 from flanneld import lab
 from flanneld.lab.flannel import NETWORK
-from flanneld.lab.probes import ping
+from flanneld.lab.probes import eventually, ping
+from flanneld.lab.readers import routes
+from flanneld.node.metrics import parse
 
 REFERENCE_PLUGINS = "/usr/lib/cni"
 
@@ -121,7 +125,8 @@ def test_add_gives_lease_addresses_and_pods_reach_across_nodes(runtime):
     node1, node2 = runtime.cluster.nodes
     ns1, c1, r1 = runtime.add(node1)
     ns2, _c2, r2 = runtime.add(node2)
-    assert pod_ip(r1).startswith(runtime.cluster.subnet(node1).rsplit(".", 2)[0])
+    for node, result in ((node1, r1), (node2, r2)):  # each pod in its own node's lease, not just the network
+        assert ipaddress.ip_address(pod_ip(result)) in ipaddress.ip_network(runtime.cluster.subnet(node))
     assert r1["ips"][0]["gateway"] == runtime.cluster.env(node1).subnet.ip.compressed
     assert any(rt["dst"] == "198.18.0.0/16" for rt in r1["routes"])
     assert ping(lab.Pod(ns1, runtime.ifname, pod_ip(r1)), pod_ip(r2)).returncode == 0
@@ -232,3 +237,64 @@ def test_bad_input_writes_nothing(runtime, stdin, env_drop, code):
     assert rc == 1 and body["code"] == code
     assert runtime.saved(node) == [] and runtime.allocated(node) == []
     assert lab.ip("-j", "link", "show", ns=netns).stdout.count('"ifname"') == 1  # only lo: no veth was made
+
+
+THIEF = (b'{"PublicIP":"198.51.100.150","PublicIPv6":null,"BackendType":"vxlan",'
+         b'"BackendData":{"VNI":1,"VtepMAC":"0e:fa:00:96:00:01"}}')
+
+
+def test_a_subnet_that_had_to_move_is_said_counted_shown_and_its_pods_told_to_go(make_cluster, tmp_path):
+    """Our lease expired while etcd could not hear us and another node took the subnet: the daemon
+    moves to a free one without touching the other's key; pods started before are cut off, and
+    every place an operator looks says so: the log (old and new subnet, what to do), a metric,
+    doctor (the bridge still holding the old gateway) and CNI CHECK (code 100) for such a pod."""
+    cluster = make_cluster(2, NETWORK)
+    cluster.start_all("--ip-masq")
+    runtime = Runtime(cluster, tmp_path)
+    node1, node2 = cluster.nodes
+    netns, container, _ = runtime.add(node1)
+    old, key = cluster.subnet(node1), cluster.lease_key(node1)
+    daemon = node1.procs[-1]
+    daemon.send_signal(signal.SIGSTOP)  # etcd cannot hear it...
+    try:
+        cluster.etcd_client.revoke(cluster.etcd_client.get(key).lease_id)  # ...its lease expires...
+        thief = cluster.etcd_client.grant(600)
+        cluster.etcd_client.put(key, THIEF, thief)  # ...and another node takes the subnet
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+    eventually(lambda: cluster.subnet(node1) != old, timeout=10, what="subnet.env rewritten for a new subnet")
+    new = cluster.subnet(node1)
+    eventually(lambda: routes(node2).get(new, {}).get("gateway") == new.split("/")[0], timeout=3,
+               what="peers route the new subnet")
+    stored = cluster.etcd_client.get(key)
+    assert (stored.value, stored.lease_id) == (THIEF, thief)  # the other node's key, untouched
+    eventually(lambda: old in routes(node1), timeout=3, what="the old subnet routed to the node now holding it")
+    line = next(x for x in node1.log().splitlines() if "our subnet moved" in x)
+    assert f"our subnet moved from {old} to {new}" in line and "delete those pods" in line and " W " in line
+    assert parse(node1.http("/metrics")[1])[("flanneld_subnet_moves_total", ())] == 1
+    nat = node1.sh("iptables-save", "-t", "nat").stdout
+    assert new in nat and old not in nat  # masquerade rules rebuilt for the new subnet
+
+    rc, body, _ = runtime.call(node1, "CHECK", {**runtime.conf(node1), "prevResult": {}}, container, netns)
+    assert rc == 1 and body["code"] == 100 and old in body["msg"] and "recreate the pod" in body.get("details", "")
+
+    env = {"FLANNELCTL_ETCD_ENDPOINTS": cluster.endpoint, "FLANNELCTL_ETCD_PREFIX": cluster.prefix}
+    doctor = node1.sh("env", *[f"{k}={v}" for k, v in env.items()], lab.tool("flannelctl"), "doctor",
+                      f"--subnet-file={node1.subnet_file}", check=False)
+    gateway = f"{ipaddress.ip_network(old).network_address + 1}/{old.split('/')[1]}"
+    bridge = f"{runtime.prefix}-cni0"
+    assert doctor.returncode == 1 and f"bridge {bridge} holds {gateway}, not in our subnet {new}" in doctor.stdout
+    rc, body, _ = runtime.call(node1, "ADD", runtime.conf(node1), *reversed(runtime.pod()))
+    assert rc == 1 and "already has an IP address different from" in body["msg"]  # what the operator meets
+
+    # the doctor's advice: delete those pods, remove the address; then the node is clean and works
+    assert runtime.call(node1, "DEL", runtime.conf(node1), container, netns)[0] == 0
+    node1.sh("ip", "addr", "del", gateway, "dev", bridge)
+    doctor = node1.sh("env", *[f"{k}={v}" for k, v in env.items()], lab.tool("flannelctl"), "doctor",
+                      f"--subnet-file={node1.subnet_file}", check=False)
+    assert doctor.returncode == 0, doctor.stdout
+    ns1, _, r1 = runtime.add(node1)  # a pod started now is on the new subnet and reaches the other node's
+    _, _, r2 = runtime.add(node2)
+    assert ipaddress.ip_address(pod_ip(r1)) in ipaddress.ip_network(new)
+    assert ping(lab.Pod(ns1, runtime.ifname, pod_ip(r1)), pod_ip(r2)).returncode == 0
+    assert "Traceback" not in node1.log() and "could not revoke" not in node1.log()  # a gone lease is no error

@@ -132,3 +132,16 @@ def test_a_blackhole_route_for_our_subnet_is_expected_not_stale():
     kernel.routes.add(Route("198.18.7.0/24", blackhole=True, metric=4000))
     assert ("route", "stale route blackhole 198.18.7.0/24 metric 4000 (no lease wants it)") in problems(
         doctor.diagnose(inputs(kernel)))
+
+
+def test_a_pod_bridge_still_on_a_subnet_we_no_longer_hold_is_a_problem_until_cleaned():
+    kernel = healthy_kernel()
+    kernel.links["cni0"] = ObservedLink("cni0", 9, "bridge", 1450, "02:00:00:00:00:99", True)
+    kernel.addresses[9] = [("198.18.1.1", 24, 0)]  # the gateway of our subnet: fine
+    assert problems(doctor.diagnose(inputs(kernel))) == []
+    kernel.addresses[9].append(("198.18.5.1", 24, 0))  # the subnet we held before it moved
+    kernel.addresses[9].append(("203.0.113.1", 24, 0))  # not the flannel network's: none of our business
+    assert problems(doctor.diagnose(inputs(kernel))) == [(
+        "pods", "bridge cni0 holds 198.18.5.1/24, not in our subnet 198.18.1.0/24: pods started before our subnet "
+        "moved cannot reach the overlay, and the bridge plugin refuses new pods until it is gone; delete those "
+        "pods, then ip addr del 198.18.5.1/24 dev cni0")]
