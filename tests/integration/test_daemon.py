@@ -433,12 +433,14 @@ def test_interface_selection_flags(make_cluster):
     node.sh("ip", "link", "add", extra, "type", "veth", "peer", "name", f"{cluster.lab.prefix}-x1")
     node.sh("ip", "addr", "add", "198.51.100.200/32", "dev", extra)
     node.sh("ip", "link", "set", extra, "up")
+    node.sh("ip", "route", "add", "203.0.113.128/25", "dev", extra)  # the kernel's answer for can-reach below
     for flags, public, local in [
         ((f"--iface={extra}",), "198.51.100.200", "198.51.100.200"),
         (("--iface=198.51.100.200",), "198.51.100.200", "198.51.100.200"),
         ((r"--iface-regex=^198\.51\.100\.200$",), "198.51.100.200", "198.51.100.200"),
         (("--iface=nonexistent0", f"--iface={node.ifname}"), node.ip, node.ip),
         ((f"--iface-can-reach={lab.ROUTER_IP}",), node.ip, node.ip),
+        (("--iface-can-reach=203.0.113.130",), "198.51.100.200", "198.51.100.200"),  # not the default route's
         ((f"--iface={extra}", "--public-ip=198.51.100.222"), "198.51.100.222", "198.51.100.200"),
     ]:
         cluster.start(node, *flags)

@@ -731,6 +731,7 @@ def test_no_secret_in_logs_metrics_or_flannelctl_output(make_cluster, own_etcd, 
     outputs += [wrong.stdout, wrong.stderr, node.log(), node.http("/metrics")[1]]
     tokens = {line.split('"token":"')[1].split('"')[0] for line in server.log_tail(200).splitlines()
               if '"token":"' in line}  # etcd logs the (simple) tokens it rejects: none may leak from us either
+    assert tokens, "etcd logged no rejected token: the scan below would find nothing to look for"
     for text in outputs:
         assert PASSWORD not in text and not any(token in text for token in tokens)
     if log_format == "json":

@@ -51,8 +51,13 @@ def test_daemons_through_the_grpc_proxy(make_cluster, members, proxy):
     cluster = make_cluster(3, NETWORK, etcd=proxy)
     cluster.start_all()
     node1, node2, node3 = cluster.nodes
-    # the proxy coalesces the three daemons' identical watches into one on etcd
-    eventually(lambda: watchers(members) - base <= 1, timeout=5, what="coalesced watches")
+    # the proxy coalesces the three daemons' identical watches into one on etcd: once every daemon
+    # watches and the proxy's watch has reached etcd, there is that one and no other
+    for node in cluster.nodes:
+        eventually(lambda n=node: "watching leases from revision" in n.log(), timeout=5, what="every daemon watching")
+    eventually(lambda: watchers(members) - base >= 1, timeout=5, what="the proxy's watch on etcd")
+    time.sleep(0.5)
+    assert watchers(members) - base == 1
     probes = BothWays(cluster.pod(node1), cluster.pod(node2))
     time.sleep(0.5)
     tally = probes.stop()

@@ -136,6 +136,10 @@ class FakeKernel:
         return [AddrInfo(ix, ip, plen, 0, True) for ix, entries in self.addrs.items() for ip, plen in entries
                 if index is None or ix == index]
 
+    def onlink_routes(self, index: int) -> list[tuple[int, bytes, int]]:
+        return [(rec.family, rec.dst, rec.dst_len) for p in self.bulk.routes.values()
+                if nl.is_onlink_route(rec := nl.parse_route(memoryview(p)), index)]
+
     def add_address(self, index: int, ip: str, prefixlen: int) -> None:
         self.addrs.setdefault(index, set()).add((ip, prefixlen))
 

@@ -44,13 +44,13 @@ def event(kind: str, n: int, raw: bytes | None = None) -> LeaseEvent:
     return LeaseEvent(kind, f"198.18.{n}.0-24", raw or value(n))
 
 
-def started(tmp_path, config=CONFIG):  # type: ignore[no-untyped-def]
+def started(tmp_path, config=CONFIG, **lease_options):  # type: ignore[no-untyped-def]
     """An overlay as the daemon's start leaves it: devices, our lease, a full reconcile."""
     kernel, etcd_client = FakeKernel(), FakeEtcdClient()
     kernel.add_plain("eth0", 2)
     backend = create_backend(config, EXT, NodeSettings())
     reconciler = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
-    leases = LeaseManager(etcd_client, config, PREFIX)  # type: ignore[arg-type]
+    leases = LeaseManager(etcd_client, config, PREFIX, **lease_options)  # type: ignore[arg-type]
     devices = reconciler.ensure_links(backend.links())
     own = leases.acquire(backend.lease_attrs(devices))
     overlay = Overlay(config, backend, reconciler, leases,
