@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+
+import pytest
 
 from flanneld import lab
 from flanneld.lab.flannel import NETWORK
@@ -81,3 +84,31 @@ def test_json_logs_are_one_object_per_line_with_structured_fields(make_cluster):
     drift = next(r for r in records if r["message"].startswith("repaired drift"))
     assert drift["trigger"] == "drift" and drift["level"] == "WARNING"
     assert not any("Traceback" in r["message"] for r in records)
+
+
+QUIET = ("flanneld_drift_repairs_total", "flanneld_firewall_repairs_total")
+
+
+@pytest.mark.parametrize("nftables", [False, True], ids=["iptables", "nftables"])
+def test_a_quiet_minute_is_quiet(make_cluster, nftables):
+    """The kernel's echoes of our own writes (netlink notifications, the tools' listings of our
+    rules) must never look like drift. Over a quiet minute, dual-stack with masquerading (the most
+    rules), in each firewall mode: no drift-triggered reconcile, no repair, no firewall reinstall,
+    while the periodic reconciles and firewall checks keep comparing."""
+    net = {**NETWORK, "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56", "EnableNFTables": nftables}
+    cluster = make_cluster(2, net)
+    cluster.start_all("--ip-masq", "--reconcile-interval=5")
+    time.sleep(2)  # past the start's own writes and their echoes
+    before = {node.ns: scrape(node) for node in cluster.nodes}
+    time.sleep(60)
+    for node in cluster.nodes:
+        old, new = before[node.ns], scrape(node)
+        for name in QUIET:
+            assert value(new, name) == value(old, name), (node.ns, name)
+        assert value(new, "flanneld_reconciles_total", kind="full", trigger="drift") == value(
+            old, "flanneld_reconciles_total", kind="full", trigger="drift"), node.ns
+        # ...while it kept looking: a periodic full reconcile every 5 s, a firewall check every second
+        assert value(new, "flanneld_reconciles_total", kind="full", trigger="periodic") - value(
+            old, "flanneld_reconciles_total", kind="full", trigger="periodic") >= 10, node.ns
+        assert value(new, "flanneld_firewall_checks_total") - value(old, "flanneld_firewall_checks_total") >= 40
+    assert "nftables" in cluster.nodes[0].log() if nftables else "iptables:" in cluster.nodes[0].log()
