@@ -1,7 +1,8 @@
 """The fault suite: flanneld under process, etcd and network faults, bad data, bad flags and security set-ups.
 
 Every scenario runs on namespaces with a real etcd and real traffic between pods. Long forms
-(minute-long outages) are marked ``soak`` and run with ``pytest -m soak``; CI runs the short forms.
+(minute-long outages, a tool hung past its timeout) are marked ``soak`` and run with ``pytest -m
+soak``: CI runs them after the rest (.ci/run), the README's test command does not.
 """
 
 from __future__ import annotations
