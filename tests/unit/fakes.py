@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from flanneld.dataplane import nlcodec as nl
@@ -164,6 +164,7 @@ class FakeEtcdClient:
         self.revision = 1
         self.etcd_leases: dict[int, int] = {}  # id -> TTL
         self.requests: Counter[str] = Counter()  # what a client asked for, by call
+        self.before_txn: Callable[[], None] = lambda: None  # a test's writer racing every transaction
 
     def grant(self, ttl: int) -> int:
         self.requests["grant"] += 1
@@ -204,17 +205,21 @@ class FakeEtcdClient:
         return self.revision, [kv for key, kv in sorted(self.data.items()) if key.startswith(prefix)]
 
     def txn(self, compares, puts=(), deletes=()) -> bool:  # type: ignore[no-untyped-def]
-        """Single-key compares (version/mod) as etcd evaluates them; ranges are not modelled."""
+        """Compares as etcd evaluates them: on one key, or on every key of [key, range_end) (an
+        empty range compares a key that does not exist: version 0, mod revision 0)."""
         import operator
 
         self.requests["txn"] += 1
+        self.before_txn()
         ops = {"==": operator.eq, "<": operator.lt, ">": operator.gt, "!=": operator.ne}
         for c in compares:
-            if c.range_end is not None:
-                continue
-            kv = self.data.get(c.key)
-            have = (kv.version if kv else 0) if c.target == "version" else (kv.mod_revision if kv else 0)
-            if not ops[c.op](have, c.value):
+            if c.range_end is None:
+                found = [kv for kv in [self.data.get(c.key)] if kv is not None]
+            else:
+                end = c.range_end.decode() if isinstance(c.range_end, bytes) else c.range_end
+                found = [kv for key, kv in self.data.items() if c.key <= key < end]
+            values = [kv.version if c.target == "version" else kv.mod_revision for kv in found] or [0]
+            if not all(ops[c.op](have, c.value) for have in values):
                 return False
         for key, value, lease_id in puts:
             self.put(key, value, lease_id)

@@ -37,3 +37,41 @@ def test_an_ipv6_only_node_finds_its_reservation_in_any_spelling_of_its_address(
     own = manager(etcd, config).acquire(LeaseAttrs(public_ipv6=ipaddress.ip_address("2001:db8:51::11"),
                                                    backend_type="vxlan"))
     assert str(own.lease.subnet6) == "2001:db8:1800:5::/64" and own.reserved
+
+
+def race(etcd: FakeEtcdClient, key: str, value: bytes):  # type: ignore[no-untyped-def]
+    """Another node writes `key` between our listing and our first transaction."""
+    def write() -> None:
+        etcd.before_txn = lambda: None
+        etcd.put(HEAD + key, value, etcd.grant(86400))
+    return write
+
+
+def test_an_acquisition_losing_the_race_for_its_subnet_takes_another():
+    """The other node's dual-stack key holds our IPv4 pick behind its `<v4>&<v6>` name: only the
+    range guard on `<v4>&` sees it (the fake skipped range compares, so this was never tried)."""
+    etcd = FakeEtcdClient()
+    config = '{"Network": "198.18.0.0/16", "SubnetMin": "198.18.5.0", "SubnetMax": "198.18.6.0"}'
+    first = manager(etcd, config)
+    picked = str(first.acquire(LeaseAttrs(ipaddress.ip_address("198.51.100.11"))).lease.subnet)
+    etcd.revoke(first.own.etcd_lease)  # gone again: the next node's pick (same seed) is that subnet
+    other = f"{picked.replace('/', '-')}&2001:db8:1800:9::-64"
+    etcd.before_txn = race(etcd, other, b'{"PublicIP":"198.51.100.12","PublicIPv6":"2001:db8:51::12"}')
+    own = manager(etcd, config).acquire(LeaseAttrs(ipaddress.ip_address("198.51.100.11")))
+    assert str(own.lease.subnet) != picked and etcd.requests["txn"] >= 2  # lost once, then took the other
+    assert HEAD + other in etcd.data
+
+
+def test_an_ipv6_acquisition_losing_the_race_lists_again():
+    """IPv6 subnets can sit behind any IPv4 half: the guard is 'nothing changed since the listing'."""
+    etcd = FakeEtcdClient()
+    config = ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "2001:db8:1800::/56", '
+              '"IPv6SubnetMin": "2001:db8:1800:5::", "IPv6SubnetMax": "2001:db8:1800:6::"}')
+    attrs = LeaseAttrs(public_ipv6=ipaddress.ip_address("2001:db8:51::11"))
+    first = manager(etcd, config)
+    picked = first.acquire(attrs).lease.subnet6
+    etcd.revoke(first.own.etcd_lease)
+    etcd.before_txn = race(etcd, f"10.9.0.0-24&{picked.network_address!s}-64",
+                           b'{"PublicIP":"198.51.100.12","PublicIPv6":"2001:db8:51::12"}')
+    own = manager(etcd, config).acquire(attrs)
+    assert own.lease.subnet6 != picked and etcd.requests["txn"] >= 2
