@@ -38,6 +38,7 @@ from flanneld.model.config import ConfigError
 from flanneld.node.config_monitor import ConfigMonitor
 from flanneld.node.events import Event, LeaseBatch, NetlinkBatch, Stop
 from flanneld.node.health import HealthServer, sd_notify
+from flanneld.node.instance import InstanceError, InstanceLock
 from flanneld.node.metrics import Metrics
 from flanneld.node.overlay import Overlay, OverlaySettings
 from flanneld.node.signals import STOP_SIGNALS, call_on_signals, format_stacks
@@ -105,6 +106,7 @@ class Daemon:
         self.config_monitor: ConfigMonitor | None = None
         self.health_server: HealthServer | None = None
         self.overlay: Overlay | None = None
+        self.instance = InstanceLock()  # held until the process ends (see flanneld.node.instance)
 
     # -- observability -----------------------------------------------------------------------
 
@@ -132,6 +134,7 @@ class Daemon:
         try:
             # what can fail on the node's own account fails now, before a lease or a device exists
             subnetenv.check_writable(self.opts.subnet_file)
+            self.instance.subnet_file(self.opts.subnet_file)
             if self.opts.healthz_port:
                 self._serve_health()
             self.etcd_client = EtcdClient(self.opts.etcd)
@@ -140,7 +143,7 @@ class Daemon:
             self._loop()
             return 0
         except (FatalError, IfaceError, ConfigError, FirewallError, EtcdError, KernelError,
-                subnetenv.SubnetEnvError) as exc:
+                subnetenv.SubnetEnvError, InstanceError) as exc:
             log.error("%s", exc)
             return 1
         finally:
@@ -177,7 +180,7 @@ class Daemon:
             overlay=OverlaySettings(o.etcd.prefix, o.subnet_file, o.ip_masq, o.masq_random_fully, o.forward_rules),
             iface=o.iface, node=NodeSettings(blackhole_route=o.blackhole_route,
                                                 wireguard_provider=o.wireguard_provider), lease_ttl=o.lease_ttl,
-            renew_margin_seconds=o.renew_margin_minutes * 60)
+            renew_margin_seconds=o.renew_margin_minutes * 60, instance=self.instance)
         self.kernel = Kernel()
         assert self.etcd_client is not None
         started = start(self.etcd_client, self.kernel, settings, self.metrics, self.stop_event, self._set_phase)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flanneld.dataplane.iface import IfaceOptions
 from flanneld.dataplane.iface import select as select_iface
@@ -23,6 +23,7 @@ from flanneld.leases.manager import LeaseManager
 from flanneld.leases.watcher import LeaseWatcher
 from flanneld.model import subnetenv
 from flanneld.model.config import ConfigError, NetworkConfig, parse_config
+from flanneld.node.instance import InstanceLock
 from flanneld.node.metrics import Metrics
 from flanneld.node.overlay import Overlay, OverlaySettings
 from flanneld.node.retry import retry
@@ -41,6 +42,7 @@ class StartSettings:
     node: NodeSettings
     lease_ttl: int
     renew_margin_seconds: float
+    instance: InstanceLock = field(default_factory=InstanceLock)  # this node's identity is locked here
 
 
 def validate(config: NetworkConfig) -> None:
@@ -84,6 +86,7 @@ def start(etcd_client: EtcdClient, kernel: Kernel, s: StartSettings, metrics: Me
     ext, why = select_iface(kernel, s.iface, config.enable_ipv4, config.enable_ipv6)
     log.info("using interface %s (%s): %s", ext.name, why, ", ".join(
         f"public {a}" for a in (ext.public_ip, ext.public_ipv6) if a is not None))
+    s.instance.node(s.overlay.prefix, " ".join(str(a) for a in (ext.public_ip, ext.public_ipv6) if a is not None))
     backend = create_backend(config, ext, s.node)
     reconciler = Reconciler(kernel, ext.name, ext.index)
 
