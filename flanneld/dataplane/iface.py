@@ -11,10 +11,12 @@ permanent before dynamic. ``--public-ip``/``--public-ipv6`` override what we pub
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from flanneld.dataplane import nlcodec as nl
 from flanneld.dataplane.netlink import AddrInfo, Kernel, KernelError
@@ -45,9 +47,12 @@ class Iface:
     addrs: tuple[AddrInfo, ...] = field(default=())
 
     def ranked(self, version: int) -> list[AddrInfo]:
-        """This family's addresses, global before link-local, permanent before dynamic."""
-        mine = [a for a in self.addrs if a.version == version]
-        return sorted(mine, key=lambda a: (a.scope != RT_SCOPE_UNIVERSE, not a.permanent))
+        """This family's usable addresses (never deprecated, tentative or failed DAD), as upstream
+        ranks them since v0.28: global before link-local, permanent before dynamic, temporary
+        (privacy) ones last, so host-gw over IPv6 survives a SLAAC privacy address rotating."""
+        mine = [a for a in self.addrs if a.version == version and a.usable]
+        return sorted(mine, key=lambda a: (a.scope != RT_SCOPE_UNIVERSE, not a.permanent,
+                                           bool(a.flags & nl.IFA_F_TEMPORARY)))
 
     def first_global(self, version: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         for a in self.ranked(version):
@@ -63,47 +68,64 @@ def _by_ip(interfaces: list[Iface], ip: ipaddress.IPv4Address | ipaddress.IPv6Ad
     return None
 
 
+class Choice(NamedTuple):
+    iface: Iface
+    why: str  # for the log
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None  # the address that chose it
+
+
 def choose(interfaces: list[Iface], opts: IfaceOptions, default_index: int | None,
-           can_reach: tuple[int | None, str | None] | None = None) -> tuple[Iface, str]:
-    """The interface to use and a phrase saying why (for the log)."""
-    if opts.ifaces:
-        for spec in opts.ifaces:
-            try:
-                ip = ipaddress.ip_address(spec)
-            except ValueError:
-                found = next((i for i in interfaces if i.name == spec), None)
-            else:
-                found = _by_ip(interfaces, ip)
+           can_reach: tuple[int | None, str | None, str | None] | None = None) -> Choice:
+    """The interface to use, why, and the address that chose it (upstream's rules): --iface names
+    or addresses in order, then --iface-regex (addresses before names), then --iface-can-reach
+    (the route's interface and preferred source); with none of them, the interface holding
+    --public-ip/--public-ipv6, else the default route's."""
+    for spec in opts.ifaces:
+        try:
+            ip = ipaddress.ip_address(spec)
+        except ValueError:
+            found = next((i for i in interfaces if i.name == spec), None)
             if found is not None:
-                return found, f"--iface {spec}"
-    if opts.regexes:
-        for pattern in opts.regexes:
-            try:
-                regex = re.compile(pattern)
-            except re.error as exc:
-                raise IfaceError(f"--iface-regex {pattern!r} is not a valid regular expression: {exc}") from None
-            for iface in interfaces:
-                if any(regex.search(a.ip) for a in iface.ranked(4) + iface.ranked(6)):
-                    return iface, f"--iface-regex {pattern} (address)"
-            for iface in interfaces:
-                if regex.search(iface.name):
-                    return iface, f"--iface-regex {pattern} (name)"
-    if opts.ifaces or opts.regexes:
-        tried = ", ".join([*(f"--iface {s}" for s in opts.ifaces), *(f"--iface-regex {r}" for r in opts.regexes)])
-        raise IfaceError(f"failed to find an interface matching {tried}")
+                return Choice(found, f"--iface {spec}")
+        else:
+            found = _by_ip(interfaces, ip)
+            if found is not None:
+                return Choice(found, f"--iface {spec}", ip)
+    for pattern in opts.regexes:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise IfaceError(f"--iface-regex {pattern!r} is not a valid regular expression: {exc}") from None
+        for iface in interfaces:
+            matched = next((a for a in iface.ranked(4) + iface.ranked(6) if regex.search(a.ip)), None)
+            if matched is not None:
+                return Choice(iface, f"--iface-regex {pattern} (address)", ipaddress.ip_address(matched.ip))
+        for iface in interfaces:
+            if regex.search(iface.name):
+                return Choice(iface, f"--iface-regex {pattern} (name)")
     if opts.can_reach:
         if can_reach is None or can_reach[0] is None:
             raise IfaceError(f"--iface-can-reach {opts.can_reach}: no route to it")
         found = next((i for i in interfaces if i.index == can_reach[0]), None)
         if found is None:
             raise IfaceError(f"--iface-can-reach {opts.can_reach}: the route's interface vanished")
-        return found, f"--iface-can-reach {opts.can_reach}"
+        source = ipaddress.ip_address(can_reach[2]) if can_reach[2] else None
+        return Choice(found, f"--iface-can-reach {opts.can_reach}", source)
+    if opts.ifaces or opts.regexes:
+        tried = ", ".join([*(f"--iface {s}" for s in opts.ifaces), *(f"--iface-regex {r}" for r in opts.regexes)])
+        raise IfaceError(f"failed to find an interface matching {tried}")
+    for flag, public in (("--public-ip", opts.public_ip), ("--public-ipv6", opts.public_ipv6)):
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(public)
+            found = _by_ip(interfaces, ip)
+            if found is not None:
+                return Choice(found, f"{flag} {public} is its address", ip)
     if default_index is None:
         raise IfaceError("no default route: use --iface, --iface-regex or --iface-can-reach to pick an interface")
     found = next((i for i in interfaces if i.index == default_index), None)
     if found is None:
         raise IfaceError("the default route's interface vanished")
-    return found, "default route"
+    return Choice(found, "default route")
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -135,10 +157,12 @@ def touches_onlink(kind: int, payload: bytes, index: int) -> bool:
 
 
 def external(iface: Iface, opts: IfaceOptions, need_v4: bool, need_v6: bool,
-             onlink_routes: Iterable[tuple[int, bytes, int]] = ()) -> External:
-    """Addresses to run over and to publish on the chosen interface."""
-    ip4 = iface.first_global(4)
-    ip6 = iface.first_global(6)
+             onlink_routes: Iterable[tuple[int, bytes, int]] = (),
+             chosen: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None) -> External:
+    """Addresses to run over and to publish on the chosen interface: the address that chose it
+    for its family (upstream publishes and sends from the matched address), else the best ranked."""
+    ip4 = chosen if chosen is not None and chosen.version == 4 else iface.first_global(4)
+    ip6 = chosen if chosen is not None and chosen.version == 6 else iface.first_global(6)
     if need_v4 and ip4 is None:
         raise IfaceError(f"interface {iface.name} has no IPv4 address")
     if need_v6 and ip6 is None:
@@ -170,5 +194,6 @@ def select(kernel: Kernel, opts: IfaceOptions, need_v4: bool, need_v6: bool) -> 
         except KernelError as exc:
             raise IfaceError(f"--iface-can-reach {opts.can_reach}: {exc}") from None
     default = kernel.default_route_oif(IPV4 if need_v4 else IPV6)
-    iface, why = choose(interfaces, opts, default, reach)
-    return external(iface, opts, need_v4, need_v6, kernel.onlink_routes(iface.index)), why
+    choice = choose(interfaces, opts, default, reach)
+    return external(choice.iface, opts, need_v4, need_v6, kernel.onlink_routes(choice.iface.index),
+                    choice.address), choice.why

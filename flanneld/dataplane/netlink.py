@@ -200,7 +200,16 @@ class AddrInfo:
     ip: str
     prefixlen: int
     scope: int
-    permanent: bool
+    flags: int = nl.IFA_F_PERMANENT  # IFA_F_*: permanent, temporary (privacy), deprecated, tentative...
+
+    @property
+    def permanent(self) -> bool:
+        return bool(self.flags & nl.IFA_F_PERMANENT)
+
+    @property
+    def usable(self) -> bool:
+        """Not deprecated, not (yet) tentative, not failed DAD: an address to send from."""
+        return not self.flags & (nl.IFA_F_DEPRECATED | nl.IFA_F_TENTATIVE | nl.IFA_F_DADFAILED)
 
     @property
     def version(self) -> int:
@@ -267,8 +276,7 @@ class Kernel:
             rec = nl.parse_addr(payload)
             if kind != nl.RTM_NEWADDR or rec.address is None or (index is not None and rec.ifindex != index):
                 continue
-            out.append(AddrInfo(rec.ifindex, nl.ip_text(rec.address), rec.prefixlen, rec.scope,
-                                bool(rec.flags & nl.IFA_F_PERMANENT)))
+            out.append(AddrInfo(rec.ifindex, nl.ip_text(rec.address), rec.prefixlen, rec.scope, rec.flags))
         return out
 
     def add_address(self, index: int, ip: str, prefixlen: int) -> None:
@@ -301,13 +309,15 @@ class Kernel:
                     out.append((rec.family, rec.dst, rec.dst_len))
         return out
 
-    def route_get(self, ip: str) -> tuple[int | None, str | None]:
-        """(output interface, gateway) the kernel would use for `ip`."""
+    def route_get(self, ip: str) -> tuple[int | None, str | None, str | None]:
+        """(output interface, gateway, preferred source address) the kernel would use for `ip`."""
         found = self._request(lambda seq: nl.get_route(seq, nl.ip_bytes(ip)), f"no route to {ip}")
         if not found:
-            return None, None
-        rec = nl.parse_route(found[0][1])
-        return rec.oif, nl.ip_text(rec.gateway) if rec.gateway else None
+            return None, None, None
+        payload = found[0][1]
+        rec = nl.parse_route(payload)
+        src = nl.attrs(payload, nl.RTMSG.size).get(nl.RTA_PREFSRC)
+        return rec.oif, nl.ip_text(rec.gateway) if rec.gateway else None, nl.ip_text(bytes(src)) if src else None
 
     # -- knobs -------------------------------------------------------------------------------
 

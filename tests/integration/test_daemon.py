@@ -483,7 +483,15 @@ def test_interface_selection_flags(make_cluster):
     node.sh("ip", "addr", "add", "198.51.100.200/32", "dev", extra)
     node.sh("ip", "link", "set", extra, "up")
     node.sh("ip", "route", "add", "203.0.113.128/25", "dev", extra)  # the kernel's answer for can-reach below
+    node.sh("ip", "addr", "add", "198.51.100.111/24", "dev", node.ifname)  # eth0's second address
+    node.sh("ip", "route", "add", "203.0.113.64/26", "dev", node.ifname, "src", "198.51.100.111")
     for flags, public, local in [
+        # the address that chose the interface is the one published and sent from (upstream's rule)
+        (("--iface=198.51.100.111",), "198.51.100.111", "198.51.100.111"),
+        ((r"--iface-regex=\.111$",), "198.51.100.111", "198.51.100.111"),
+        (("--iface-can-reach=203.0.113.70",), "198.51.100.111", "198.51.100.111"),  # the route's source
+        (("--public-ip=198.51.100.111",), "198.51.100.111", "198.51.100.111"),  # the interface holding it
+        (("--iface=nonexistent0", "--iface-can-reach=203.0.113.130"), "198.51.100.200", "198.51.100.200"),
         ((f"--iface={extra}",), "198.51.100.200", "198.51.100.200"),
         (("--iface=198.51.100.200",), "198.51.100.200", "198.51.100.200"),
         ((r"--iface-regex=^198\.51\.100\.200$",), "198.51.100.200", "198.51.100.200"),

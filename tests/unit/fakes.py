@@ -133,7 +133,7 @@ class FakeKernel:
     def addresses(self, index: int | None = None):  # type: ignore[no-untyped-def]
         from flanneld.dataplane.netlink import AddrInfo
 
-        return [AddrInfo(ix, ip, plen, 0, True) for ix, entries in self.addrs.items() for ip, plen in entries
+        return [AddrInfo(ix, ip, plen, 0) for ix, entries in self.addrs.items() for ip, plen in entries
                 if index is None or ix == index]
 
     def onlink_routes(self, index: int) -> list[tuple[int, bytes, int]]:

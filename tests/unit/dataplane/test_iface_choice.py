@@ -9,9 +9,9 @@ from flanneld.dataplane.iface import Iface, IfaceError, IfaceOptions, choose, ex
 from flanneld.dataplane.netlink import AddrInfo
 
 ETH0 = Iface("eth0", 2, 1500, True, (
-    AddrInfo(2, "fe80::1", 64, 253, True), AddrInfo(2, "198.51.100.11", 24, 0, False),
-    AddrInfo(2, "198.51.100.12", 24, 0, True), AddrInfo(2, "2001:db8:51::11", 64, 0, True)))
-ETH1 = Iface("eth1", 3, 9000, True, (AddrInfo(3, "203.0.113.5", 24, 0, True),))
+    AddrInfo(2, "fe80::1", 64, 253, 0x80), AddrInfo(2, "198.51.100.11", 24, 0, 0),
+    AddrInfo(2, "198.51.100.12", 24, 0, 0x80), AddrInfo(2, "2001:db8:51::11", 64, 0, 0x80)))
+ETH1 = Iface("eth1", 3, 9000, True, (AddrInfo(3, "203.0.113.5", 24, 0, 0x80),))
 ALL = [ETH0, ETH1]
 
 
@@ -25,7 +25,7 @@ ALL = [ETH0, ETH1]
     (IfaceOptions(), "eth0"),
 ])
 def test_choose(opts, want):
-    assert choose(ALL, opts, default_index=2, can_reach=(3, None))[0].name == want
+    assert choose(ALL, opts, default_index=2, can_reach=(3, None, None))[0].name == want
 
 
 def test_errors_name_what_was_tried():
@@ -49,8 +49,8 @@ def test_address_ranking_and_public_override():
 
 
 def test_what_an_interface_reaches_directly_is_its_prefixes_and_its_on_link_routes():
-    on_a_32 = Iface("eth0", 2, 1500, True, (AddrInfo(2, "198.51.100.11", 32, 0, True),
-                                            AddrInfo(2, "fe80::1", 64, 253, True)))
+    on_a_32 = Iface("eth0", 2, 1500, True, (AddrInfo(2, "198.51.100.11", 32, 0, 0x80),
+                                            AddrInfo(2, "fe80::1", 64, 253, 0x80)))
     routes = [(nl.AF_INET, bytes([198, 51, 100, 0]), 24), (nl.AF_INET, bytes([198, 51, 100, 0]), 24),
               (nl.AF_INET6, ipaddress.IPv6Address("2001:db8:51::").packed, 64)]
     assert [str(n) for n in external(on_a_32, IfaceOptions(), True, False, routes).onlink] == \
@@ -75,3 +75,39 @@ def notification(request: bytes) -> tuple[int, bytes]:
 ])
 def test_notifications_that_may_change_what_the_interface_reaches(message, touches):
     assert touches_onlink(*notification(message), index=2) is touches
+
+
+TWO = Iface("eth0", 2, 1500, True, (AddrInfo(2, "198.51.100.1", 24, 0, 0x80),
+                                    AddrInfo(2, "198.51.100.101", 24, 0, 0x80)))
+
+
+@pytest.mark.parametrize(("opts", "reach", "local"), [
+    (IfaceOptions(ifaces=("198.51.100.101",)), None, "198.51.100.101"),  # upstream: the matched address
+    (IfaceOptions(regexes=(r"\.101$",)), None, "198.51.100.101"),
+    (IfaceOptions(can_reach="203.0.113.9"), (2, None, "198.51.100.101"), "198.51.100.101"),  # the route's source
+    (IfaceOptions(ifaces=("nope0",), can_reach="203.0.113.9"), (2, None, "198.51.100.101"), "198.51.100.101"),
+    (IfaceOptions(public_ip="198.51.100.101"), None, "198.51.100.101"),  # the interface holding it, that address
+    (IfaceOptions(public_ip="203.0.113.77"), None, "198.51.100.1"),  # behind NAT: default route, first address
+    (IfaceOptions(ifaces=("eth0",)), None, "198.51.100.1"),
+])
+def test_the_address_that_chose_the_interface_is_the_one_used(opts, reach, local):
+    choice = choose([TWO, ETH1], opts, default_index=2, can_reach=reach)
+    ext = external(choice.iface, opts, need_v4=True, need_v6=False, chosen=choice.address)
+    assert (choice.iface.name, str(ext.ip4)) == ("eth0", local)
+    assert str(ext.public_ip) == (opts.public_ip or local)
+
+
+def test_iface_can_reach_is_the_fallback_after_iface_and_regex_and_errors_name_all_tried():
+    with pytest.raises(IfaceError, match="--iface nope0, --iface-regex zz"):
+        choose([TWO], IfaceOptions(ifaces=("nope0",), regexes=("zz",)), 2)
+    assert choose([TWO, ETH1], IfaceOptions(ifaces=("eth1",), can_reach="x"), 2, (2, None, None)).iface.name == "eth1"
+
+
+def test_unusable_addresses_are_never_chosen_and_temporary_ones_come_last():
+    deprecated, tentative, dadfailed, temporary = 0x20, 0x40, 0x08, 0x01
+    v6 = Iface("eth0", 2, 1500, True, (
+        AddrInfo(2, "2001:db8:51::a", 64, 0, deprecated), AddrInfo(2, "2001:db8:51::b", 64, 0, tentative),
+        AddrInfo(2, "2001:db8:51::c", 64, 0, dadfailed | 0x80), AddrInfo(2, "2001:db8:51::e", 64, 0, temporary),
+        AddrInfo(2, "2001:db8:51::5", 64, 0, 0)))
+    assert [a.ip for a in v6.ranked(6)] == ["2001:db8:51::5", "2001:db8:51::e"]
+    assert str(v6.first_global(6)) == "2001:db8:51::5"
