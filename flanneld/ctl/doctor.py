@@ -26,7 +26,7 @@ from flanneld.model.lease import Lease
 from flanneld.model.subnetenv import SubnetEnv
 from flanneld.model.wgkeys import Key, WgKeyError
 from flanneld.plan.backend import Backend, External, NodeSettings, create_backend
-from flanneld.plan.state import Fdb, Neigh, ObservedLink, Route, WgPeer, sorted_cidrs
+from flanneld.plan.state import Fdb, Neigh, ObservedLink, Route, WgPeer, endpoint_learnt, sorted_cidrs
 
 OK, WARN, PROBLEM = "ok", "warning", "problem"
 
@@ -317,6 +317,9 @@ def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> tuple[list[Fi
             found = have_keys.get(key)
             if found is None:
                 out.append(Finding(PROBLEM, area, f"missing {area} {show(entry)}"))
+            elif isinstance(found, WgPeer) and endpoint_learnt(found, entry):  # type: ignore[arg-type]
+                out.append(Finding(OK, area, f"wireguard peer {found.public_key} reached at {found.endpoint}, learnt "
+                                             f"from its handshakes (its lease: {entry.endpoint})"))  # type: ignore[attr-defined]
             elif found != entry:
                 out.append(Finding(PROBLEM, area, f"wrong {area} {show(found)}, expected {show(entry)}"))
         for key, entry in sorted(have_keys.items(), key=lambda kv: str(kv[0])):

@@ -43,6 +43,7 @@ from flanneld.plan.state import (
     TableDiff,
     WgPeer,
     diff,
+    endpoint_learnt,
 )
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class Reconciler:
         self._fdb_keys: dict[tuple[str, str], Fdb] = {}
         self._route_keys: dict[tuple[str, int], Route] = {}
         self._wg_keys: dict[tuple[str, str], WgPeer] = {}
+        # per WireGuard peer, the endpoint its lease gave when we last wrote or adopted it: one the
+        # device reports otherwise was learnt from the peer's handshakes (see _learnt_endpoints_kept)
+        self._wg_endpoints: dict[tuple[str, str], str] = {}
 
     # -- devices and addresses ---------------------------------------------------------------
 
@@ -225,6 +229,10 @@ class Reconciler:
     def _write_wg(self, wg: TableDiff[WgPeer], report: Report) -> None:
         desired = self.desired
         specs = {link.name: link for link in desired.links} if desired is not None else {}
+        for p in wg.put:
+            self._wg_endpoints[p.key] = p.endpoint
+        for p in wg.delete:
+            self._wg_endpoints.pop(p.key, None)
         for dev, spec in specs.items():
             put = [p for p in wg.put if p.dev == dev]
             delete = [p for p in wg.delete if p.dev == dev]
@@ -234,6 +242,22 @@ class Reconciler:
             report.written += len(put)
             report.deleted += len(delete)
             self._say(failures, report, "WireGuard peer ")
+
+    def _learnt_endpoints_kept(self, table: TableDiff[WgPeer], actual: set[WgPeer]) -> TableDiff[WgPeer]:
+        """WireGuard learns a peer's endpoint from its handshakes: a peer behind NAT is reached at
+        its mapped address and port, not the one its lease publishes. Such an endpoint is no
+        drift; the lease's is written when the peer is new or the lease's endpoint changed (or the
+        peer differs in anything else). A peer met first on a device we adopt keeps its endpoint."""
+        have = {p.key: p for p in actual}
+        put = []
+        for peer in table.put:
+            current = have.get(peer.key)
+            if current is not None and endpoint_learnt(current, peer) and \
+                    self._wg_endpoints.get(peer.key, peer.endpoint) == peer.endpoint:
+                self._wg_endpoints[peer.key] = peer.endpoint
+                continue
+            put.append(peer)
+        return TableDiff(put, table.delete)
 
     def _say(self, failures: list[WriteFailure], report: Report, what: str = "") -> None:
         """Add `failures` to the report; warn of each once, not on every retry of the same refusal
@@ -276,7 +300,7 @@ class Reconciler:
         self._ensure_addresses(desired)
         neighs, fdbs, routes, wg = self._actual(desired)
         self._write(diff(desired.neighs, neighs), diff(desired.fdbs, fdbs), diff(desired.routes, routes),
-                    diff(desired.wg_peers, wg), report)
+                    self._learnt_endpoints_kept(diff(desired.wg_peers, wg), wg), report)
         self._told &= {(f.item, f.errno) for f in report.failures}
         report.seconds = time.perf_counter() - start
         return report

@@ -13,7 +13,7 @@ longer desired.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -114,6 +114,12 @@ class WgPeer:
     @property
     def key(self) -> tuple[str, str]:
         return (self.dev, self.public_key)
+
+
+def endpoint_learnt(actual: WgPeer, wanted: WgPeer) -> bool:
+    """Whether a device's peer differs from the lease's only in its endpoint: one WireGuard learnt
+    from the peer's handshakes (behind NAT, its mapped address and port). Not drift."""
+    return actual != wanted and replace(actual, endpoint=wanted.endpoint) == wanted
 
 
 class Address(NamedTuple):

@@ -344,3 +344,25 @@ def test_wireguard_needs_only_the_units_two_capabilities(make_cluster):
         bounding = next(line for line in fh if line.startswith("CapBnd:")).split()[1]
     assert int(bounding, 16) == (1 << 12) | (1 << 13)  # wireguard-go runs within the same set
     assert ping(cluster.pod(node1), cluster.pod(node2).addr).returncode == 0
+
+
+def test_an_endpoint_learnt_from_handshakes_is_kept_and_doctor_says_so(make_cluster):
+    """Behind NAT a peer is reached at its mapped address and port, which WireGuard learns from its
+    handshakes; a full reconcile wrote the lease's endpoint back every time, cutting such a peer
+    off until its next handshake. (What a NAT would teach is set here by hand: the daemon cannot
+    tell the two apart, and must leave both alone.)"""
+    cluster = wg_cluster(make_cluster, 2, WG)
+    start_all(cluster, "--reconcile-interval=1")
+    a, b = cluster.nodes
+    bkey = wg_dump(b)["public_key"]
+    a.sh("wg", "set", "flannel-wg", "peer", bkey, "endpoint", "198.51.100.1:40001")
+    time.sleep(3)  # three full reconciles
+    assert wg_dump(a)["peers"][bkey]["endpoint"] == "198.51.100.1:40001"
+    assert "repaired drift" not in a.log()
+    out = flannelctl(cluster, a, "doctor", "--subnet-file", a.subnet_file)
+    assert out.returncode == 0, out.stdout
+    assert f"wireguard peer {bkey} reached at 198.51.100.1:40001, learnt from its handshakes (its lease: " \
+           f"{b.ip}:51820)" in out.stdout
+    # the peer's own traffic teaches the right endpoint back, as WireGuard roams
+    assert ping(cluster.pod(b), cluster.pod(a).addr, count=3).returncode == 0
+    eventually(lambda: wg_dump(a)["peers"][bkey]["endpoint"] == f"{b.ip}:51820", timeout=3, what="roamed back")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ipaddress
 
 from flanneld.dataplane import devices
@@ -168,3 +169,43 @@ def test_wireguard_peer_table_is_diffed_and_written_one_peer_at_a_time(monkeypat
     fake.writes.clear()
     report = rec.reconcile(merge(base, [wg_peer(3, endpoint_host=99), wg_peer(4)]))
     assert fake.writes == [(wg_peer(4).wg_peers, [stale])] and report.written == report.deleted == 1
+
+
+def test_an_endpoint_wireguard_learnt_from_handshakes_is_no_drift(monkeypatch):
+    """A peer behind NAT is reached at its mapped address and port: full reconciles leave the
+    learnt endpoint alone; the lease's is written when the peer is new or the lease's changes."""
+    fake = FakeWireguard()
+    monkeypatch.setitem(devices.KINDS, "wireguard", fake)
+    kernel = FakeKernel()
+    kernel.add_plain("eth0", 2)
+    rec = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
+    base = DesiredState(links=(WG_LINK,), routes=frozenset({Route(NET, dev="flannel-wg")}), owned_networks=(NET,))
+    rec.reconcile(merge(base, [wg_peer(2)]))
+    peer = wg_peer(2).wg_peers[0]
+    learnt = dataclasses.replace(peer, endpoint="198.51.100.1:40001")  # the NAT's mapping, from a handshake
+    fake.peers["flannel-wg"][peer.public_key] = learnt
+    fake.writes.clear()
+    assert rec.reconcile(merge(base, [wg_peer(2)])).written == 0 and fake.writes == []
+    assert fake.peers["flannel-wg"][peer.public_key] == learnt
+    moved = wg_peer(2, endpoint_host=77)  # the lease now publishes another endpoint: that one is written
+    rec.reconcile(merge(base, [moved]))
+    assert fake.writes == [(moved.wg_peers, [])]
+    fake.peers["flannel-wg"][peer.public_key] = dataclasses.replace(moved.wg_peers[0], allowed_ips=("198.18.9.0/24",))
+    fake.writes.clear()
+    rec.reconcile(merge(base, [moved]))  # anything else that differs is drift, repaired whole
+    assert fake.writes == [(moved.wg_peers, [])]
+
+
+def test_a_device_adopted_at_start_keeps_the_endpoints_it_learnt(monkeypatch):
+    fake = FakeWireguard()
+    monkeypatch.setitem(devices.KINDS, "wireguard", fake)
+    kernel = FakeKernel()
+    kernel.add_plain("eth0", 2)
+    base = DesiredState(links=(WG_LINK,), routes=frozenset({Route(NET, dev="flannel-wg")}), owned_networks=(NET,))
+    Reconciler(kernel, "eth0", 2).reconcile(merge(base, [wg_peer(2)]))  # type: ignore[arg-type]
+    peer = wg_peer(2).wg_peers[0]
+    fake.peers["flannel-wg"][peer.public_key] = dataclasses.replace(peer, endpoint="198.51.100.1:40001")
+    fake.writes.clear()
+    restarted = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]  # a new daemon, the device kept
+    restarted.reconcile(merge(base, [wg_peer(2)]))
+    assert fake.writes == []
