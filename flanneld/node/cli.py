@@ -48,6 +48,38 @@ def setup_logging(verbosity: int, log_format: str = "text") -> None:
         logging.getLogger("grpc").setLevel(logging.WARNING)
 
 
+# Flags upstream's binary accepts that mean nothing here: a unit or env file written for upstream
+# must start this daemon unchanged. klog's logging flags (logging is -v and --log-format here) and
+# the Kubernetes subnet manager's, which this build does not have (it runs on etcd).
+KLOG_FLAGS = ("vmodule", "log_backtrace_at", "logtostderr", "alsologtostderr", "stderrthreshold", "log_dir")
+KUBE_FLAGS = ("kube-subnet-mgr", "kube-api-url", "kubeconfig-file", "net-config-path")
+
+
+def _accepted(names: tuple[str, ...]) -> Any:
+    """Each name as a flag that takes a value or stands alone (Go's -flag / -flag=value), hidden."""
+    def apply(fn: Any) -> Any:
+        for name in reversed(names):
+            fn = flag(name, default=None, is_flag=False, flag_value="true", hidden=True)(fn)
+        return fn
+    return apply
+
+
+def _drop_in_flags(kw: dict[str, Any]) -> None:
+    """Say once what upstream-only flags do here; refuse the one that asks for what is not here."""
+    log = logging.getLogger("flanneld")
+    for name in KLOG_FLAGS:
+        if kw.pop(name) is not None:
+            log.info("-%s is klog's flag: accepted for upstream's units, no effect here (use -v and --log-format)",
+                     name)
+    kube = {name: kw.pop(name.replace("-", "_")) for name in KUBE_FLAGS}
+    if kube["kube-subnet-mgr"] not in (None, "false", "0", "f", "F", "FALSE", "False"):
+        raise click.UsageError("--kube-subnet-mgr: this build keeps leases in etcd only (no Kubernetes subnet "
+                               "manager); drop the flag and set --etcd-endpoints")
+    for name in ("kube-api-url", "kubeconfig-file", "net-config-path"):
+        if kube[name]:
+            log.info("--%s has no effect without the Kubernetes subnet manager (leases are in etcd)", name)
+
+
 @click.command(context_settings={"auto_envvar_prefix": "FLANNELD", "help_option_names": ["--help", "-h"]},
                epilog="Every flag can also be set as FLANNELD_<FLAG> (upper case, '-' as '_'); "
                       "the command line wins.")
@@ -74,10 +106,12 @@ def setup_logging(verbosity: int, log_format: str = "text") -> None:
       help="wireguard backend: the kernel module, userspace wireguard-go, or the kernel's when it has one.")
 @flag("reconcile-interval", type=GoInt(1, 86400), default=30, show_default=True,
       help="Seconds between full kernel-state reconciles (drift is also repaired on netlink events).")
-@click.option("-v", "--v", "verbosity", type=GoInt(0, 10), default=0, help="Log verbosity (2: debug).")
+@click.option("-v", "--v", "verbosity", type=GoInt(0, 10), default=0, envvar="FLANNELD_V",
+              help="Log verbosity (2: debug).")
 @flag("log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
       help="Log lines as text, or one JSON object per line (time, level, logger, message, fields).")
 @click.option("--version", "-version", "show_version", is_flag=True, help="Print the version and exit.")
+@_accepted(KLOG_FLAGS + KUBE_FLAGS)
 def flanneld_command(show_version: bool, verbosity: int, log_format: str, **kw: Any) -> None:
     """flanneld: the per-node overlay network daemon (etcd v3; vxlan, host-gw, wireguard, alloc, extension)."""
     if show_version:
@@ -88,6 +122,8 @@ def flanneld_command(show_version: bool, verbosity: int, log_format: str, **kw: 
     from flanneld.node.daemon import Daemon, DaemonOptions  # keeps --help and --version fast
 
     setup_logging(verbosity, log_format)
+    logging.getLogger("flanneld").debug("log verbosity %d (-v, FLANNELD_V)", verbosity)
+    _drop_in_flags(kw)
     etcd = etcd_options(kw)
     options = DaemonOptions(
         etcd=etcd,

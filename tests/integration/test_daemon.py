@@ -462,6 +462,16 @@ def test_the_lock_dies_with_its_holder(make_cluster):
     assert node.log().count("another flanneld") == 0
 
 
+def test_a_unit_written_for_upstream_starts_this_daemon_unchanged(make_cluster):
+    """klog's flags and the Kubernetes ones at their off values, as upstream's units carry them."""
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    cluster.start(node, "-logtostderr", "-v=2", "--kube-subnet-mgr=false", "--kube-api-url=",
+                  "-vmodule=main=3", env={"FLANNELD_NET_CONFIG_PATH": "/etc/kube-flannel/net-conf.json"})
+    assert node.http("/readyz")[0] == 200
+    assert node.log().count("is klog's flag") == 2 and "Traceback" not in node.log()
+
+
 def test_environment_flags_and_command_line_precedence(make_cluster):
     cluster = make_cluster(1, NETWORK)
     node = cluster.nodes[0]

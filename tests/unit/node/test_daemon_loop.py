@@ -1,11 +1,23 @@
-"""When the daemon retries a full reconcile that left failed writes, and when it calls its loop stuck."""
+"""The daemon's event loop: when it retries a full reconcile that left failed writes, when it calls
+itself stuck, and (driven on the in-memory kernel and etcd client) which notifications call for a
+full reconcile, when a failed one is tried again, when our lease is renewed."""
 
 from __future__ import annotations
 
 import errno
+import threading
+import time
+from collections.abc import Iterator
 
+import pytest
+
+from flanneld.dataplane import nlcodec as nl
 from flanneld.dataplane.netlink import WriteFailure
-from flanneld.node.daemon import RETRY_AFTER_FAILURE, retry_delay
+from flanneld.lab.probes import eventually
+from flanneld.node.daemon import RETRY_AFTER_FAILURE, Daemon, DaemonOptions, retry_delay
+from flanneld.node.events import LeaseBatch, NetlinkBatch, Stop
+from flanneld.node.metrics import parse
+from tests.unit.node.test_overlay import event, routes, started
 
 REFUSED = WriteFailure("fdb 01:00:5e:00:00:01", errno.EOPNOTSUPP, "Operation not supported")
 INVALID = WriteFailure("route", errno.EINVAL, "Invalid argument")
@@ -43,3 +55,88 @@ def test_healthz_names_a_loop_that_has_not_run_for_three_reconcile_intervals():
     daemon.loop_heartbeat = time.monotonic() - 100
     healthy, why = daemon.health()
     assert not healthy and why.startswith("event loop has not run for 10")
+
+
+class Running:
+    def __init__(self, tmp_path, reconcile_interval: float = 3600, **lease_options) -> None:  # type: ignore[no-untyped-def]
+        self.overlay, self.kernel, self.etcd = started(tmp_path, **lease_options)
+        self.daemon = Daemon(DaemonOptions(reconcile_interval=reconcile_interval, iptables_resync=3600))
+        self.daemon.overlay = self.overlay
+        self.daemon.metrics = self.overlay.metrics
+        self.thread = threading.Thread(target=self.daemon._loop, daemon=True)
+        self.thread.start()
+
+    def full(self, trigger: str) -> float:
+        return parse(self.daemon.metrics.render()).get(
+            ("flanneld_reconciles_total", (("kind", "full"), ("trigger", trigger))), 0.0)
+
+    def put(self, item) -> None:  # type: ignore[no-untyped-def]
+        self.daemon.events.put(item)
+
+    def stop(self) -> None:
+        self.daemon.stop_event.set()
+        self.put(Stop())
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def loop(tmp_path) -> Iterator[Running]:
+    running = Running(tmp_path)
+    yield running
+    running.stop()
+
+
+def add_peer(loop: Running, n: int) -> str:
+    loop.put(LeaseBatch([event("added", n)], time.monotonic()))
+    subnet = f"198.18.{n}.0/24"
+    eventually(lambda: subnet in routes(loop.kernel), timeout=2, what="the peer programmed")
+    return subnet
+
+
+def notification(request: bytes) -> tuple[int, bytes]:
+    kind, _flags, _seq, payload = next(nl.messages(request))
+    return kind, bytes(payload)
+
+
+def test_lost_notifications_bring_a_full_reconcile_that_repairs_what_they_hid(loop) -> None:
+    subnet = add_peer(loop, 2)
+    loop.kernel.bulk.delete_route(subnet)  # a change whose notification the kernel dropped (ENOBUFS)
+    loop.put(NetlinkBatch(None))
+    eventually(lambda: subnet in routes(loop.kernel), timeout=2, what="the route put back")
+    assert loop.full("drift") == 1
+
+
+def test_the_echo_of_our_own_write_is_not_drift_and_a_foreign_change_is(loop) -> None:
+    subnet = add_peer(loop, 2)
+    ours = nl.route(1, False, bytes([198, 18, 2, 0]), 24, bytes([198, 18, 2, 0]), loop.overlay.reconciler.index[
+        "flannel.1"], True)
+    loop.put(NetlinkBatch([notification(ours)]))
+    time.sleep(0.2)
+    assert loop.full("drift") == 0 and subnet in routes(loop.kernel)
+    loop.kernel.bulk.delete_route(subnet)  # `ip route del`, and the kernel's notification of it
+    loop.put(NetlinkBatch([loop.kernel.bulk.notifications[-1]]))
+    eventually(lambda: subnet in routes(loop.kernel), timeout=2, what="the deleted route repaired")
+    assert loop.full("drift") == 1
+
+
+def test_a_failed_write_is_tried_again_until_the_kernel_takes_it(loop) -> None:
+    loop.kernel.bulk.refuse.add(bytes([198, 18, 3, 0]))
+    loop.put(LeaseBatch([event("added", 3)], time.monotonic()))
+    eventually(lambda: loop.full("failed writes") >= 1, timeout=2, what="a full reconcile after the failure")
+    eventually(lambda: loop.full("retry") >= 1, timeout=3, what="tried again")
+    loop.kernel.bulk.refuse.clear()
+    eventually(lambda: "198.18.3.0/24" in routes(loop.kernel), timeout=8, what="written once the kernel takes it")
+    settled = loop.full("retry")
+    time.sleep(2.5)
+    assert loop.full("retry") == settled  # and no more retries once it is in place
+
+
+def test_our_lease_is_renewed_at_each_deadline(tmp_path) -> None:
+    running = Running(tmp_path, ttl=3, renew_margin=2.5)  # a renewal every ~0.5 s
+    try:
+        eventually(lambda: parse(running.daemon.metrics.render())[("flanneld_lease_renewals_total", ())] >= 3,
+                   timeout=4, what="three renewals")
+        assert running.etcd.requests["keepalive"] >= 3 and running.etcd.requests["grant"] == 1  # one lease, kept
+    finally:
+        running.stop()
