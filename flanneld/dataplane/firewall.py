@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flanneld.model.config import NetworkConfig
 from flanneld.model.family import FAMILIES, Family, family_of
@@ -262,10 +262,24 @@ class Firewall:
                     log.info("the %s FORWARD chain's policy is DROP: accepting %s there too",
                              iptables_tool(version, "save").split("-")[0], fam.network)
             else:
-                self._ipt_apply(version, iptables_rules(self.spec, fam))
+                self._ipt_apply_masq_as_possible(version, fam)
         log.info("firewall rules installed (%s: masquerade %s, forward %s)",
                  "nftables" if self.spec.nftables else "iptables", "on" if self.spec.masq else "off",
                  "on" if self.spec.forward else "off")
+
+    def _ipt_apply_masq_as_possible(self, version: int, fam: FamilyRules) -> None:
+        """Install; where iptables cannot masquerade with --random-fully (before 1.6.2, or a kernel
+        without it), say so once and masquerade without it, as upstream does since v0.21.4:
+        never fail the install for it."""
+        try:
+            self._ipt_apply(version, iptables_rules(self.spec, fam))
+        except FirewallError as exc:
+            if not (self.spec.masq and self.spec.random_fully and "--random-fully" in str(exc)):
+                raise
+            log.warning("%s cannot masquerade with --random-fully here; masquerading without it "
+                        "(--ip-masq-fully-random-disable says so up front)", iptables_tool(version, "restore"))
+            self.spec = replace(self.spec, random_fully=False)
+            self._ipt_apply(version, iptables_rules(self.spec, fam))
 
     def check(self) -> bool:
         """True when everything is as installed; otherwise reinstall and return False."""

@@ -739,6 +739,28 @@ def test_no_secret_in_logs_metrics_or_flannelctl_output(make_cluster, own_etcd, 
         assert all(json.loads(line) for line in node.log().splitlines())
 
 
+def test_an_iptables_without_random_fully_still_masquerades(make_cluster, tmp_path):
+    """iptables before 1.6.2 refuses --random-fully: the daemon masquerades without it, says so
+    once, and its checks do not reinstall over and over (the rules checked are those installed)."""
+    wrappers = tmp_path / "bin"
+    wrappers.mkdir()
+    real = subprocess.run(["sh", "-c", "command -v iptables-restore"], capture_output=True, text=True).stdout.strip()
+    wrapper = wrappers / "iptables-restore"
+    wrapper.write_text("#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *--random-fully*)\n"
+                       "  echo 'iptables-restore v1.4.21: unknown option \"--random-fully\"' >&2; exit 2;;\nesac\n"
+                       f'printf \'%s\\n\' "$input" | exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    cluster.start(node, "--ip-masq", env={"PATH": f"{wrappers}:{os.environ['PATH']}"})
+    nat = node.sh("iptables-save", "-t", "nat").stdout
+    assert "-j MASQUERADE" in nat and "--random-fully" not in nat
+    time.sleep(3)  # three firewall checks (--iptables-resync=1)
+    assert parse(node.http("/metrics")[1]).get(("flanneld_firewall_repairs_total", ()), 0.0) == 0
+    assert node.log().count("cannot masquerade with --random-fully here") == 1
+    no_traceback(node)
+
+
 @SOAK
 def test_a_hung_iptables_save_never_kills_the_daemon(make_cluster, tmp_path):
     """The periodic firewall check's tool hangs (a stuck xtables lock): after its 30 s timeout the

@@ -119,3 +119,26 @@ def test_a_tool_that_hangs_is_a_firewall_error_not_a_crash():
     fw = Firewall(FirewallSpec((V4,), masq=True, forward=True), hangs)
     with pytest.raises(FirewallError, match="iptables-save did not answer within 30 s"):
         fw.check()
+
+
+def test_an_iptables_without_random_fully_masquerades_without_it_and_says_so_once(caplog):
+    """Old iptables (before 1.6.2) refuses the option: the install must not fail for it (upstream
+    falls back since v0.21.4); the rules checked from then on are the ones installed."""
+    import subprocess
+
+    from flanneld.dataplane.firewall import Firewall
+
+    class OldIptables(FakeTables):
+        def __call__(self, argv, stdin):  # type: ignore[no-untyped-def]
+            if argv[0].endswith("-restore") and "--random-fully" in (stdin or ""):
+                refusal = 'iptables-restore v1.4.21: unknown option "--random-fully"'
+                return subprocess.CompletedProcess(argv, 2, "", refusal)
+            return super().__call__(argv, stdin)
+
+    tables = OldIptables()
+    fw = Firewall(FirewallSpec((V4,), masq=True, forward=True), tables)
+    fw.apply()
+    assert fw.spec.random_fully is False and tables.restores == 3  # filter, then both again without the option
+    assert caplog.text.count("cannot masquerade with --random-fully here") == 1
+    tables.listing = _saved(iptables_rules(fw.spec, V4))
+    assert fw.check() is True  # what was installed is what is checked: no reinstall loop
