@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flanneld.ctl.views import human_duration
+from flanneld.dataplane.brnetfilter import bridge_calls_iptables, problem
 from flanneld.dataplane.firewall import NFT_TABLE, FirewallSpec, iptables_rules, iptables_tool, nft_script
 from flanneld.dataplane.nlcodec import IFF_UP, NUD_PERMANENT, RTN_BLACKHOLE, RTN_UNICAST, RTNH_F_ONLINK, RTPROT_KERNEL
 from flanneld.leases.listing import Listed, Listing
@@ -49,6 +50,7 @@ class KernelView:
     routes: set[Route] = field(default_factory=set)
     wg_peers: set[WgPeer] = field(default_factory=set)
     firewall: dict[str, str] = field(default_factory=dict)  # "iptables-4 nat" / "nft-4" -> listing text
+    bridge_nf: dict[int, bool | None] = field(default_factory=dict)  # family -> bridge-nf-call-ip*tables
 
     def link_by_index(self, index: int | None) -> ObservedLink | None:
         return next((link for link in self.links.values() if link.index == index), None)
@@ -123,6 +125,7 @@ def read_kernel(nftables: bool, families: Sequence[int]) -> KernelView:
             link = view.links[name]
             view.links[name] = replace(link, data=data)
     for version in families:
+        view.bridge_nf[version] = bridge_calls_iptables(version)
         if nftables:
             view.firewall[f"nft-{version}"] = _tool(["nft", "list", "table", *NFT_TABLE[version]])
         else:
@@ -419,6 +422,8 @@ def examine(inputs: Inputs) -> tuple[list[Finding], dict[str, int]]:
     findings += tables
     findings += _check_firewall(inputs, own)
     findings += _check_pod_bridges(inputs, own)
+    findings += [Finding(WARN, "firewall", text) for version, state in sorted(inputs.kernel.bridge_nf.items())
+                 if (text := problem(version, state))]
     return findings, {"leases": len(inputs.listing.leases) - 1, "skipped": skipped}
 
 

@@ -65,6 +65,9 @@ class Metrics:
         self.firewall_checks = Counter("flanneld_firewall_checks", "Firewall drift checks", registry=r)
         self.firewall_repairs = Counter("flanneld_firewall_repairs", "Firewall reinstalls after drift", registry=r)
         self.renewals = Counter("flanneld_lease_renewals", "Successful lease renewals", registry=r)
+        self.bridge_nf = Gauge("flanneld_bridge_nf_call_iptables", "1 when bridged pod traffic goes through "
+                               "iptables (br_netfilter loaded and on), 0 otherwise: Services need it", ["family"],
+                               registry=r)
         self.subnet_moves = Counter("flanneld_subnet_moves", "Times our subnet had to move (another node took it "
                                     "while our lease was expired): the pods started before each move need recreating",
                                     registry=r)

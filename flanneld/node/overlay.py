@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from flanneld.dataplane.brnetfilter import bridge_calls_iptables, problem
 from flanneld.dataplane.firewall import Firewall, FirewallError, FirewallSpec
 from flanneld.dataplane.iface import read_onlink
 from flanneld.dataplane.netlink import KernelError
@@ -87,6 +88,7 @@ class Overlay:
     # holds their VTEP MAC (a copied lease), kept to be planned again when that one goes
     _vteps: dict[tuple[str, str], str] = field(default_factory=dict)
     _copies: dict[str, Lease] = field(default_factory=dict)
+    _bridge_nf: dict[int, bool] = field(default_factory=dict)  # family -> last seen on (warned on a change)
 
     # -- our lease ---------------------------------------------------------------------------
 
@@ -100,6 +102,7 @@ class Overlay:
         self.firewall = Firewall(firewall_spec(self.config, self.own, self.settings))
         self.firewall.remove_other_mode()
         self.firewall.apply()
+        self.check_bridge_netfilter()
 
     def write_subnet_env(self) -> None:
         env = subnetenv.for_lease(self.own, self.config.ipv4.network if self.config.ipv4 else None,  # type: ignore[arg-type]
@@ -355,7 +358,18 @@ class Overlay:
         m.netlink_writes.inc(report.written + report.deleted)
         m.netlink_failures.inc(len(report.failures))
 
+    def check_bridge_netfilter(self) -> None:
+        """Warn when bridged pod traffic stops going through iptables (once per change), and
+        keep /metrics saying so (see flanneld.dataplane.brnetfilter)."""
+        for fc in self.config.families():
+            state = bridge_calls_iptables(fc.version)
+            self.metrics.bridge_nf.labels(family=f"ipv{fc.version}").set(1 if state else 0)
+            if self._bridge_nf.get(fc.version, True) and not state:
+                log.warning("%s", problem(fc.version, state))
+            self._bridge_nf[fc.version] = bool(state)
+
     def check_firewall(self) -> None:
+        self.check_bridge_netfilter()
         try:
             self.metrics.firewall_checks.inc()
             if not self.firewall.check():

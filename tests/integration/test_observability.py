@@ -112,3 +112,25 @@ def test_a_quiet_minute_is_quiet(make_cluster, nftables):
             old, "flanneld_reconciles_total", kind="full", trigger="periodic") >= 10, node.ns
         assert value(new, "flanneld_firewall_checks_total") - value(old, "flanneld_firewall_checks_total") >= 40
     assert "nftables" in cluster.nodes[0].log() if nftables else "iptables:" in cluster.nodes[0].log()
+
+
+def test_bridged_traffic_bypassing_iptables_is_said_shown_and_counted(make_cluster):
+    """Without br_netfilter's hook, pods on one node's bridge bypass iptables and Services break
+    for them (upstream #2068): a warning at start and on each change, a metric, a doctor warning;
+    the daemon runs all the same (#2254). The sysctl belongs to the node's network namespace."""
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    node.sh("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0")
+    cluster.start(node)
+    assert value(scrape(node), "flanneld_bridge_nf_call_iptables", family="ipv4") == 0
+    assert node.log().count("net.bridge.bridge-nf-call-iptables is 0") == 1
+    env = {"FLANNELCTL_ETCD_ENDPOINTS": cluster.endpoint, "FLANNELCTL_ETCD_PREFIX": cluster.prefix}
+    doctor = node.sh("env", *[f"{k}={v}" for k, v in env.items()], lab.tool("flannelctl"), "doctor",
+                     f"--subnet-file={node.subnet_file}", check=False)
+    assert doctor.returncode == 0 and "modprobe br_netfilter" in doctor.stdout, doctor.stdout
+    node.sh("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1")
+    eventually(lambda: value(scrape(node), "flanneld_bridge_nf_call_iptables", family="ipv4") == 1, timeout=3,
+               what="the metric following the sysctl")
+    node.sh("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0")
+    eventually(lambda: node.log().count("net.bridge.bridge-nf-call-iptables is 0") == 2, timeout=3,
+               what="a warning again when it turns off")

@@ -175,3 +175,14 @@ def test_a_pod_bridge_still_on_a_subnet_we_no_longer_hold_is_a_problem_until_cle
         "pods", "bridge cni0 holds 198.18.5.1/24, not in our subnet 198.18.1.0/24: pods started before our subnet "
         "moved cannot reach the overlay, and the bridge plugin refuses new pods until it is gone; delete those "
         "pods, then ip addr del 198.18.5.1/24 dev cni0")]
+
+
+def test_bridged_traffic_bypassing_iptables_is_a_warning_never_a_problem():
+    kernel = healthy_kernel()
+    kernel.bridge_nf = {4: True}
+    assert not [f for f in doctor.diagnose(inputs(kernel)) if "br_netfilter" in f.text]
+    for state, why in ((False, "net.bridge.bridge-nf-call-iptables is 0"), (None, "br_netfilter is not loaded")):
+        kernel.bridge_nf = {4: state}
+        findings = [f for f in doctor.diagnose(inputs(kernel)) if "modprobe br_netfilter" in f.text]
+        assert [(f.level, f.text.split(":")[0]) for f in findings] == [(doctor.WARN, why)]
+        assert problems(doctor.diagnose(inputs(kernel))) == []  # healthy all the same (upstream #2254)
