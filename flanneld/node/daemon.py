@@ -37,7 +37,7 @@ from flanneld.model import subnetenv
 from flanneld.model.config import ConfigError
 from flanneld.node.config_monitor import ConfigMonitor
 from flanneld.node.events import Event, LeaseBatch, NetlinkBatch, Stop
-from flanneld.node.health import HealthServer, sd_notify
+from flanneld.node.health import Check, HealthServer, sd_notify
 from flanneld.node.instance import InstanceError, InstanceLock
 from flanneld.node.metrics import Metrics
 from flanneld.node.overlay import Overlay, OverlaySettings
@@ -110,20 +110,23 @@ class Daemon:
 
     # -- observability -----------------------------------------------------------------------
 
-    def health(self) -> tuple[bool, str]:
-        if self.etcd_client is None:
-            return True, ""
+    def health(self) -> list[Check]:
+        """Liveness: only a stuck daemon fails it (see flanneld.node.health)."""
+        stuck = time.monotonic() - self.loop_heartbeat
+        if self.ready and stuck > max(60.0, 3 * self.opts.reconcile_interval):
+            return [Check("event-loop", False, f"event loop has not run for {stuck:.0f}s")]
+        return [Check("event-loop", True)]
+
+    def readiness(self) -> list[Check]:
+        """Readiness: our lease, data plane, rules and subnet.env in place, and the lease watch up."""
+        checks = [Check("node", self.ready, "" if self.ready else self.phase)]
         watcher = self.watcher
         # Down means it failed: a watch still opening its first stream (just after start) is not.
         if watcher is not None and self.ready and not watcher.connected and watcher.last_error:
-            return False, f"etcd lease watch is down: {watcher.last_error}"
-        stuck = time.monotonic() - self.loop_heartbeat
-        if self.ready and stuck > max(60.0, 3 * self.opts.reconcile_interval):
-            return False, f"event loop has not run for {stuck:.0f}s"
-        return True, ""
-
-    def readiness(self) -> tuple[bool, str]:
-        return self.ready, self.phase
+            checks.append(Check("etcd-watch", False, f"etcd lease watch is down: {watcher.last_error}"))
+        elif watcher is not None:
+            checks.append(Check("etcd-watch", True, f"revision {watcher.revision}"))
+        return checks
 
     # -- running ---------------------------------------------------------------------------
 

@@ -1,9 +1,12 @@
 """Health endpoints: /healthz, /readyz, /metrics (prometheus-client's exposition) and systemd notification.
 
-``/healthz`` tells the truth (upstream always answers 200): 503 with the reason while etcd or
-the lease watch is down or the event loop is stuck. ``/readyz`` is 503 until subnet.env is
-written and the firewall rules are in place. sd_notify speaks the NOTIFY_SOCKET datagram
-protocol directly, no libsystemd needed.
+``/healthz`` is liveness, as upstream's: 503 only when the daemon is stuck (its event loop has
+not run), never for an etcd outage: a liveness probe restarting every node when etcd goes away
+cannot fix etcd, and restarts them all at once when it returns. ``/readyz`` is readiness: 503
+until subnet.env is written and the rules are in place, and while the lease watch is down
+(peers' changes do not reach us). Both give their reasons; ``?verbose`` lists every check with
+its state, in the Kubernetes ``/livez`` ``/readyz`` form. sd_notify speaks the NOTIFY_SOCKET
+datagram protocol directly, no libsystemd needed.
 """
 
 from __future__ import annotations
@@ -15,8 +18,17 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
+
+
+class Check(NamedTuple):
+    """One named check of /healthz or /readyz: its state and why (shown with ?verbose)."""
+
+    name: str
+    ok: bool
+    detail: str = ""
 
 
 class HealthServer:
@@ -26,8 +38,8 @@ class HealthServer:
     rendered by prometheus-client itself.
     """
 
-    def __init__(self, host: str, port: int, health: Callable[[], tuple[bool, str]],
-                 readiness: Callable[[], tuple[bool, str]], metrics: Callable[[], str]) -> None:
+    def __init__(self, host: str, port: int, health: Callable[[], list[Check]],
+                 readiness: Callable[[], list[Check]], metrics: Callable[[], str]) -> None:
         self.health, self.readiness, self.metrics = health, readiness, metrics
         outer = self
 
@@ -44,7 +56,8 @@ class HealthServer:
                 if len(request) < 2 or request[0] not in ("GET", "HEAD"):
                     self._reply(405, "only GET is supported\n")
                     return
-                code, body, ctype = outer.route(request[1].split("?", 1)[0])
+                path, _, query = request[1].partition("?")
+                code, body, ctype = outer.route(path, verbose="verbose" in query.split("&"))
                 self._reply(code, body, ctype, head=request[0] == "HEAD")
 
             def _reply(self, code: int, body: str, ctype: str = "text/plain; charset=utf-8",
@@ -64,14 +77,22 @@ class HealthServer:
         self.server = Server((host, port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
 
-    def route(self, path: str) -> tuple[int, str, str]:
+    def route(self, path: str, verbose: bool = False) -> tuple[int, str, str]:
         text = "text/plain; charset=utf-8"
-        if path == "/healthz":
-            ok, why = self.health()
-            return (200, "flanneld is running\n", text) if ok else (503, f"unhealthy: {why}\n", text)
-        if path == "/readyz":
-            ok, why = self.readiness()
-            return (200, "ready\n", text) if ok else (503, f"not ready: {why}\n", text)
+        for endpoint, checks, good, bad in (("/healthz", self.health, "flanneld is running", "unhealthy"),
+                                            ("/readyz", self.readiness, "ready", "not ready")):
+            if path == endpoint:
+                results = checks()
+                failed = [c for c in results if not c.ok]
+                if verbose:
+                    lines = [f"[+]{c.name} ok{f' ({c.detail})' if c.detail else ''}" if c.ok else
+                             f"[-]{c.name} failed: {c.detail}" for c in results]
+                    name = endpoint[1:]
+                    lines.append(f"{name} check failed" if failed else f"{name} check passed")
+                    return (503 if failed else 200), "\n".join(lines) + "\n", text
+                if failed:
+                    return 503, f"{bad}: {'; '.join(c.detail for c in failed)}\n", text
+                return 200, f"{good}\n", text
         if path == "/metrics":
             return 200, self.metrics(), "text/plain; version=0.0.4; charset=utf-8"
         return 404, "not found: try /healthz, /readyz or /metrics\n", text

@@ -312,7 +312,9 @@ def test_waits_for_valid_config_and_ignores_bad_leases(make_cluster):
     assert "198.18.200.0/24" not in routes(node1)
 
 
-def test_healthz_reflects_etcd(make_cluster, session_lab):
+def test_an_etcd_outage_is_readiness_not_liveness(make_cluster, session_lab):
+    """/healthz is liveness: an etcd outage must not make a probe restart every node at once.
+    /readyz says it, with the reason, and ?verbose lists every check."""
     server = lab.EtcdServer("health")
     server.start()
     try:
@@ -328,14 +330,18 @@ def test_healthz_reflects_etcd(make_cluster, session_lab):
         assert node.http("/healthz") == (200, "flanneld is running\n")
         server.stop()
 
-        def down() -> bool:  # code and reason from one response: a stopping etcd may accept one last watch
-            code, body = node.http("/healthz")
-            return code == 503 and body.startswith("unhealthy: etcd lease watch is down")
+        def not_ready() -> bool:  # code and reason from one response: a stopping etcd may accept one last watch
+            code, body = node.http("/readyz")
+            return code == 503 and body.startswith("not ready: etcd lease watch is down")
 
-        eventually(down, timeout=20, what="unhealthy, naming the watch, while etcd is down")
-        assert node.http("/readyz")[0] == 200  # the data plane is still in place
+        eventually(not_ready, timeout=20, what="not ready, naming the watch, while etcd is down")
+        assert node.http("/healthz") == (200, "flanneld is running\n")  # alive all the same
+        code, body = node.http("/readyz?verbose")
+        assert code == 503 and body.startswith("[+]node ok\n[-]etcd-watch failed: etcd lease watch is down")
+        assert body.endswith("readyz check failed\n")
         server.start()
-        eventually(lambda: node.http("/healthz")[0] == 200, timeout=20, what="healthy again")
+        eventually(lambda: node.http("/readyz")[0] == 200, timeout=20, what="ready again")
+        assert node.http("/readyz?verbose")[1].endswith("readyz check passed\n")
     finally:
         server.destroy()
 

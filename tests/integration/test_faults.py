@@ -129,15 +129,15 @@ def _etcd_outage(make_cluster, own_etcd, seconds: float) -> None:
     server.stop()
 
     def down() -> bool:
-        code, body = node1.http("/healthz")
-        return code == 503 and body.startswith("unhealthy: etcd lease watch is down")
+        code, body = node1.http("/readyz")
+        return code == 503 and body.startswith("not ready: etcd lease watch is down")
 
-    eventually(down, timeout=20, what="/healthz 503 naming the watch while etcd is down")
+    eventually(down, timeout=20, what="/readyz 503 naming the watch while etcd is down")
     time.sleep(max(0.0, seconds - 1))
-    assert node1.http("/readyz")[0] == 200  # the data plane stays
+    assert node1.http("/healthz")[0] == 200  # alive: the data plane stays, nothing to restart
     server.start()
     back = time.monotonic()
-    eventually(lambda: node1.http("/healthz")[0] == 200, timeout=NEW_PEER_WITHIN, what="healthy again")
+    eventually(lambda: node1.http("/readyz")[0] == 200, timeout=NEW_PEER_WITHIN, what="ready again")
     new = put_fake(cluster, 1, "198.18.250.0/24")
     eventually(lambda: new in routes(node1) and new in routes(node2), timeout=NEW_PEER_WITHIN, what="new peer")
     end = time.monotonic()
@@ -195,7 +195,7 @@ def test_slow_etcd_paused_with_sigstop(make_cluster, own_etcd):
         os.kill(server.proc.pid, signal.SIGCONT)
     new = put_fake(cluster, 3, "198.18.242.0/24")
     eventually(lambda: new in routes(node1), timeout=NEW_PEER_WITHIN + 3, what="new peer after etcd resumed")
-    eventually(lambda: node1.http("/healthz")[0] == 200, timeout=15, what="healthy")
+    eventually(lambda: node1.http("/readyz")[0] == 200, timeout=15, what="ready (the watch back)")
     end = time.monotonic()
     time.sleep(0.3)
     probes.stop().assert_through(start, end)
@@ -319,7 +319,7 @@ def test_an_auth_change_at_etcd_never_stops_the_daemons_watch(make_cluster, own_
     new = put_fake(cluster, 5, "198.18.244.0/24")
     eventually(lambda: new in routes(node1) and new in routes(node2), timeout=10, what="the watch resumed")
     for node in cluster.nodes:
-        assert node.http("/healthz")[0] == 200
+        assert node.http("/readyz")[0] == 200  # the watch is back
         assert "logging in again" in node.log() and PASSWORD not in node.log(), node.log()
     no_traceback(node1, node2)
 
@@ -356,7 +356,7 @@ def test_etcd_restart_with_auth_or_tls(make_cluster, own_etcd, tmp_path, securit
     server.restart()
     new = put_fake(cluster, 5, "198.18.244.0/24")
     eventually(lambda: new in routes(node1) and new in routes(node2), timeout=5, what="watch resumed after restart")
-    eventually(lambda: node1.http("/healthz")[0] == 200, timeout=5, what="healthy after restart")
+    eventually(lambda: node1.http("/readyz")[0] == 200, timeout=5, what="ready after restart (the watch)")
     end = time.monotonic()
     time.sleep(0.3)
     probes.stop().assert_through(start, end)

@@ -48,13 +48,12 @@ def test_healthz_names_a_loop_that_has_not_run_for_three_reconcile_intervals():
     from flanneld.node.daemon import Daemon, DaemonOptions
 
     daemon = Daemon(DaemonOptions(reconcile_interval=30))
-    daemon.etcd_client = object()  # type: ignore[assignment]  (connected: health is judged)
     daemon.ready = True
     daemon.loop_heartbeat = time.monotonic() - 80
-    assert daemon.health() == (True, "")  # within 3 x 30 s
+    assert [c.ok for c in daemon.health()] == [True]  # within 3 x 30 s
     daemon.loop_heartbeat = time.monotonic() - 100
-    healthy, why = daemon.health()
-    assert not healthy and why.startswith("event loop has not run for 10")
+    (check,) = daemon.health()
+    assert not check.ok and check.detail.startswith("event loop has not run for 10")
 
 
 class Running:
@@ -140,3 +139,30 @@ def test_our_lease_is_renewed_at_each_deadline(tmp_path) -> None:
         assert running.etcd.requests["keepalive"] >= 3 and running.etcd.requests["grant"] == 1  # one lease, kept
     finally:
         running.stop()
+
+
+def test_liveness_ignores_an_etcd_outage_and_readiness_names_it(tmp_path) -> None:
+    """A liveness probe that restarted every node when etcd went away could not fix etcd."""
+    from types import SimpleNamespace
+
+    from flanneld.node.daemon import Daemon, DaemonOptions
+    from flanneld.node.health import HealthServer
+
+    daemon = Daemon(DaemonOptions())
+    daemon.ready, daemon.phase = True, "ready"
+    daemon.watcher = SimpleNamespace(connected=False, last_error="etcd watch broke: UNAVAILABLE",  # type: ignore
+                                     revision=7)
+    server = HealthServer("127.0.0.1", 0, daemon.health, daemon.readiness, lambda: "")
+    try:
+        assert server.route("/healthz")[:2] == (200, "flanneld is running\n")
+        assert server.route("/readyz")[:2] == (503, "not ready: etcd lease watch is down: etcd watch broke: "
+                                                    "UNAVAILABLE\n")
+        assert server.route("/readyz", verbose=True)[:2] == (503, "[+]node ok\n[-]etcd-watch failed: etcd lease "
+                                                                  "watch is down: etcd watch broke: UNAVAILABLE\n"
+                                                                  "readyz check failed\n")
+        daemon.watcher.connected = True  # type: ignore[union-attr]
+        assert server.route("/readyz", verbose=True)[:2] == (200, "[+]node ok\n[+]etcd-watch ok (revision 7)\n"
+                                                                  "readyz check passed\n")
+        assert server.route("/healthz", verbose=True)[:2] == (200, "[+]event-loop ok\nhealthz check passed\n")
+    finally:
+        server.server.server_close()
