@@ -2,9 +2,10 @@
 
 Options (upstream's names): ``PreStartupCommand`` (its stdout becomes our BackendData, a JSON
 string), ``PostStartupCommand``, ``SubnetAddCommand`` and ``SubnetRemoveCommand`` (a peer's
-BackendData on stdin), plus ours, ``CommandTimeout`` (seconds, 10). Environment, as upstream:
-``NETWORK``, ``SUBNET``, ``PUBLIC_IP``, and their IPv6 forms ``IPV6_NETWORK``, ``IPV6_SUBNET``,
-``PUBLIC_IPV6`` when the family is enabled.
+BackendData on stdin), plus ours, ``CommandTimeout`` (seconds, 10). Environment: ``SUBNET``,
+``PUBLIC_IP`` (and ``NETWORK`` for PostStartupCommand) as upstream, and when IPv6 is enabled
+``PUBLIC_IPV6`` and ``IPV6SUBNET`` (upstream's names) with ``IPV6_SUBNET`` and ``IPV6_NETWORK``
+(ours, kept for hooks written for them).
 
 Commands run without a shell (as upstream since v0.28): split like a shell would (shlex), with
 ``$NAME``/``${NAME}`` in an argument replaced by the hook's environment, so upstream's simple
@@ -150,7 +151,7 @@ class ExtensionBackend(BackendBase):
             if with_networks:
                 env["IPV6_NETWORK"] = str(self.config.ipv6.network)
             if lease.subnet6 is not None:
-                env["IPV6_SUBNET"] = str(lease.subnet6)
+                env["IPV6_SUBNET"] = env["IPV6SUBNET"] = str(lease.subnet6)
             if lease.public_ipv6 is not None:
                 env["PUBLIC_IPV6"] = str(lease.public_ipv6)
         return env

@@ -166,3 +166,16 @@ def test_extension_publishes_pre_startup_output_as_a_json_string():
     assert encode_value(lease) == (b'{"PublicIP":"198.51.100.11","PublicIPv6":null,"BackendType":"extension",'
                                    b'"BackendData":"\\u003cvtep\\u003e"}')
     assert make("extension", V4).lease_attrs({}).backend_data is None  # no PreStartupCommand: no BackendData
+
+
+def test_extension_hooks_get_upstreams_variable_names_beside_ours():
+    """Upstream's PostStartupCommand sees NETWORK, SUBNET, IPV6SUBNET, PUBLIC_IP, PUBLIC_IPV6: a hook
+    written for it must find them here; ours (IPV6_SUBNET, IPV6_NETWORK) stay for hooks using them."""
+    be = make("extension", DUAL)
+    own = LeaseAttrs(A("198.51.100.11"), A("2001:db8:51::11"), "extension").lease(
+        N("198.18.1.0/24"), N("2001:db8:1800:1::/64"))
+    env = be._env(own, with_networks=True)
+    assert env == {"NETWORK": "198.18.0.0/16", "SUBNET": "198.18.1.0/24", "PUBLIC_IP": "198.51.100.11",
+                   "IPV6_NETWORK": "2001:db8:1800::/56", "IPV6SUBNET": "2001:db8:1800:1::/64",
+                   "IPV6_SUBNET": "2001:db8:1800:1::/64", "PUBLIC_IPV6": "2001:db8:51::11"}
+    assert "NETWORK" not in be._env(own, with_networks=False)  # peer hooks: as upstream, no NETWORK
