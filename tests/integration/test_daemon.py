@@ -525,6 +525,26 @@ def test_interface_selection_flags(make_cluster):
     assert "failed to find an interface matching --iface nonexistent0" in node.log()
 
 
+def test_ipv6_address_choice_skips_deprecated_and_prefers_permanent_addresses(make_cluster):
+    """Upstream v0.28's ranking on a real kernel: a deprecated address (preferred lifetime 0) is never
+    chosen, a dynamic one (finite lifetime, as SLAAC and DHCPv6 give) only after a permanent one,
+    whatever order the kernel lists them in."""
+    cluster = make_cluster(1, {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56"})
+    node = cluster.nodes[0]
+    base = node.ip6.rsplit("::", 1)[0]
+    node.sh("ip", "-6", "addr", "add", f"{base}::d1/64", "dev", node.ifname, "nodad", "preferred_lft", "0")
+    node.sh("ip", "-6", "addr", "add", f"{base}::d2/64", "dev", node.ifname, "nodad", "valid_lft", "3600",
+            "preferred_lft", "3600")
+    listed = node.sh("ip", "-6", "-o", "addr", "show", "dev", node.ifname, "scope", "global").stdout
+    assert "deprecated" in listed and "dynamic" in listed, listed
+    cluster.start(node, f"--iface={node.ifname}")
+    assert str(cluster.lease(node).public_ipv6) == node.ip6
+    assert cluster.stop(node) == 0
+    node.sh("ip", "-6", "addr", "del", f"{node.ip6}/64", "dev", node.ifname)
+    cluster.start(node, f"--iface={node.ifname}")  # the permanent one gone: the dynamic, never the deprecated
+    assert str(cluster.lease(node).public_ipv6) == f"{base}::d2"
+
+
 def test_direct_routing_uses_the_underlay(make_cluster):
     cluster = make_cluster(2, {**NETWORK, "Backend": {"Type": "vxlan", "DirectRouting": True}})
     cluster.start_all()
