@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flanneld import __version__
+from flanneld.dataplane import nlcodec as nl
 from flanneld.dataplane.firewall import FirewallError
 from flanneld.dataplane.iface import IfaceError, IfaceOptions, touches_onlink
 from flanneld.dataplane.netlink import Kernel, KernelError, Monitor, WriteFailure
@@ -250,6 +251,23 @@ class Daemon:
         return any(batch.messages is None or any(touches_onlink(kind, payload, index)
                                                  for kind, payload in batch.messages) for batch in batches)
 
+    def _underlay_mtu(self, batches: list[NetlinkBatch]) -> int | None:
+        """The external interface's MTU as the latest notification of it says (read from the
+        kernel when notifications were lost); None when none concerned it."""
+        assert self.overlay is not None
+        reconciler = self.overlay.reconciler
+        mtu = None
+        for batch in batches:
+            if batch.messages is None:
+                link = reconciler.kernel.link(reconciler.underlay)
+                mtu = link.mtu if link is not None else mtu
+                continue
+            for kind, payload in batch.messages:
+                if kind == nl.RTM_NEWLINK and (link := nl.parse_link(memoryview(payload))).index == \
+                        reconciler.underlay_index and link.mtu:
+                    mtu = link.mtu
+        return mtu
+
     def _loop(self) -> None:
         overlay = self.overlay
         assert overlay is not None
@@ -286,6 +304,8 @@ class Daemon:
                     release_memory()
             if self._underlay_touched(netlink):
                 full_reason = overlay.underlay_changed() or full_reason
+            if (mtu := self._underlay_mtu(netlink)) is not None:
+                full_reason = overlay.underlay_mtu_changed(mtu) or full_reason
             now = time.monotonic()
             renew_in = overlay.leases.seconds_until_renewal()
             if renew_in is not None and renew_in <= 0:

@@ -238,6 +238,20 @@ class Overlay:
         self._count_peers()
         return "underlay changed"
 
+    def underlay_mtu_changed(self, mtu: int) -> str:
+        """The external interface's MTU changed under us: the overlay's devices follow it (unless
+        Backend.MTU fixes them) on the full reconcile this asks for, and subnet.env says the new
+        MTU to pods started from now on. Pods started before keep theirs: said once, here."""
+        before = self.backend.mtu()
+        if not self.backend.underlay_mtu_changed(mtu) or self.backend.mtu() == before:
+            return ""
+        after = self.backend.mtu()
+        log.warning("interface %s's MTU is now %d: the overlay's is %d (was %d), and subnet.env says so; pods "
+                    "started before keep MTU %d%s: recreate them", self.reconciler.underlay, mtu, after, before,
+                    before, " and lose full-size packets" if after < before else "")
+        self.write_subnet_env()
+        return "underlay MTU changed"
+
     def _shared_keys(self, added: PeerPlan, removed: PeerPlan) -> bool:
         """Whether a WireGuard peer that came or went shares its public key with another lease
         (the incremental path writes one lease's peer; one_per_key merges them)."""

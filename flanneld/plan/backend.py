@@ -193,6 +193,10 @@ class Backend(Protocol):
         """The external interface reaches `onlink` directly now (renumbered, an on-link route
         added or gone). True when peer plans depend on it and must be made again."""
 
+    def underlay_mtu_changed(self, mtu: int) -> bool:
+        """The external interface's MTU is `mtu` now; True when it changed (devices and mtu()
+        follow it unless the backend's MTU option fixes them)."""
+
 
 class BackendBase:
     """What most backends do not need, done once: no device identity, no devices, no hooks, and
@@ -221,6 +225,12 @@ class BackendBase:
 
     def peer_changed(self, kind: str, peer: Lease) -> None:
         pass
+
+    def underlay_mtu_changed(self, mtu: int) -> bool:
+        if mtu == self.ext.mtu:
+            return False
+        self.ext = replace(self.ext, mtu=mtu)
+        return True
 
     def underlay_changed(self, onlink: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
         changed = onlink != self.ext.onlink

@@ -545,6 +545,24 @@ def test_ipv6_address_choice_skips_deprecated_and_prefers_permanent_addresses(ma
     assert str(cluster.lease(node).public_ipv6) == f"{base}::d2"
 
 
+def test_an_underlay_mtu_change_is_followed_by_the_devices_and_subnet_env(make_cluster):
+    """eth0 9000 -> 1500 under a running daemon left flannel.1 at 8950 and FLANNEL_MTU=8950, silently:
+    every full-size packet lost. The device and subnet.env follow now, with one warning that pods
+    started before keep their MTU."""
+    cluster = make_cluster(1, NETWORK)
+    node = cluster.nodes[0]
+    cluster.start(node)
+    assert link(node)["mtu"] == 1450 and cluster.env(node).mtu == 1450
+    node.sh("ip", "link", "set", node.ifname, "mtu", "1400")
+    eventually(lambda: link(node)["mtu"] == 1350 and cluster.env(node).mtu == 1350, timeout=3,
+               what="flannel.1 and subnet.env following the underlay")
+    line = next(x for x in node.log().splitlines() if "MTU is now 1400" in x)
+    assert "the overlay's is 1350 (was 1450)" in line and "pods started before keep MTU 1450" in line
+    node.sh("ip", "link", "set", node.ifname, "mtu", "1500")
+    eventually(lambda: link(node)["mtu"] == 1450 and cluster.env(node).mtu == 1450, timeout=3, what="and back")
+    assert node.log().count("MTU is now") == 2 and "Traceback" not in node.log()
+
+
 def test_direct_routing_uses_the_underlay(make_cluster):
     cluster = make_cluster(2, {**NETWORK, "Backend": {"Type": "vxlan", "DirectRouting": True}})
     cluster.start_all()

@@ -290,3 +290,15 @@ def test_a_lease_copying_another_nodes_vtep_mac_is_skipped_until_the_first_goes(
     overlay.apply_lease_events([event("removed", 2)], incremental=True)
     assert fdbs(kernel) == {mac: "198.51.100.13"} and routes(kernel) == {"198.18.3.0/24"}
     assert not overlay.peers["198.18.3.0-24"].skipped
+
+
+def test_an_underlay_mtu_change_moves_the_overlay_mtu_unless_the_backend_fixes_it(tmp_path):
+    overlay, _kernel, _ = started(tmp_path)
+    overlay.write_subnet_env()
+    assert overlay.underlay_mtu_changed(1400) == "underlay MTU changed" and overlay.backend.mtu() == 1350
+    assert "FLANNEL_MTU=1350" in (tmp_path / "subnet.env").read_text()
+    assert overlay.underlay_mtu_changed(1400) == ""  # the same again: nothing to do
+    fixed = parse_config('{"Network": "198.18.0.0/16", "SubnetMin": "198.18.100.0", '
+                         '"Backend": {"Type": "vxlan", "MTU": 1300}}')
+    overlay, _kernel, _ = started(tmp_path / "fixed", fixed)
+    assert overlay.underlay_mtu_changed(1400) == "" and overlay.backend.mtu() == 1250  # Backend.MTU rules
