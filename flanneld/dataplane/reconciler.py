@@ -102,6 +102,14 @@ class Reconciler:
         # device reports otherwise was learnt from the peer's handshakes (see _learnt_endpoints_kept)
         self._wg_endpoints: dict[tuple[str, str], str] = {}
 
+    def underlay_recreated(self, index: int) -> None:
+        """The external interface was deleted and created again under the same name (a bond,
+        VLAN or bridge rebuilt, a NIC re-probed): devices over it are created on the new one."""
+        self._names.pop(self.underlay_index, None)
+        self.underlay_index = index
+        self.index[self.underlay] = index
+        self._names[index] = self.underlay
+
     # -- devices and addresses ---------------------------------------------------------------
 
     def ensure_links(self, links: Iterable[LinkSpec], report: Report | None = None) -> dict[str, ObservedLink]:

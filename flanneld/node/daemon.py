@@ -108,6 +108,7 @@ class Daemon:
         self.health_server: HealthServer | None = None
         self.overlay: Overlay | None = None
         self.instance = InstanceLock()  # held until the process ends (see flanneld.node.instance)
+        self.underlay_gone = False  # the external interface was deleted (loop thread; /readyz reads it)
 
     # -- observability -----------------------------------------------------------------------
 
@@ -121,6 +122,8 @@ class Daemon:
     def readiness(self) -> list[Check]:
         """Readiness: our lease, data plane, rules and subnet.env in place, and the lease watch up."""
         checks = [Check("node", self.ready, "" if self.ready else self.phase)]
+        if self.underlay_gone and self.overlay is not None:
+            checks.append(Check("underlay", False, f"interface {self.overlay.reconciler.underlay} is gone"))
         watcher = self.watcher
         # Down means it failed: a watch still opening its first stream (just after start) is not.
         if watcher is not None and self.ready and not watcher.connected and watcher.last_error:
@@ -251,6 +254,30 @@ class Daemon:
         return any(batch.messages is None or any(touches_onlink(kind, payload, index)
                                                  for kind, payload in batch.messages) for batch in batches)
 
+    def _underlay_link(self, batches: list[NetlinkBatch]) -> str:
+        """Follow the external interface being deleted and created again under its name: say
+        it, hold full reconciles while it is gone (/readyz names it), rebuild on the new one."""
+        assert self.overlay is not None
+        reconciler = self.overlay.reconciler
+        reason = ""
+        for batch in batches:
+            for kind, payload in batch.messages or ():
+                if kind not in (nl.RTM_NEWLINK, nl.RTM_DELLINK):
+                    continue
+                link = nl.parse_link(memoryview(payload))
+                if kind == nl.RTM_DELLINK and link.index == reconciler.underlay_index and not self.underlay_gone:
+                    self.underlay_gone = True
+                    log.warning("interface %s is gone: this node's overlay is down until it returns",
+                                reconciler.underlay)
+                elif kind == nl.RTM_NEWLINK and link.name == reconciler.underlay and (
+                        self.underlay_gone or link.index != reconciler.underlay_index):
+                    self.underlay_gone = False
+                    reconciler.underlay_recreated(link.index)
+                    log.info("interface %s is back (index %d): rebuilding the overlay's devices on it",
+                             reconciler.underlay, link.index)
+                    reason = "underlay recreated"
+        return reason
+
     def _underlay_mtu(self, batches: list[NetlinkBatch]) -> int | None:
         """The external interface's MTU as the latest notification of it says (read from the
         kernel when notifications were lost); None when none concerned it."""
@@ -302,10 +329,13 @@ class Daemon:
                         self.metrics.event_programmed.observe(done - batch.received)
                 if len(lease_events) > 1000:
                     release_memory()
-            if self._underlay_touched(netlink):
-                full_reason = overlay.underlay_changed() or full_reason
-            if (mtu := self._underlay_mtu(netlink)) is not None:
-                full_reason = overlay.underlay_mtu_changed(mtu) or full_reason
+            back = self._underlay_link(netlink)
+            full_reason = back or full_reason
+            if not self.underlay_gone:
+                if back or self._underlay_touched(netlink):
+                    full_reason = overlay.underlay_changed() or full_reason
+                if (mtu := self._underlay_mtu(netlink)) is not None:
+                    full_reason = overlay.underlay_mtu_changed(mtu) or full_reason
             now = time.monotonic()
             renew_in = overlay.leases.seconds_until_renewal()
             if renew_in is not None and renew_in <= 0:
@@ -317,11 +347,18 @@ class Daemon:
                 next_full = now + self.opts.reconcile_interval
             if retry_full_at is not None and now >= retry_full_at:
                 full_reason = full_reason or "retry"
+            if full_reason and overlay.replan_pending and not self.underlay_gone:
+                overlay.replan()
+            if full_reason and self.underlay_gone:
+                full_reason = ""  # nothing to build on until the interface returns (its notification says)
+                retry_full_at = retry_wait = None
             if full_reason:
                 report = overlay.full_reconcile(full_reason)
                 retry_wait = (RETRY_AFTER_FAILURE if report is None else
                               retry_delay(retry_wait, report.failures, self.opts.reconcile_interval))
                 retry_full_at = time.monotonic() + retry_wait if retry_wait is not None else None
+            if overlay.replan_pending and not self.underlay_gone and retry_full_at is None:
+                retry_full_at = time.monotonic() + RETRY_AFTER_FAILURE  # etcd could not list: again soon
             if now >= next_fw:
                 overlay.check_firewall()
                 next_fw = time.monotonic() + self.opts.iptables_resync

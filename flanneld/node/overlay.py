@@ -19,6 +19,7 @@ from flanneld.dataplane.firewall import Firewall, FirewallError, FirewallSpec
 from flanneld.dataplane.iface import read_onlink
 from flanneld.dataplane.netlink import KernelError
 from flanneld.dataplane.reconciler import Reconciler, Report
+from flanneld.etcd.errors import EtcdError
 from flanneld.leases.listing import list_leases
 from flanneld.leases.manager import LeaseManager
 from flanneld.leases.watcher import LeaseEvent
@@ -88,6 +89,7 @@ class Overlay:
     # holds their VTEP MAC (a copied lease), kept to be planned again when that one goes
     _vteps: dict[tuple[str, str], str] = field(default_factory=dict)
     _copies: dict[str, Lease] = field(default_factory=dict)
+    replan_pending: bool = False  # what the underlay reaches changed; peers not yet planned again
     _bridge_nf: dict[int, bool] = field(default_factory=dict)  # family -> last seen on (warned on a change)
 
     # -- our lease ---------------------------------------------------------------------------
@@ -223,12 +225,24 @@ class Overlay:
             return ""
         if not self.backend.underlay_changed(onlink):
             return ""
-        log.info("interface %s now reaches %s directly; planning every peer again", underlay,
-                 ", ".join(map(str, onlink)) or "no network")
-        listing = retry("listing leases", lambda: list_leases(self.leases.etcd_client, self.settings.prefix),
-                        self.stop)
-        if listing is None:
+        self.replan_pending = True
+        if not onlink:  # its addresses are gone (the interface going away?): nothing to list etcd over
+            log.info("interface %s now reaches no network directly; planning peers again when it does", underlay)
             return ""
+        log.info("interface %s now reaches %s directly; planning every peer again", underlay,
+                 ", ".join(map(str, onlink)))
+        return self.replan()
+
+    def replan(self) -> str:
+        """Plan every known peer again from one listing; when etcd cannot answer now (the
+        underlay may be what went away), leave it pending for the next full reconcile rather
+        than hold the loop in a retry."""
+        try:
+            listing = list_leases(self.leases.etcd_client, self.settings.prefix)
+        except EtcdError as exc:
+            log.info("planning peers again waits for etcd: %s", exc)
+            return ""
+        self.replan_pending = False
         for key, listed in listing.leases.items():  # peers the watch told us of: it brings the others
             if key != self.own.key and key in self.peers:
                 self._drop_plan(key)

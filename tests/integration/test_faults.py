@@ -414,6 +414,47 @@ def _underlay_down(make_cluster, seconds: float) -> None:
     no_traceback(node1)
 
 
+@pytest.mark.parametrize("config", [NETWORK, {**NETWORK, "Backend": {"Type": "host-gw"}}], ids=["vxlan", "host-gw"])
+def test_an_underlay_deleted_and_created_again_is_followed(make_cluster, config):
+    """A bond, VLAN or bridge rebuilt, a NIC re-probed: the kernel deletes flannel.1 with the
+    interface, and the daemon retried forever on the old ifindex. It now says the interface is
+    gone (/readyz names it), and rebuilds on the new one when it is back: pods talk again within
+    2 s of the interface being back, both ways."""
+    cluster = make_cluster(2, config)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2), interval=0.02)
+    p, eth = cluster.lab.prefix, node1.ifname
+    mac = node1.sh("cat", f"/sys/class/net/{eth}/address").stdout.strip()  # a rebuilt bond or VLAN keeps it
+    node1.sh("ip", "link", "del", eth)  # the veth pair goes, flannel.1 (vxlan) with it
+    eventually(lambda: f"interface {eth} is gone" in node1.log(), timeout=3, what="the loss said")
+    readyz = node1.sh(lab.tool("python3"), "-c", "import urllib.request as u\ntry:\n u.urlopen('http://127.0.0.1:8471"
+                      "/readyz')\nexcept Exception as e:\n print(e.read().decode())", check=False).stdout
+    assert readyz.startswith(f"not ready: interface {eth} is gone"), readyz  # asked on the node: no way in
+    lab.ipbatch([f"link add {eth} netns {node1.ns} type veth peer name {p}-n1", f"link set {p}-n1 master br0 up"],
+                ns=cluster.lab.ul)
+    lab.ipbatch([f"link set {eth} address {mac}", f"addr add {node1.ip}/24 dev {eth}",
+                 f"addr add {node1.ip6}/64 dev {eth} nodad", f"link set {eth} up",
+                 f"route add default via {lab.ROUTER_IP}"], ns=node1.ns)
+    up = time.monotonic()
+
+    def ready() -> bool:
+        try:
+            return node1.http("/readyz", timeout=0.5)[0] == 200
+        except OSError:  # the control namespace still resolving the new interface's MAC
+            return False
+
+    eventually(ready, timeout=5, what="ready again")
+    time.sleep(2.5)
+    end = time.monotonic()
+    tally = probes.stop()
+    late = [round(t - up, 2) for t in tally.lost_at if t > up + 2.0]
+    assert not late, f"probes lost more than 2 s after the interface was back: {late}"
+    assert tally.lost and tally.sent_between(up + 2.0, end) >= (end - up - 2.0) / 0.02, tally[:2]
+    assert node1.log().count(f"interface {eth} is gone") == 1 and f"interface {eth} is back" in node1.log()
+    no_traceback(node1)
+
+
 def test_underlay_link_down_and_back(make_cluster):
     _underlay_down(make_cluster, seconds=5)
 
