@@ -256,25 +256,31 @@ class Daemon:
 
     def _underlay_link(self, batches: list[NetlinkBatch]) -> str:
         """Follow the external interface being deleted and created again under its name: say
-        it, hold full reconciles while it is gone (/readyz names it), rebuild on the new one."""
+        it, hold full reconciles while it is gone (/readyz names it), rebuild on the new one.
+        After lost notifications the kernel is asked what became of it."""
         assert self.overlay is not None
         reconciler = self.overlay.reconciler
         reason = ""
         for batch in batches:
-            for kind, payload in batch.messages or ():
-                if kind not in (nl.RTM_NEWLINK, nl.RTM_DELLINK):
-                    continue
-                link = nl.parse_link(memoryview(payload))
-                if kind == nl.RTM_DELLINK and link.index == reconciler.underlay_index and not self.underlay_gone:
+            if batch.messages is None:
+                found = reconciler.kernel.link(reconciler.underlay)
+                seen = [(nl.RTM_DELLINK, reconciler.underlay_index)] if found is None else \
+                    [(nl.RTM_NEWLINK, found.index)]
+            else:
+                seen = [(kind, link.index) for kind, payload in batch.messages
+                        if kind in (nl.RTM_NEWLINK, nl.RTM_DELLINK)
+                        and ((link := nl.parse_link(memoryview(payload))).name == reconciler.underlay
+                             or link.index == reconciler.underlay_index)]
+            for kind, index in seen:
+                if kind == nl.RTM_DELLINK and index == reconciler.underlay_index and not self.underlay_gone:
                     self.underlay_gone = True
                     log.warning("interface %s is gone: this node's overlay is down until it returns",
                                 reconciler.underlay)
-                elif kind == nl.RTM_NEWLINK and link.name == reconciler.underlay and (
-                        self.underlay_gone or link.index != reconciler.underlay_index):
+                elif kind == nl.RTM_NEWLINK and (self.underlay_gone or index != reconciler.underlay_index):
                     self.underlay_gone = False
-                    reconciler.underlay_recreated(link.index)
+                    reconciler.underlay_recreated(index)
                     log.info("interface %s is back (index %d): rebuilding the overlay's devices on it",
-                             reconciler.underlay, link.index)
+                             reconciler.underlay, index)
                     reason = "underlay recreated"
         return reason
 

@@ -166,3 +166,16 @@ def test_liveness_ignores_an_etcd_outage_and_readiness_names_it(tmp_path) -> Non
         assert server.route("/healthz", verbose=True)[:2] == (200, "[+]event-loop ok\nhealthz check passed\n")
     finally:
         server.server.server_close()
+
+
+def test_an_underlay_rebuilt_while_notifications_were_lost_is_found_by_asking_the_kernel(loop) -> None:
+    import dataclasses
+
+    kernel = loop.kernel
+    eth0 = kernel.links_by_name.pop("eth0")  # deleted, and the notification lost (ENOBUFS)
+    loop.put(NetlinkBatch(None))
+    eventually(lambda: loop.daemon.underlay_gone, timeout=2, what="the interface seen gone")
+    kernel.links_by_name["eth0"] = dataclasses.replace(eth0, index=12)  # created again, unheard of too
+    loop.put(NetlinkBatch(None))
+    eventually(lambda: loop.full("underlay recreated") == 1, timeout=2, what="rebuilt on the new one")
+    assert not loop.daemon.underlay_gone and loop.overlay.reconciler.underlay_index == 12
