@@ -714,8 +714,9 @@ def test_node_problems_fail_at_once_in_one_line_before_anything_is_programmed(ma
             path = os.path.join(cluster.lab.dir, f"{node.ns}-flanneld.log")
             if os.path.exists(path):
                 os.unlink(path)
+            # the node's own subnet file (the host's /run/flannel is not the test's), unless the case sets one
             argv = [lab.tool("flanneld"), f"--etcd-endpoints={cluster.endpoint}", f"--etcd-prefix={cluster.prefix}",
-                    *flags]
+                    f"--subnet-file={node.subnet_file}", *flags]
             proc = node.popen(argv, "flanneld")
             assert proc.wait(30) == 1, node.log()
             lines = [line for line in node.log().splitlines() if " E " in line or "error" in line.lower()]
