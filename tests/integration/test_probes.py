@@ -44,12 +44,16 @@ def test_every_probe_of_a_healthy_path_is_answered_both_ways(pods):
     tally.assert_through(start + 0.1, end - 0.1)
 
 
-def test_a_pinger_stopped_mid_outage_counts_the_unanswered_tail(pods):
-    a, b = pods
+def cut_after_a_while(a, b) -> tuple[Pinger, float]:
+    """A pinger from a to b, answered for 0.3 s, then cut: it, and when the cut began."""
     pinger = Pinger(a, b.addr)
     time.sleep(0.3)
     cut(a)
-    since = time.monotonic()
+    return pinger, time.monotonic()
+
+
+def test_a_pinger_stopped_mid_outage_counts_the_unanswered_tail(pods):
+    pinger, since = cut_after_a_while(*pods)
     time.sleep(0.5)
     tally = pinger.stop()  # still cut: ping's replies-seen view reported this as nothing lost
     assert 30 <= tally.lost <= 80 and all(t >= since - 0.02 for t in tally.lost_at), tally[:2]
@@ -57,13 +61,9 @@ def test_a_pinger_stopped_mid_outage_counts_the_unanswered_tail(pods):
 
 
 def test_a_gap_in_the_middle_is_counted_and_placed(pods):
-    a, b = pods
-    pinger = Pinger(a, b.addr)
+    pinger, start = cut_after_a_while(*pods)
     time.sleep(0.3)
-    cut(a)
-    start = time.monotonic()
-    time.sleep(0.3)
-    mend(a)
+    mend(pods[0])
     end = time.monotonic()
     time.sleep(0.3)
     tally = pinger.stop()

@@ -144,17 +144,25 @@ def wg_peer(n: int, endpoint_host: int | None = None) -> PeerPlan:
                                      (f"198.18.{n}.0/24",))])
 
 
-def test_wireguard_peer_table_is_diffed_and_written_one_peer_at_a_time(monkeypatch):
+WG_BASE = DesiredState(links=(WG_LINK,), routes=frozenset({Route(NET, dev="flannel-wg")}), owned_networks=(NET,))
+
+
+def wireguard_node(monkeypatch) -> tuple[FakeWireguard, FakeKernel]:  # type: ignore[no-untyped-def]
+    """A kernel with eth0 whose wireguard devices are the in-memory FakeWireguard."""
     fake = FakeWireguard()
     monkeypatch.setitem(devices.KINDS, "wireguard", fake)
     kernel = FakeKernel()
     kernel.add_plain("eth0", 2)
+    return fake, kernel
+
+
+def test_wireguard_peer_table_is_diffed_and_written_one_peer_at_a_time(monkeypatch):
+    fake, kernel = wireguard_node(monkeypatch)
     rec = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
-    base = DesiredState(links=(WG_LINK,), routes=frozenset({Route(NET, dev="flannel-wg")}), owned_networks=(NET,))
-    rec.reconcile(merge(base, [wg_peer(2), wg_peer(3)]))
+    rec.reconcile(merge(WG_BASE, [wg_peer(2), wg_peer(3)]))
     (put, delete), = fake.writes
     assert sorted(put, key=lambda p: p.public_key) == wg_peer(2).wg_peers + wg_peer(3).wg_peers and delete == []
-    assert rec.reconcile(merge(base, [wg_peer(2), wg_peer(3)])).written == 0  # idempotent
+    assert rec.reconcile(merge(WG_BASE, [wg_peer(2), wg_peer(3)])).written == 0  # idempotent
 
     fake.writes.clear()
     report = rec.change(wg_peer(4), wg_peer(2))  # one came, one went: exactly those two
@@ -167,45 +175,37 @@ def test_wireguard_peer_table_is_diffed_and_written_one_peer_at_a_time(monkeypat
     stale = wg_peer(9).wg_peers[0]
     fake.peers["flannel-wg"][stale.public_key] = stale
     fake.writes.clear()
-    report = rec.reconcile(merge(base, [wg_peer(3, endpoint_host=99), wg_peer(4)]))
+    report = rec.reconcile(merge(WG_BASE, [wg_peer(3, endpoint_host=99), wg_peer(4)]))
     assert fake.writes == [(wg_peer(4).wg_peers, [stale])] and report.written == report.deleted == 1
 
 
 def test_an_endpoint_wireguard_learnt_from_handshakes_is_no_drift(monkeypatch):
     """A peer behind NAT is reached at its mapped address and port: full reconciles leave the
     learnt endpoint alone; the lease's is written when the peer is new or the lease's changes."""
-    fake = FakeWireguard()
-    monkeypatch.setitem(devices.KINDS, "wireguard", fake)
-    kernel = FakeKernel()
-    kernel.add_plain("eth0", 2)
+    fake, kernel = wireguard_node(monkeypatch)
     rec = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
-    base = DesiredState(links=(WG_LINK,), routes=frozenset({Route(NET, dev="flannel-wg")}), owned_networks=(NET,))
-    rec.reconcile(merge(base, [wg_peer(2)]))
+    rec.reconcile(merge(WG_BASE, [wg_peer(2)]))
     peer = wg_peer(2).wg_peers[0]
     learnt = dataclasses.replace(peer, endpoint="198.51.100.1:40001")  # the NAT's mapping, from a handshake
     fake.peers["flannel-wg"][peer.public_key] = learnt
     fake.writes.clear()
-    assert rec.reconcile(merge(base, [wg_peer(2)])).written == 0 and fake.writes == []
+    assert rec.reconcile(merge(WG_BASE, [wg_peer(2)])).written == 0 and fake.writes == []
     assert fake.peers["flannel-wg"][peer.public_key] == learnt
     moved = wg_peer(2, endpoint_host=77)  # the lease now publishes another endpoint: that one is written
-    rec.reconcile(merge(base, [moved]))
+    rec.reconcile(merge(WG_BASE, [moved]))
     assert fake.writes == [(moved.wg_peers, [])]
     fake.peers["flannel-wg"][peer.public_key] = dataclasses.replace(moved.wg_peers[0], allowed_ips=("198.18.9.0/24",))
     fake.writes.clear()
-    rec.reconcile(merge(base, [moved]))  # anything else that differs is drift, repaired whole
+    rec.reconcile(merge(WG_BASE, [moved]))  # anything else that differs is drift, repaired whole
     assert fake.writes == [(moved.wg_peers, [])]
 
 
 def test_a_device_adopted_at_start_keeps_the_endpoints_it_learnt(monkeypatch):
-    fake = FakeWireguard()
-    monkeypatch.setitem(devices.KINDS, "wireguard", fake)
-    kernel = FakeKernel()
-    kernel.add_plain("eth0", 2)
-    base = DesiredState(links=(WG_LINK,), routes=frozenset({Route(NET, dev="flannel-wg")}), owned_networks=(NET,))
-    Reconciler(kernel, "eth0", 2).reconcile(merge(base, [wg_peer(2)]))  # type: ignore[arg-type]
+    fake, kernel = wireguard_node(monkeypatch)
+    Reconciler(kernel, "eth0", 2).reconcile(merge(WG_BASE, [wg_peer(2)]))  # type: ignore[arg-type]
     peer = wg_peer(2).wg_peers[0]
     fake.peers["flannel-wg"][peer.public_key] = dataclasses.replace(peer, endpoint="198.51.100.1:40001")
     fake.writes.clear()
     restarted = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]  # a new daemon, the device kept
-    restarted.reconcile(merge(base, [wg_peer(2)]))
+    restarted.reconcile(merge(WG_BASE, [wg_peer(2)]))
     assert fake.writes == []
