@@ -119,6 +119,25 @@ class Context:
         ids = [li.kv.lease_id for li in (only if only is not None else listing.leases.values()) if li.kv.lease_id]
         return self.etcd_client.time_to_live_many(ids) if ids else {}
 
+    def config_if_any(self) -> NetworkConfig | None:
+        """The network config when there is a valid one (views that only annotate with it)."""
+        from flanneld.model.config import ConfigError, parse_config
+
+        kv = self.etcd_client.get(f"{self.prefix}/config")
+        try:
+            return parse_config(kv.value) if kv is not None else None
+        except ConfigError:
+            return None
+
+    def unprogrammed(self, listing: Listing) -> dict[str, str]:
+        """Leases no node programs, as they overlap a lease that outranks them: key -> why."""
+        from flanneld.leases.overlaps import unprogrammed
+
+        if len(listing.leases) < 2:
+            return {}
+        return unprogrammed(((k, li.lease, li.kv.create_revision) for k, li in listing.leases.items()),
+                            self.config_if_any())
+
     def stored_config(self, why: str = "") -> KeyValue:
         """The config's KeyValue as stored (not validated); CtlError when there is none."""
         kv = self.etcd_client.get(f"{self.prefix}/config")
@@ -237,6 +256,10 @@ def subnets_list(obj: Context, output: str, public_ip: str, backend: str, reserv
     """
     listing, ttls = obj.listing_and_ttls()
     rows = ctl_views.rows(listing, ttls, public_ip, backend, reserved)
+    shown = {r.lease.key for r in rows}
+    for key, why in obj.unprogrammed(listing).items():
+        if key in shown:
+            click.echo(f"flannelctl: warning: no node programs lease {key}: {why}", err=True)
     if output in ("json", "yaml"):
         echo_document([ctl_views.as_document(r) for r in rows], output)
         return
@@ -275,6 +298,9 @@ def subnets_show(obj: Context, query: str, output: str) -> None:
         width = max(len(label) for label, _ in pairs) + 1
         for label, value in pairs:
             click.echo(f"{styled((label + ':').ljust(width), bold=True)} {value}")
+        why = obj.unprogrammed(listing).get(row.lease.key)
+        if why:
+            click.echo(f"{styled('Programmed:'.ljust(width), bold=True)} by no node: {why}")
 
 
 @subnets.command("watch")

@@ -22,6 +22,7 @@ from flanneld.dataplane.brnetfilter import bridge_calls_iptables, problem
 from flanneld.dataplane.firewall import NFT_TABLE, FirewallSpec, iptables_rules, iptables_tool, nft_script
 from flanneld.dataplane.nlcodec import IFF_UP, NUD_PERMANENT, RTN_BLACKHOLE, RTN_UNICAST, RTNH_F_ONLINK, RTPROT_KERNEL
 from flanneld.leases.listing import Listed, Listing
+from flanneld.leases.overlaps import unprogrammed
 from flanneld.model.config import ConfigError, NetworkConfig
 from flanneld.model.lease import Lease
 from flanneld.model.subnetenv import SubnetEnv
@@ -292,13 +293,16 @@ def _check_devices(inputs: Inputs, own: Lease, backend: Backend) -> list[Finding
 def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> tuple[list[Finding], int]:
     """The table findings, and how many peers cannot be (fully) programmed."""
     kernel = inputs.kernel
-    peers = [li.lease for key, li in inputs.listing.leases.items() if key != own.key]
+    waiting = unprogrammed(((key, li.lease, li.kv.create_revision) for key, li in inputs.listing.leases.items()),
+                           inputs.config, own)
+    peers = [li.lease for key, li in inputs.listing.leases.items() if key != own.key and key not in waiting]
     plan = backend.plan(own, peers)
     desired = plan.desired
     devices = set(desired.devices)
     nets = [ipaddress.ip_network(n) for n in desired.owned_networks]
     own_subnets = _own_subnets(own)
-    out = [Finding(WARN, "peers", f"peer {key} not programmed: {why}") for key, why in plan.skipped]
+    out = [Finding(WARN, "peers", f"peer {key} not programmed: {why}")
+           for key, why in (*waiting.items(), *plan.skipped)]
 
     actual_neighs = {n for n in kernel.neighs if n.dev in devices}
     actual_wg = {p for p in kernel.wg_peers if p.dev in devices}
@@ -329,8 +333,8 @@ def _check_tables(inputs: Inputs, own: Lease, backend: Backend) -> tuple[list[Fi
             if key not in want_keys:
                 out.append(Finding(PROBLEM, area, f"stale {area} {show(entry)} (no lease wants it)"))
         counts[area] = len(want_keys)
-    skipped = len({k for k, _ in plan.skipped})
-    programmed = len(peers) - skipped
+    programmed = len(peers) - len({k for k, _ in plan.skipped})
+    skipped = len(waiting) + len(peers) - programmed
     if not any(f.level == PROBLEM and f.area in counts for f in out):
         wireguard = f", {counts['wireguard peer']} WireGuard peers" if counts["wireguard peer"] else ""
         out.append(Finding(OK, "peers", f"{programmed} peer(s): {counts['neighbour']} neighbours, {counts['fdb']} "

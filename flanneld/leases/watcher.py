@@ -44,6 +44,7 @@ class LeaseEvent:
     value: bytes
     etcd_lease: int = 0
     decoded: Lease | None = field(default=None, compare=False, repr=False)
+    create_revision: int = 0  # of the key (not on "removed"): of overlapping leases the older is programmed
 
     @property
     def lease(self) -> Lease:
@@ -119,7 +120,7 @@ class LeaseWatcher:
                 continue
             fresh[key] = (kv.value, kv.lease_id)
             yield LeaseEvent("added" if old is None else "changed", key, kv.value, kv.lease_id,
-                             lease if keep_decoded else None)
+                             lease if keep_decoded else None, kv.create_revision)
         for key, old in self.known.items():
             if key in fresh:
                 continue
@@ -154,7 +155,8 @@ class LeaseWatcher:
                 self._warn_junk(kv.key, kv.mod_revision, str(exc))
                 continue
             self.known[short] = (kv.value, kv.lease_id)
-            events.append(LeaseEvent("added" if old is None else "changed", short, kv.value, kv.lease_id, lease))
+            events.append(LeaseEvent("added" if old is None else "changed", short, kv.value, kv.lease_id, lease,
+                                     kv.create_revision))
         if not batch.events and not batch.created:
             # progress notification: everything up to the header revision has been delivered
             self.revision = max(self.revision, batch.revision)

@@ -22,6 +22,7 @@ from flanneld.dataplane.reconciler import Reconciler, Report
 from flanneld.etcd.errors import EtcdError
 from flanneld.leases.listing import list_leases
 from flanneld.leases.manager import LeaseManager
+from flanneld.leases.overlaps import Overlaps, rank
 from flanneld.leases.watcher import LeaseEvent
 from flanneld.model import subnetenv
 from flanneld.model.config import NetworkConfig
@@ -85,20 +86,29 @@ class Overlay:
     counts: PeerCounts = field(default_factory=PeerCounts)
     _skip_logged: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _misfit_logged: dict[str, str] = field(default_factory=dict)
-    # FDB key (device, VTEP MAC) -> the lease whose entry it is; leases skipped because another
-    # holds their VTEP MAC (a copied lease), kept to be planned again when that one goes
-    _vteps: dict[tuple[str, str], str] = field(default_factory=dict)
-    _copies: dict[str, Lease] = field(default_factory=dict)
+    # device -> VTEP MAC -> the lease whose FDB entry it is (no tuple per peer: 0.3 MB at 5000)
+    _vteps: dict[str, dict[str, str]] = field(default_factory=dict)
+    # which of overlapping leases (ours included) is programmed
+    overlaps: Overlaps = field(default_factory=Overlaps)
+    # the whole plans of peers held back (their subnet overlaps a lease that outranks them, or
+    # another lease holds their VTEP MAC): programmed as soon as that ends
+    _held: dict[str, PeerPlan] = field(default_factory=dict)
     replan_pending: bool = False  # what the underlay reaches changed; peers not yet planned again
     _bridge_nf: dict[int, bool] = field(default_factory=dict)  # family -> last seen on (warned on a change)
 
     # -- our lease ---------------------------------------------------------------------------
 
-    def adopt_lease(self, own: Lease) -> None:
+    def adopt_lease(self, own: Lease) -> set[str]:
+        """Take `own` as our lease. Returns the peers whose overlap standing it changed (a new
+        subnet of ours may overlap a peer's, or stop overlapping one)."""
+        before = getattr(self, "own", None)
+        changed = self.overlaps.remove(before.key) if before is not None and before.key != own.key else set()
+        changed |= self.overlaps.put(own.key, rank(own, 0, self.config, own=True))
         self.own = own
         self.backend.adopt(own)
         left = self.leases.seconds_until_renewal()
         self.metrics.lease_expiry.set(-1 if left is None else round(left + self.leases.renew_margin))
+        return changed - {own.key}
 
     def install_firewall(self) -> None:
         self.firewall = Firewall(firewall_spec(self.config, self.own, self.settings))
@@ -129,7 +139,7 @@ class Overlay:
             return ""
         old = self.own
         changed = got.lease.key != old.key  # type: ignore[attr-defined]
-        self.adopt_lease(got.lease)  # type: ignore[attr-defined]
+        standing = self.adopt_lease(got.lease)  # type: ignore[attr-defined]
         if changed:
             self.metrics.subnet_moves.inc()
             log.warning("our subnet moved from %s to %s: another node holds %s now (our lease had expired, e.g. "
@@ -139,6 +149,8 @@ class Overlay:
                         "doctor names it)", old.describe(), self.own.describe(), old.describe(), old.describe(),
                         extra={"old": old.describe(), "new": self.own.describe()})
             self._drop_plan(self.own.key)
+            self._held.pop(self.own.key, None)
+            self._readmit(standing, PeerPlan(), PeerPlan())  # the full reconcile below writes them
             self.firewall = Firewall(firewall_spec(self.config, self.own, self.settings))
             self.firewall.apply()
             self.write_subnet_env()
@@ -171,6 +183,8 @@ class Overlay:
         added, removed = PeerPlan(), PeerPlan()
         full_reason = ""
         kinds: Counter[str] = Counter()
+        standing: set[str] = set()  # peers whose overlap standing changed
+        misfits: list[tuple[str, str]] = []  # (key, how it departs from the config), said after admission
         for ev in events:
             kinds[ev.kind] += 1
             key = ev.key
@@ -183,12 +197,16 @@ class Overlay:
             if old is not None:
                 _extend(removed, old)
             if ev.kind != "removed":
+                standing |= self.overlaps.put(key, rank(lease, ev.create_revision, self.config))
                 plan = self._plan(key, lease)
                 self._set_plan(key, plan)
                 _extend(added, plan)
                 self._log_skips(key, plan)
-                self._log_misfit(key, lease)
+                if (text := self._misfit(lease)) or key in self._misfit_logged:
+                    misfits.append((key, text))
             else:
+                standing |= self.overlaps.remove(key)
+                self._held.pop(key, None)
                 self._skip_logged.pop(key, None)
                 self._misfit_logged.pop(key, None)
             self.backend.peer_changed(ev.kind, lease)
@@ -196,7 +214,9 @@ class Overlay:
                 public = lease.public_ip if lease.subnet else lease.public_ipv6
                 log.info("lease %s %s (%s)", ev.kind, lease.describe(), public,
                          extra={"lease": lease.describe(), "peer": str(public), "event": ev.kind})
-        self._replan_copies(added, removed)
+        self._readmit(standing | set(self._held), added, removed)
+        for key, text in misfits:
+            self._log_misfit(key, text)
         for kind, count in kinds.items():
             self.metrics.lease_events.labels(kind=kind).inc(count)
         self._count_peers()
@@ -275,47 +295,58 @@ class Overlay:
         return any(holders[key] > came[key] for key in keys if holders[key] > 1 or key not in came)
 
     def _plan(self, key: str, lease: Lease) -> PeerPlan:
-        """The backend's plan for a peer lease, unless another lease already holds its VTEP MAC:
-        two FDB entries with one key would take turns in the kernel on every reconcile."""
-        plan = self.backend.plan_peer(lease)
+        """What is programmed for a peer lease: the backend's plan, as far as _admit lets it."""
+        plan = self.backend.plan_peer(lease).compact()
         plan.backend_type = lease.backend_type
-        held = sorted((self._vteps[f.key], f.mac) for f in plan.fdbs if self._vteps.get(f.key, key) != key)
-        if not held:
-            return plan
-        self._copies[key] = lease
-        holder, mac = held[0]
-        copied = PeerPlan(skipped=plan.skipped, skipped_kinds=plan.skipped_kinds, backend_type=plan.backend_type)
-        copied.skip(f"its VtepMAC {mac} is already the VTEP of lease {holder} (a copied lease?)", "backend-data")
-        return copied
+        return self._admit(key, plan)
 
-    def _replan_copies(self, added: PeerPlan, removed: PeerPlan) -> None:
-        """Plan again the copied leases whose VTEP MAC is free now (its holder left or changed)."""
-        for key, lease in list(self._copies.items()):
-            del self._copies[key]
-            plan = self._plan(key, lease)
-            if key in self._copies:
-                continue  # still held by another lease: its skipped plan stands
-            old = self._drop_plan(key)
-            if old is not None:
-                _extend(removed, old)
+    def _admit(self, key: str, plan: PeerPlan) -> PeerPlan:
+        """`plan`, unless it must be held back: while a lease that outranks it overlaps its subnet
+        (both would claim one VTEP address or route: see flanneld.leases.overlaps), or while another
+        lease holds its VTEP MAC (two FDB entries with one key would take turns in the kernel on
+        every reconcile). A plan held back is kept whole, for _readmit."""
+        self._held.pop(key, None)
+        reason, kind = self.overlaps.why(key), "overlap"
+        if not reason:
+            held = sorted((holder, f.mac) for f in plan.fdbs
+                          if (holder := self._vteps.get(f.dev, {}).get(f.mac, key)) != key)
+            if not held:
+                return plan
+            holder, mac = held[0]
+            reason, kind = f"its VtepMAC {mac} is already the VTEP of lease {holder} (a copied lease?)", "backend-data"
+        self._held[key] = plan
+        return plan.held_back(reason, kind)
+
+    def _readmit(self, keys: Iterable[str], added: PeerPlan, removed: PeerPlan) -> None:
+        """Admit the plans of `keys` again (their overlap standing changed, or what held them back
+        may have gone), adding what that writes or removes to `added` and `removed`."""
+        for key in list(keys):
+            current = self.peers.get(key)
+            if current is None:
+                continue
+            whole = self._held.get(key, current)
+            self._drop_plan(key)
+            plan = self._admit(key, whole)
             self._set_plan(key, plan)
-            _extend(added, plan)
-            self._log_skips(key, plan)
+            if plan is not current:
+                _retract(added, removed, current)
+                _extend(added, plan)
+                self._log_skips(key, plan)
 
     def _set_plan(self, key: str, plan: PeerPlan) -> None:
         self.peers[key] = plan
         self.counts.add(plan, 1)
         for f in plan.fdbs:
-            self._vteps[f.key] = key
+            self._vteps.setdefault(f.dev, {})[f.mac] = key
 
     def _drop_plan(self, key: str) -> PeerPlan | None:
         plan = self.peers.pop(key, None)
         if plan is not None:
             self.counts.add(plan, -1)
             for f in plan.fdbs:
-                if self._vteps.get(f.key) == key:
-                    del self._vteps[f.key]
-        self._copies.pop(key, None)
+                macs = self._vteps.get(f.dev, {})
+                if macs.get(f.mac) == key:
+                    del macs[f.mac]
         return plan
 
     def _count_peers(self) -> None:
@@ -337,12 +368,17 @@ class Overlay:
             log.warning("not programming all of lease %s: %s", key, "; ".join(reasons), extra={"key": key})
             self._skip_logged[key] = reasons
 
-    def _log_misfit(self, key: str, lease: Lease) -> None:
-        """Warn once per lease whose subnet departs from the config (it is programmed all the same)."""
-        reasons = [f"{fc.family} subnet {subnet}: {why}" for fc in self.config.families()
-                   if (subnet := fc.family.subnet(lease)) is not None
-                   and (why := fc.misfit(subnet)) and fc.contains(subnet)]
-        text = "; ".join(reasons)
+    def _misfit(self, lease: Lease) -> str:
+        """How a lease inside our network departs from the config ('' when it fits)."""
+        return "; ".join(f"{fc.family} subnet {subnet}: {why}" for fc in self.config.families()
+                         if (subnet := fc.family.subnet(lease)) is not None
+                         and (why := fc.misfit(subnet)) and fc.contains(subnet))
+
+    def _log_misfit(self, key: str, text: str) -> None:
+        """Warn once per lease whose subnet departs from the config (`text`): it is programmed all
+        the same, unless it overlaps a lease that outranks it (then _log_skips said so)."""
+        if key in self._held and self.overlaps.beaten_by(key):
+            return
         if text and self._misfit_logged.get(key) != text:
             log.warning("lease %s%s does not fit the network config (%s); programming it anyway: its node routes "
                         "its pods there (a node started with another config?)", leases_prefix(self.settings.prefix),
@@ -411,3 +447,15 @@ def _extend(into: PeerPlan, plan: PeerPlan) -> None:
     into.fdbs += plan.fdbs
     into.routes += plan.routes
     into.wg_peers += plan.wg_peers
+
+
+def _retract(added: PeerPlan, removed: PeerPlan, plan: PeerPlan) -> None:
+    """Take back `plan`'s entries: those `added` still holds (not written yet: the plan came in
+    the same batch) leave it, the others are to be removed."""
+    for name in ("neighs", "fdbs", "routes", "wg_peers"):
+        pending, gone = getattr(added, name), getattr(removed, name)
+        for entry in getattr(plan, name):
+            if entry in pending:
+                pending.remove(entry)
+            else:
+                gone.append(entry)

@@ -58,10 +58,11 @@ class Plan:
 
 
 _NONE: list[str] = []
+_NO_ENTRIES: list[Any] = []
 
 # why a peer is not (fully) programmed, as a metric label
 SKIP_KINDS = ("backend-type", "outside-network", "no-public-address", "own-address", "backend-data",
-              "not-on-segment")
+              "not-on-segment", "overlap")
 
 
 @dataclass(slots=True)
@@ -81,6 +82,21 @@ class PeerPlan:
         """A plan for one peer, to fill: every fully programmed peer shares the same empty skip lists
         (thousands of peers), and skip() copies on write."""
         return cls(skipped=_NONE, skipped_kinds=_NONE)
+
+    def compact(self) -> PeerPlan:
+        """This plan, its empty entry lists made one shared empty list: a plan is kept unchanged
+        for as long as its lease stands (nothing appends to a kept plan), and an empty list per
+        table per peer cost 72 bytes each (0.4 MB of a vxlan node's RSS at 5000 peers)."""
+        for name in ("neighs", "fdbs", "routes", "wg_peers"):
+            if not getattr(self, name):
+                setattr(self, name, _NO_ENTRIES)
+        return self
+
+    def held_back(self, reason: str, kind: str) -> PeerPlan:
+        """This plan with nothing to program: its skip reasons and `reason`."""
+        out = PeerPlan(skipped=self.skipped, skipped_kinds=self.skipped_kinds, backend_type=self.backend_type)
+        out.skip(reason, kind)
+        return out
 
     def skip(self, reason: str, kind: str) -> None:
         self.skipped = [*self.skipped, reason]

@@ -123,6 +123,22 @@ def test_list_table_json_yaml(ctl, upstream_leases):
     assert ctl.ok("subnets", "list", "--backend", "udp", "--no-headers") == ""
 
 
+def test_a_lease_no_node_programs_is_named_by_list_and_show(ctl, etcd_client, etcd_prefix):
+    head = leases_prefix(etcd_prefix)
+    etcd_client.put(etcd_prefix + "/config", json.dumps(V4).encode())
+    etcd_client.put(head + "198.18.62.0-25", UP_V4.replace(b".11", b".13"))  # older, but a misfit
+    etcd_client.put(head + "198.18.62.0-24", UP_V4)
+    proc = ctl("subnets", "list")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 3
+    assert proc.stderr.strip() == (
+        "flannelctl: warning: no node programs lease 198.18.62.0-25: its subnet 198.18.62.0/25 overlaps lease "
+        "198.18.62.0-24 (198.18.62.0/24), which fits the network config (this one does not) and is programmed "
+        "instead")
+    assert ctl("subnets", "list", "--public-ip", "198.51.100.11").stderr == ""  # only of the rows shown
+    assert "Programmed:" not in ctl.ok("subnets", "show", "198.18.62.0/24")
+    assert "by no node: its subnet 198.18.62.0/25 overlaps" in ctl.ok("subnets", "show", "198.18.62.0/25")
+
+
 def test_show_by_subnet_key_and_public_ip(ctl, upstream_leases):
     text = ctl.ok("subnets", "show", "198.18.2.0/24")
     fields = dict(line.split(":", 1) for line in text.splitlines())

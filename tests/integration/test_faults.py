@@ -8,6 +8,7 @@ soak``: CI runs them after the rest (.ci/run), the README's test command does no
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from flanneld.etcd.options import EtcdOptions
 from flanneld.lab.etcd import jwt_auth_token
 from flanneld.lab.flannel import NETWORK, Cluster
 from flanneld.lab.probes import BothWays, eventually
-from flanneld.lab.readers import fdbs, link, routes
+from flanneld.lab.readers import fdbs, link, neighs, routes
 from flanneld.model.lease import leases_prefix
 from flanneld.node.metrics import parse
 
@@ -572,6 +573,63 @@ def test_bad_leases_are_ignored_or_warned_and_nothing_else_is_disturbed(make_clu
     assert "was modified in etcd; restoring our attributes" in log
     assert "10.99.0.0/24" not in routes(node1) and "198.18.231.0/24" not in routes(node1)
     no_traceback(node1, node2)
+
+
+def test_overlapping_leases_of_both_kinds_never_cut_off_a_live_node(make_cluster):
+    """A /25 put inside node2's live /24 claims node2's VTEP address: it was programmed too, its
+    neighbour entry replaced node2's, and node1 lost node2's pods at once, for good. Now the lease
+    that fits the config wins; and a lease that fits, put inside an older misfit (a reservation made
+    by hand), takes over from it; the misfit is programmed again once the overlap ends."""
+    cluster = make_cluster(3, NETWORK)
+    node1, node2, node3 = cluster.nodes
+    cluster.start(node1, "--reconcile-interval=1")
+    cluster.start(node2)
+    head = leases_prefix(cluster.prefix)
+    live = ipaddress.ip_network(cluster.subnet(node2))
+    vtep = str(live.network_address)
+    eventually(lambda: str(live) in routes(node1), timeout=3, what="node2 routed")
+    mac2 = link(node2)["address"]
+    pair = BothWays(cluster.pod(node1), cluster.pod(node2))
+    start = time.monotonic()
+    inside = put_fake(cluster, 40, f"{vtep}/25")
+    eventually(lambda: f"not programming all of lease {vtep}-25" in node1.log(), timeout=3, what="the misfit named")
+    skipped = ("flanneld_skipped_peers", (("reason", "overlap"),))
+    assert parse(node1.http("/metrics")[1]).get(skipped) == 1
+    for _ in range(8):  # full reconciles once a second meanwhile
+        assert neighs(node1).get(vtep) == mac2 and inside not in routes(node1)
+        time.sleep(0.25)
+
+    # the other kind: an older misfit /23, then a reservation that fits put inside it for node3
+    used = {ipaddress.ip_network(cluster.subnet(n)) for n in (node1, node2)}
+    wide = next(n for n in (ipaddress.ip_network(f"198.18.{x}.0/23") for x in range(100, 199, 2))
+                if not any(n.overlaps(u) for u in used))
+    put_fake(cluster, 41, str(wide))
+    eventually(lambda: str(wide) in routes(node1), timeout=3, what="the lone misfit programmed")
+    fitting = str(next(wide.subnets(new_prefix=24)))
+    reservation = {"PublicIP": node3.ip, "PublicIPv6": None, "BackendType": "vxlan",
+                   "BackendData": {"VNI": 1, "VtepMAC": "0e:fa:00:2a:00:02"}}
+    cluster.etcd_client.put(head + fitting.replace("/", "-"), json.dumps(reservation).encode())
+    eventually(lambda: fitting in routes(node1) and str(wide) not in routes(node1), timeout=3,
+               what="the reservation programmed instead of the misfit")
+    cluster.start(node3)
+    assert cluster.subnet(node3) == fitting  # it took its reservation
+    eventually(lambda: neighs(node1).get(str(wide.network_address)) == link(node3)["address"], timeout=3,
+               what="node3's VTEP")
+    third = BothWays(cluster.pod(node1, 2), cluster.pod(node3))
+    middle = time.monotonic()
+    time.sleep(3)
+    end = time.monotonic()
+    time.sleep(0.3)
+    pair.stop().assert_through(start, end)
+    third.stop().assert_through(middle, end)
+    cluster.stop(node3)  # gone for good: its reservation deleted, the misfit is alone again
+    cluster.etcd_client.delete(head + fitting.replace("/", "-"))
+    eventually(lambda: str(wide) in routes(node1), timeout=3, what="the misfit programmed again")
+    said = node1.log()
+    assert said.count(f"not programming all of lease {vtep}-25: its subnet {inside} overlaps lease {vtep}-24") == 1
+    assert f"not programming all of lease {wide.network_address}-23: its subnet {wide} overlaps lease " \
+           f"{fitting.replace('/', '-')}" in said
+    no_traceback(node1, node2, node3)
 
 
 def test_a_lease_whose_vtep_mac_is_not_unicast_is_skipped_once_and_nothing_loops(make_cluster):

@@ -186,3 +186,15 @@ def test_bridged_traffic_bypassing_iptables_is_a_warning_never_a_problem():
         findings = [f for f in doctor.diagnose(inputs(kernel)) if "modprobe br_netfilter" in f.text]
         assert [(f.level, f.text.split(":")[0]) for f in findings] == [(doctor.WARN, why)]
         assert problems(doctor.diagnose(inputs(kernel))) == []  # healthy all the same (upstream #2254)
+
+
+def test_an_overlapping_misfit_is_named_and_only_the_lease_that_fits_is_expected():
+    odd = PEER_VALUE.replace("198.51.100.12", "198.51.100.13").replace(PEER_MAC, "0e:cc:00:00:00:03")
+    # listed first, so created first: fitting the config still wins
+    leases = listing(("198.18.2.0-25", odd, 9), ("198.18.1.0-24", OWN_VALUE, 7), ("198.18.2.0-24", PEER_VALUE, 8))
+    findings = doctor.diagnose(doctor.Inputs(CONFIG, ENV, "", leases, {7: 80000, 8: 80000, 9: 80000},
+                                             healthy_kernel()))
+    assert problems(findings) == []
+    warned = [f.text for f in findings if f.level == doctor.WARN and f.area == "peers"]
+    assert warned == ["peer 198.18.2.0-25 not programmed: its subnet 198.18.2.0/25 overlaps lease 198.18.2.0-24 "
+                      "(198.18.2.0/24), which fits the network config (this one does not) and is programmed instead"]

@@ -302,3 +302,53 @@ def test_an_underlay_mtu_change_moves_the_overlay_mtu_unless_the_backend_fixes_i
                          '"Backend": {"Type": "vxlan", "MTU": 1300}}')
     overlay, _kernel, _ = started(tmp_path / "fixed", fixed)
     assert overlay.underlay_mtu_changed(1400) == "" and overlay.backend.mtu() == 1250  # Backend.MTU rules
+
+
+def neighs(kernel: FakeKernel) -> dict[str, str]:
+    """VTEP address -> MAC of flannel.1's neighbour entries."""
+    out = {}
+    for p in kernel.bulk.neighs.values():
+        msg = nl.parse_neigh(memoryview(p))
+        out[nl.ip_text(msg.dst)] = nl.mac_text(msg.lladdr)
+    return out
+
+
+def misfit_event(kind: str, key: str, n: int, rev: int) -> LeaseEvent:
+    return LeaseEvent(kind, key, value(n), create_revision=rev)
+
+
+@pytest.mark.parametrize("misfit_first", [False, True])
+def test_of_overlapping_leases_the_one_that_fits_is_programmed_and_the_other_waits(node, caplog, misfit_first):
+    """A /25 inside a live /24 claims the same VTEP address 198.18.62.0: programmed too, its
+    neighbour entry replaced the live node's and that node's pods were lost to everyone."""
+    overlay, kernel, _ = node
+    caplog.set_level(logging.WARNING, "flanneld")
+    live, odd = misfit_event("added", "198.18.62.0-24", 2, 50), misfit_event("added", "198.18.62.0-25", 3, 40)
+    for ev in ([odd, live] if misfit_first else [live, odd]):
+        overlay.apply_lease_events([ev], incremental=True)
+    for _ in range(2):
+        assert neighs(kernel) == {"198.18.62.0": "0e:00:00:00:00:02"}
+        assert routes(kernel) == {"198.18.62.0/24"} and fdbs(kernel) == {"0e:00:00:00:00:02": "198.51.100.12"}
+        overlay.full_reconcile("periodic")
+    said = [r.getMessage() for r in caplog.records if "not programming all of lease 198.18.62.0-25" in r.getMessage()]
+    assert len(said) == 1 and "overlaps lease 198.18.62.0-24" in said[0] and "fits the network config" in said[0]
+    if not misfit_first:  # (first, it was alone, and programmed)
+        assert not any("programming it anyway" in r.getMessage() for r in caplog.records)
+    assert parse(overlay.metrics.render())[("flanneld_skipped_peers", (("reason", "overlap"),))] == 1
+    overlay.apply_lease_events([misfit_event("removed", "198.18.62.0-24", 2, 50)], incremental=True)
+    assert neighs(kernel) == {"198.18.62.0": "0e:00:00:00:00:03"} and routes(kernel) == {"198.18.62.0/25"}
+    assert parse(overlay.metrics.render())[("flanneld_skipped_peers", (("reason", "overlap"),))] == 0
+
+
+def test_between_two_misfits_the_older_is_programmed_and_a_peer_inside_our_subnet_never(node, caplog):
+    overlay, kernel, _ = node
+    caplog.set_level(logging.WARNING, "flanneld")
+    overlay.apply_lease_events([misfit_event("added", "198.18.8.0-23", 2, 90),
+                                misfit_event("added", "198.18.8.0-25", 3, 70)], incremental=True)
+    assert routes(kernel) == {"198.18.8.0/25"} and overlay.peers["198.18.8.0-23"].skipped
+    assert "198.18.8.0-23 does not fit" not in caplog.text  # said once, as the reason it waits
+    own = overlay.own.subnet
+    inside = f"{own.network_address}-26"
+    overlay.apply_lease_events([misfit_event("added", inside, 4, 10)], incremental=True)
+    assert f"{own.network_address}/26" not in routes(kernel)
+    assert "this node's own" in overlay.peers[inside].skipped[0]
