@@ -159,23 +159,42 @@ def touches_onlink(kind: int, payload: bytes, index: int) -> bool:
 def external(iface: Iface, opts: IfaceOptions, need_v4: bool, need_v6: bool,
              onlink_routes: Iterable[tuple[int, bytes, int]] = (),
              chosen: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None) -> External:
-    """Addresses to run over and to publish on the chosen interface: the address that chose it
-    for its family (upstream publishes and sends from the matched address), else the best ranked."""
-    ip4 = chosen if chosen is not None and chosen.version == 4 else iface.first_global(4)
-    ip6 = chosen if chosen is not None and chosen.version == 6 else iface.first_global(6)
+    """Addresses to run over and to publish on the chosen interface: per family the address that
+    chose it (upstream publishes and sends from the matched address), else --public-ip/--public-ipv6
+    when the interface holds it (upstream #2072: the published IPv6 address is the one used), else
+    the best ranked."""
+    try:
+        given4 = ipaddress.IPv4Address(opts.public_ip) if opts.public_ip else None
+        given6 = ipaddress.IPv6Address(opts.public_ipv6) if opts.public_ipv6 else None
+    except ValueError as exc:
+        raise IfaceError(f"bad --public-ip/--public-ipv6: {exc}") from None
+    held = {ipaddress.ip_address(a.ip) for a in iface.addrs}
+    ip4 = chosen if chosen is not None and chosen.version == 4 else \
+        given4 if given4 in held else iface.first_global(4)
+    ip6 = chosen if chosen is not None and chosen.version == 6 else \
+        given6 if given6 in held else iface.first_global(6)
     if need_v4 and ip4 is None:
         raise IfaceError(f"interface {iface.name} has no IPv4 address")
     if need_v6 and ip6 is None:
         raise IfaceError(f"interface {iface.name} has no global IPv6 address")
-    try:
-        public = ipaddress.IPv4Address(opts.public_ip) if opts.public_ip else ip4
-        public6 = ipaddress.IPv6Address(opts.public_ipv6) if opts.public_ipv6 else ip6
-    except ValueError as exc:
-        raise IfaceError(f"bad --public-ip/--public-ipv6: {exc}") from None
+    public, public6 = given4 or ip4, given6 or ip6
     onlink = onlink_networks(iface.addrs, onlink_routes)
     return External(iface.name, iface.index, iface.mtu, ip4 if need_v4 else None,  # type: ignore[arg-type]
                     public if need_v4 else None, ip6 if need_v6 else None,  # type: ignore[arg-type]
                     public6 if need_v6 else None, onlink)  # type: ignore[arg-type]
+
+
+def check_one_interface(interfaces: list[Iface], choice: Choice, opts: IfaceOptions, need_v6: bool) -> None:
+    """Dual-stack with ``--iface <IPv4 address>``: an interface holding --public-ipv6 must be the
+    chosen one (upstream refuses "v6 interface X must be the same with v4 interface Y"); an
+    address no interface holds (NAT) is only published."""
+    if not (need_v6 and opts.public_ipv6 and choice.address is not None and choice.address.version == 4):
+        return
+    with contextlib.suppress(ValueError):
+        holder = _by_ip(interfaces, ipaddress.IPv6Address(opts.public_ipv6))
+        if holder is not None and holder.index != choice.iface.index:
+            raise IfaceError(f"--public-ipv6 {opts.public_ipv6} is an address of {holder.name} but {choice.why} "
+                             f"chose {choice.iface.name}: both families must run over one interface")
 
 
 def snapshot(kernel: Kernel) -> list[Iface]:
@@ -195,5 +214,6 @@ def select(kernel: Kernel, opts: IfaceOptions, need_v4: bool, need_v6: bool) -> 
             raise IfaceError(f"--iface-can-reach {opts.can_reach}: {exc}") from None
     default = kernel.default_route_oif(IPV4 if need_v4 else IPV6)
     choice = choose(interfaces, opts, default, reach)
+    check_one_interface(interfaces, choice, opts, need_v6)
     return external(choice.iface, opts, need_v4, need_v6, kernel.onlink_routes(choice.iface.index),
                     choice.address), choice.why

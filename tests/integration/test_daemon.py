@@ -540,9 +540,23 @@ def test_ipv6_address_choice_skips_deprecated_and_prefers_permanent_addresses(ma
     cluster.start(node, f"--iface={node.ifname}")
     assert str(cluster.lease(node).public_ipv6) == node.ip6
     assert cluster.stop(node) == 0
+    # a privacy address: the kernel makes temporary ones from a template marked mngtmpaddr
+    node.sh("sysctl", "-qw", f"net.ipv6.conf.{node.ifname}.use_tempaddr=2")
+    node.sh("ip", "-6", "addr", "add", f"{base}::5/64", "dev", node.ifname, "nodad", "mngtmpaddr", "valid_lft", "3600",
+            "preferred_lft", "3600")
+    eventually(lambda: "temporary dynamic" in node.sh("ip", "-6", "-o", "addr", "show", "dev", node.ifname).stdout
+               and "tentative" not in node.sh("ip", "-6", "-o", "addr", "show", "dev", node.ifname).stdout,
+               timeout=5, what="a temporary address past DAD")
+    listed = node.sh("ip", "-6", "-o", "addr", "show", "dev", node.ifname, "scope", "global").stdout.splitlines()
+    assert "temporary" in listed[0], listed  # listed first: taking the first would pick it
     node.sh("ip", "-6", "addr", "del", f"{node.ip6}/64", "dev", node.ifname)
-    cluster.start(node, f"--iface={node.ifname}")  # the permanent one gone: the dynamic, never the deprecated
+    cluster.start(node, f"--iface={node.ifname}")  # the permanent one gone: a dynamic one, never the deprecated
+    assert str(cluster.lease(node).public_ipv6) in (f"{base}::d2", f"{base}::5")  # nor the temporary
+    assert cluster.stop(node) == 0
+    # upstream #2072: --public-ipv6 naming an address of the interface is the address sent from too
+    cluster.start(node, f"--iface={node.ifname}", f"--public-ipv6={base}::d2")
     assert str(cluster.lease(node).public_ipv6) == f"{base}::d2"
+    assert link(node, "flannel-v6.1")["linkinfo"]["info_data"]["local6"] == f"{base}::d2"
 
 
 def test_an_underlay_mtu_change_is_followed_by_the_devices_and_subnet_env(make_cluster):

@@ -417,7 +417,8 @@ def _underlay_down(make_cluster, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("config", [NETWORK, {**NETWORK, "Backend": {"Type": "host-gw"}},
-                                    {**NETWORK, "Backend": {"Type": "wireguard"}}], ids=["vxlan", "host-gw", "wireguard"])
+                                    {**NETWORK, "Backend": {"Type": "wireguard"}}],
+                         ids=["vxlan", "host-gw", "wireguard"])
 def test_an_underlay_deleted_and_created_again_is_followed(make_cluster, config):
     """A bond, VLAN or bridge rebuilt, a NIC re-probed: the kernel deletes flannel.1 with the
     interface, and the daemon retried forever on the old ifindex. It now says the interface is

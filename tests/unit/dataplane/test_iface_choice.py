@@ -1,11 +1,21 @@
 """External interface choice: --iface, --iface-regex, --iface-can-reach, default route."""
 
 import ipaddress
+import re
 
 import pytest
 
 from flanneld.dataplane import nlcodec as nl
-from flanneld.dataplane.iface import Iface, IfaceError, IfaceOptions, choose, external, onlink_networks, touches_onlink
+from flanneld.dataplane.iface import (
+    Iface,
+    IfaceError,
+    IfaceOptions,
+    check_one_interface,
+    choose,
+    external,
+    onlink_networks,
+    touches_onlink,
+)
 from flanneld.dataplane.netlink import AddrInfo
 
 ETH0 = Iface("eth0", 2, 1500, True, (
@@ -111,3 +121,34 @@ def test_unusable_addresses_are_never_chosen_and_temporary_ones_come_last():
         AddrInfo(2, "2001:db8:51::5", 64, 0, 0)))
     assert [a.ip for a in v6.ranked(6)] == ["2001:db8:51::5", "2001:db8:51::e"]
     assert str(v6.first_global(6)) == "2001:db8:51::5"
+
+
+DUAL = Iface("eth0", 2, 1500, True, (AddrInfo(2, "198.51.100.1", 24, 0, 0x80),
+                                     AddrInfo(2, "2001:db8:51::1", 64, 0, 0x80),
+                                     AddrInfo(2, "2001:db8:51::101", 64, 0, 0x80)))
+V6 = Iface("eth1", 3, 1500, True, (AddrInfo(3, "2001:db8:51::77", 64, 0, 0x80),))
+
+
+def test_a_public_address_the_interface_holds_is_the_one_it_sends_from():
+    """Upstream #2072: with --public-ipv6 naming an address of the interface, the IPv6 side runs
+    over that address, not the first one (an IPv6-only node used to publish one and send from another)."""
+    opts = IfaceOptions(ifaces=("eth0",), public_ipv6="2001:db8:51::101")
+    for need_v4 in (True, False):
+        ext = external(DUAL, opts, need_v4=need_v4, need_v6=True)
+        assert (str(ext.ip6), str(ext.public_ipv6)) == ("2001:db8:51::101", "2001:db8:51::101")
+    nat = external(DUAL, IfaceOptions(public_ipv6="2001:db8:51::999"), need_v4=False, need_v6=True)
+    assert (str(nat.ip6), str(nat.public_ipv6)) == ("2001:db8:51::1", "2001:db8:51::999")  # NAT: published only
+    held4 = external(TWO, IfaceOptions(ifaces=("eth0",), public_ip="198.51.100.101"), need_v4=True, need_v6=False)
+    assert str(held4.ip4) == "198.51.100.101"
+
+
+def test_dual_stack_over_an_ipv4_address_refuses_a_public_ipv6_of_another_interface():
+    opts = IfaceOptions(ifaces=("198.51.100.1",), public_ipv6="2001:db8:51::77")
+    choice = choose([DUAL, V6], opts, default_index=2)
+    said = ("--public-ipv6 2001:db8:51::77 is an address of eth1 but --iface 198.51.100.1 chose eth0: both families "
+            "must run over one interface")
+    with pytest.raises(IfaceError, match=re.escape(said)):
+        check_one_interface([DUAL, V6], choice, opts, need_v6=True)
+    check_one_interface([DUAL, V6], choice, opts, need_v6=False)  # IPv4 only: nothing to check
+    named = choose([DUAL, V6], IfaceOptions(ifaces=("eth0",), public_ipv6="2001:db8:51::77"), 2)
+    check_one_interface([DUAL, V6], named, IfaceOptions(ifaces=("eth0",), public_ipv6="2001:db8:51::77"), True)
