@@ -279,6 +279,10 @@ def _check_devices(inputs: Inputs, own: Lease, backend: Backend) -> list[Finding
             wrong.append(f"MTU {link.mtu}, expected {spec.mtu}")
         if not link.up:
             wrong.append("is down")
+        local = link.data.get("IFLA_VXLAN_LOCAL") or link.data.get("IFLA_VXLAN_LOCAL6")
+        if local and not any(a[0] == local for addrs in kernel.addresses.values() for a in addrs):
+            wrong.append(f"sends from {local}, which no interface holds now (renumbered?): peers cannot reach this "
+                         "node; restart flanneld to run over the interface's new address")
         have = {f"{ip}/{plen}" for ip, plen, _ in kernel.addresses.get(link.index, [])}
         for addr in sorted(a.cidr for a in addresses if a.dev == spec.name):
             if addr not in have:

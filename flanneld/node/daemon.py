@@ -109,6 +109,7 @@ class Daemon:
         self.overlay: Overlay | None = None
         self.instance = InstanceLock()  # held until the process ends (see flanneld.node.instance)
         self.underlay_gone = False  # the external interface was deleted (loop thread; /readyz reads it)
+        self.address_lost = ""  # the addresses we run over that the interface no longer holds (the same)
 
     # -- observability -----------------------------------------------------------------------
 
@@ -124,6 +125,9 @@ class Daemon:
         checks = [Check("node", self.ready, "" if self.ready else self.phase)]
         if self.underlay_gone and self.overlay is not None:
             checks.append(Check("underlay", False, f"interface {self.overlay.reconciler.underlay} is gone"))
+        elif self.address_lost and self.overlay is not None:
+            checks.append(Check("underlay", False, f"interface {self.overlay.reconciler.underlay} no longer holds "
+                                                   f"{self.address_lost}"))
         watcher = self.watcher
         # Down means it failed: a watch still opening its first stream (just after start) is not.
         if watcher is not None and self.ready and not watcher.connected and watcher.last_error:
@@ -284,6 +288,30 @@ class Daemon:
                     reason = "underlay recreated"
         return reason
 
+    def _underlay_address(self) -> str:
+        """Follow the address the overlay runs over leaving the interface and coming back: say it
+        once each way (/readyz names it meanwhile); once back, a full reconcile rebuilds what the
+        kernel dropped with it (host-gw's routes through it). Another address is not taken over
+        on its own: the lease, peers and devices would all change; a restart chooses again."""
+        assert self.overlay is not None
+        try:
+            lost = ", ".join(self.overlay.addresses_missing())
+        except KernelError as exc:
+            log.warning("reading the addresses of %s failed: %s; the next change retries",
+                        self.overlay.reconciler.underlay, exc)
+            return ""
+        if lost == self.address_lost:
+            return ""
+        before, self.address_lost = self.address_lost, lost
+        underlay = self.overlay.reconciler.underlay
+        if lost:
+            log.warning("interface %s no longer holds %s, the address this node's overlay runs over: peers cannot "
+                        "reach this node until it returns (to run over the interface's new address, restart "
+                        "flanneld)", underlay, lost)
+            return ""
+        log.info("interface %s holds %s again: rebuilding what went with it", underlay, before)
+        return "underlay address back"
+
     def _underlay_mtu(self, batches: list[NetlinkBatch]) -> int | None:
         """The external interface's MTU as the latest notification of it says (read from the
         kernel when notifications were lost); None when none concerned it."""
@@ -339,6 +367,7 @@ class Daemon:
             full_reason = back or full_reason
             if not self.underlay_gone:
                 if back or self._underlay_touched(netlink):
+                    full_reason = self._underlay_address() or full_reason
                     full_reason = overlay.underlay_changed() or full_reason
                 if (mtu := self._underlay_mtu(netlink)) is not None:
                     full_reason = overlay.underlay_mtu_changed(mtu) or full_reason
@@ -355,7 +384,7 @@ class Daemon:
                 full_reason = full_reason or "retry"
             if full_reason and overlay.replan_pending and not self.underlay_gone:
                 overlay.replan()
-            if full_reason and self.underlay_gone:
+            if full_reason and (self.underlay_gone or self.address_lost):
                 full_reason = ""  # nothing to build on until the interface returns (its notification says)
                 retry_full_at = retry_wait = None
             if full_reason:

@@ -253,6 +253,16 @@ class Overlay:
                  ", ".join(map(str, onlink)))
         return self.replan()
 
+    def addresses_missing(self) -> list[str]:
+        """The addresses this overlay runs over (the chosen ones of the external interface) that
+        the interface no longer holds: renumbered, or removed by hand."""
+        ext = self.backend.ext
+        wanted = [str(a) for a in (ext.ip4, ext.ip6) if a is not None]
+        if not wanted:
+            return []
+        held = {a.ip for a in self.reconciler.kernel.addresses(self.reconciler.underlay_index)}
+        return [a for a in wanted if a not in held]
+
     def replan(self) -> str:
         """Plan every known peer again from one listing; when etcd cannot answer now (the
         underlay may be what went away), leave it pending for the next full reconcile rather

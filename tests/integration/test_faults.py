@@ -469,6 +469,37 @@ def test_an_underlay_deleted_and_created_again_is_followed(make_cluster, config)
     no_traceback(node1)
 
 
+@pytest.mark.parametrize("config", [NETWORK, {**NETWORK, "Backend": {"Type": "host-gw"}}], ids=["vxlan", "host-gw"])
+def test_the_underlay_address_removed_and_added_again_is_followed(make_cluster, config):
+    """The address the overlay runs over taken off the interface (renumbering, a hand slip): peers
+    cannot reach the node, and nothing said so. Now it is said once, /readyz names it, and once
+    the address is back pods talk again within 2 s (host-gw's routes, which the kernel dropped with
+    the address, rebuilt)."""
+    cluster = make_cluster(2, config)
+    cluster.start_all()
+    node1, node2 = cluster.nodes
+    probes = BothWays(cluster.pod(node1), cluster.pod(node2), interval=0.02)
+    eth = node1.ifname
+    node1.sh("ip", "addr", "del", f"{node1.ip}/24", "dev", eth)
+    eventually(lambda: f"interface {eth} no longer holds {node1.ip}" in node1.log(), timeout=3, what="the loss said")
+    readyz = node1.sh(lab.tool("python3"), "-c", "import urllib.request as u\ntry:\n u.urlopen('http://127.0.0.1:8471"
+                      "/readyz')\nexcept Exception as e:\n print(e.read().decode())", check=False).stdout
+    assert readyz.startswith(f"not ready: interface {eth} no longer holds {node1.ip}"), readyz
+    time.sleep(1)
+    lab.ipbatch([f"addr add {node1.ip}/24 dev {eth}", f"route add default via {lab.ROUTER_IP}"], ns=node1.ns)
+    back = time.monotonic()
+    eventually(lambda: node1.http("/readyz", timeout=0.5)[0] == 200, timeout=5, what="ready again")
+    time.sleep(2.5)
+    end = time.monotonic()
+    tally = probes.stop()
+    late = [round(t - back, 2) for t in tally.lost_at if t > back + 2.0]
+    assert not late, f"probes lost more than 2 s after the address was back: {late}"
+    assert tally.lost and tally.sent_between(back + 2.0, end) >= (end - back - 2.0) / 0.02, tally[:2]
+    log = node1.log()
+    assert log.count(f"no longer holds {node1.ip}") == 1 and f"interface {eth} holds {node1.ip} again" in log
+    no_traceback(node1)
+
+
 def test_underlay_link_down_and_back(make_cluster):
     _underlay_down(make_cluster, seconds=5)
 

@@ -198,3 +198,11 @@ def test_an_overlapping_misfit_is_named_and_only_the_lease_that_fits_is_expected
     warned = [f.text for f in findings if f.level == doctor.WARN and f.area == "peers"]
     assert warned == ["peer 198.18.2.0-25 not programmed: its subnet 198.18.2.0/25 overlaps lease 198.18.2.0-24 "
                       "(198.18.2.0/24), which fits the network config (this one does not) and is programmed instead"]
+
+
+def test_a_vxlan_device_sending_from_an_address_no_interface_holds_is_a_problem():
+    kernel = healthy_kernel()
+    kernel.addresses[2] = [("198.51.100.99", 24, 0)]  # the underlay renumbered under the daemon
+    found = problems(doctor.diagnose(inputs(kernel)))
+    assert ("device", "flannel.1 sends from 198.51.100.11, which no interface holds now (renumbered?): peers cannot "
+                      "reach this node; restart flanneld to run over the interface's new address") in found

@@ -176,6 +176,19 @@ def test_an_underlay_rebuilt_while_notifications_were_lost_is_found_by_asking_th
     loop.put(NetlinkBatch(None))
     eventually(lambda: loop.daemon.underlay_gone, timeout=2, what="the interface seen gone")
     kernel.links_by_name["eth0"] = dataclasses.replace(eth0, index=12)  # created again, unheard of too
+    kernel.add_address(12, "198.51.100.11", 24)  # with its address
     loop.put(NetlinkBatch(None))
     eventually(lambda: loop.full("underlay recreated") == 1, timeout=2, what="rebuilt on the new one")
     assert not loop.daemon.underlay_gone and loop.overlay.reconciler.underlay_index == 12
+
+
+def test_the_address_we_run_over_leaving_holds_full_reconciles_until_it_is_back(loop) -> None:
+    kernel = loop.kernel
+    kernel.del_address(2, "198.51.100.11", 24)
+    loop.put(NetlinkBatch(None))
+    eventually(lambda: loop.daemon.address_lost == "198.51.100.11", timeout=2, what="the loss seen")
+    assert ("underlay", False, "interface eth0 no longer holds 198.51.100.11") in loop.daemon.readiness()
+    kernel.add_address(2, "198.51.100.11", 24)
+    loop.put(NetlinkBatch(None))
+    eventually(lambda: loop.full("underlay address back") == 1, timeout=2, what="rebuilt once it is back")
+    assert loop.daemon.address_lost == "" and not [c for c in loop.daemon.readiness() if c.name == "underlay"]

@@ -48,6 +48,7 @@ def started(tmp_path, config=CONFIG, **lease_options):  # type: ignore[no-untype
     """An overlay as the daemon's start leaves it: devices, our lease, a full reconcile."""
     kernel, etcd_client = FakeKernel(), FakeEtcdClient()
     kernel.add_plain("eth0", 2)
+    kernel.add_address(2, "198.51.100.11", 24)  # the address EXT runs over
     backend = create_backend(config, EXT, NodeSettings())
     reconciler = Reconciler(kernel, "eth0", 2)  # type: ignore[arg-type]
     leases = LeaseManager(etcd_client, config, PREFIX, **lease_options)  # type: ignore[arg-type]
