@@ -366,3 +366,35 @@ def test_an_endpoint_learnt_from_handshakes_is_kept_and_doctor_says_so(make_clus
     # the peer's own traffic teaches the right endpoint back, as WireGuard roams
     assert ping(cluster.pod(b), cluster.pod(a).addr, count=3).returncode == 0
     eventually(lambda: wg_dump(a)["peers"][bkey]["endpoint"] == f"{b.ip}:51820", timeout=3, what="roamed back")
+
+
+def test_a_node_behind_a_nat_that_rewrites_its_port_stays_reachable(make_cluster):
+    """Node b sits behind a NAT (its own L2 segment, routed) that maps its WireGuard port 51820 to
+    another, as home routers and cloud NAT gateways do, and publishes the NAT's address: node a
+    reaches it only at the mapping b's handshakes teach. Every full reconcile (once a second here)
+    wrote the lease's endpoint back over it, and a's packets went to a port nothing forwards until
+    b's next packet taught the mapping again."""
+    config = {**WG, "Backend": {"Type": "wireguard", "PersistentKeepaliveInterval": 5}}
+    cluster = wg_cluster(make_cluster, 1, config)
+    a = cluster.nodes[0]
+    b = cluster.lab.add_remote_node(2)
+    b.private_run()
+    lab.sh(["nft", "-f", "-"], ns=cluster.lab.ul, input=(
+        "table ip flannel_test_nat {\n chain post {\n  type nat hook postrouting priority 100;\n"
+        f"  ip saddr {b.ip} udp sport 51820 snat to {lab.ROUTER_IP}:40000-40999\n }}\n}}\n"))
+    cluster.start(a, "--reconcile-interval=1")
+    cluster.start(b, f"--public-ip={lab.ROUTER_IP}", "--reconcile-interval=1")
+    pod_a, pod_b = cluster.pod(a), cluster.pod(b)
+    bkey = wg_dump(b)["public_key"]
+    eventually(lambda: bkey in wg_dump(a)["peers"], timeout=5, what="b a peer of a")  # at NAT:51820, its lease
+    eventually(lambda: ping(pod_b, pod_a.addr, count=1).returncode == 0, timeout=10, what="b's handshake through")
+    mapped = wg_dump(a)["peers"][bkey]["endpoint"]
+    assert mapped.startswith(f"{lab.ROUTER_IP}:40"), mapped  # the NAT's port, learnt from b's handshake
+    probes = BothWays(pod_a, pod_b)
+    start = time.monotonic()
+    time.sleep(6)  # six full reconciles on each node, one keepalive
+    end = time.monotonic()
+    time.sleep(0.3)
+    probes.stop().assert_through(start, end)
+    assert wg_dump(a)["peers"][bkey]["endpoint"] == mapped
+    assert "repaired drift" not in a.log()
