@@ -525,6 +525,34 @@ def test_interface_selection_flags(make_cluster):
     assert "failed to find an interface matching --iface nonexistent0" in node.log()
 
 
+def test_interface_selection_flags_in_ipv6(make_cluster):
+    """The same rules over IPv6 (an IPv6-only network): the address that chose the interface is
+    the one published and sent from (flannel-v6.1's local6)."""
+    cluster = make_cluster(1, {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56"})
+    node = cluster.nodes[0]
+    base = node.ip6.rsplit("::", 1)[0]
+    extra = f"{cluster.lab.prefix}-x0"
+    node.sh("ip", "link", "add", extra, "type", "veth", "peer", "name", f"{cluster.lab.prefix}-x1")
+    node.sh("ip", "-6", "addr", "add", f"{base}::200/128", "dev", extra, "nodad")
+    node.sh("ip", "link", "set", extra, "up")
+    node.sh("ip", "-6", "addr", "add", f"{base}::111/64", "dev", node.ifname, "nodad")  # eth0's second address
+    node.sh("ip", "-6", "route", "add", f"{base}::f000/116", "dev", node.ifname, "src", f"{base}::111")
+    for flags, public, local in [
+        ((f"--iface={base}::111",), f"{base}::111", f"{base}::111"),
+        ((r"--iface-regex=::111$",), f"{base}::111", f"{base}::111"),
+        ((f"--iface-can-reach={base}::f001",), f"{base}::111", f"{base}::111"),  # the route's source
+        ((f"--public-ipv6={base}::111",), f"{base}::111", f"{base}::111"),  # the interface holding it
+        ((f"--iface={extra}",), f"{base}::200", f"{base}::200"),
+        # behind NAT: published only; sent from eth0's best address (equals: the kernel's order)
+        ((f"--iface={node.ifname}", f"--public-ipv6={base}::222"), f"{base}::222", (node.ip6, f"{base}::111")),
+    ]:
+        cluster.start(node, *flags)
+        assert str(cluster.lease(node).public_ipv6) == public, flags
+        assert link(node, "flannel-v6.1")["linkinfo"]["info_data"]["local6"] in (local if isinstance(local, tuple)
+                                                                                 else (local,)), flags
+        assert cluster.stop(node) == 0
+
+
 def test_ipv6_address_choice_skips_deprecated_and_prefers_permanent_addresses(make_cluster):
     """Upstream v0.28's ranking on a real kernel: a deprecated address (preferred lifetime 0) is never
     chosen, a dynamic one (finite lifetime, as SLAAC and DHCPv6 give) only after a permanent one,
