@@ -6,16 +6,19 @@ atomically (``iptables-restore --noflush`` flushing and refilling our own chain 
 table per period (one fork per table, never one per rule), comparing with the *intended* rules
 (iptables-save and ``nft list`` print them exactly as we write them, up to indentation). Drift
 (a deleted rule, a flushed chain, a missing jump, masquerade rules of an older subnet) triggers a
-reinstall. The reference is never a listing taken after an install: a change landing between
-our install and such a listing would become the reference and never be repaired.
+reinstall. The chains may be shared with the daemon of another network on this host: each owns
+the rules naming its network (see ChainView). The reference is never a listing taken after an
+install: a change landing between our install and such a listing would become the reference and
+never be repaired.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from flanneld.model.config import NetworkConfig
@@ -82,66 +85,160 @@ def _fwd_rules(fam: FamilyRules) -> list[str]:
     return [f"-A {FWD_CHAIN} -s {fam.network} {c} -j ACCEPT", f"-A {FWD_CHAIN} -d {fam.network} {c} -j ACCEPT"]
 
 
+# -- chains shared with the daemon of another network on this host ------------------------------
+#
+# Two flanneld for two networks on one host (upstream's running.md allows it: another
+# --etcd-prefix and --subnet-file) write the same chains (FLANNEL-POSTRTG, FLANNEL-FWD; nftables'
+# postrtg and forward). Each owns only the rules naming its network: the other's are kept, in
+# their order, and are no drift; a rule both write (the mark's RETURN) is kept once, first, for as
+# long as either needs it. Anything else in the chain is drift and goes.
+
+
+def _networks_named(line: str) -> set[str]:
+    out = set()
+    for token in line.split():
+        if "/" in token and token[0].isalnum():
+            with contextlib.suppress(ValueError):
+                out.add(str(ipaddress.ip_network(token, strict=False)))
+    return out
+
+
+@dataclass(frozen=True)
+class ChainView:
+    """One chain's rule lines as the daemon of `network` sees them."""
+
+    ours: tuple[str, ...]  # naming our network, or shared: in the chain's order
+    others: tuple[str, ...]  # another network's daemon's
+    junk: tuple[str, ...]  # neither (a rule added by hand, a mangled one)
+
+    @classmethod
+    def of(cls, lines: Sequence[str], network: Network, shared: Sequence[str], comment: str) -> ChainView:
+        ours, others, junk = [], [], []
+        net = str(network)
+        for line in lines:
+            named = _networks_named(line)
+            if net in named or line in shared:
+                ours.append(line)
+            elif comment in line and named:
+                others.append(line)
+            else:
+                junk.append(line)
+        return cls(tuple(ours), tuple(others), tuple(junk))
+
+    def _expected(self, rules: Sequence[str], shared: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(the shared rules needed, by us or the others; our own rules)."""
+        return [r for r in shared if r in rules or self.others], [r for r in rules if r not in shared]
+
+    def merged(self, rules: Sequence[str], shared: Sequence[str]) -> list[str]:
+        """The chain to write: the shared rules first, the others' next, ours last ([]: no chain)."""
+        head, own = self._expected(rules, shared)
+        return [*head, *self.others, *own]
+
+    def drifted(self, rules: Sequence[str], shared: Sequence[str]) -> bool:
+        """Whether our part differs from `rules` (the others' part is theirs to judge)."""
+        head, own = self._expected(rules, shared)
+        return bool(self.junk) or list(self.ours) != [*head, *own]
+
+
 @dataclass(frozen=True)
 class ChainSpec:
     table: str
     parent: str
     chain: str
     comment: str
-    rules: tuple[str, ...]  # empty: the chain must not exist
+    rules: tuple[str, ...]  # empty: we want nothing in the chain
+    network: str = ""  # whose rules these are (see ChainView)
+    shared: tuple[str, ...] = ()  # rules every network's daemon writes alike
 
     @property
     def jump(self) -> str:
         return f'-A {self.parent} -m comment --comment "{self.comment}" -j {self.chain}'
 
+    def view(self, lines: Sequence[str]) -> ChainView:
+        return ChainView.of(lines, ipaddress.ip_network(self.network), self.shared, self.comment)
+
 
 def iptables_rules(spec: FirewallSpec, fam: FamilyRules) -> list[ChainSpec]:
     """Our two chains for one family (rules empty when the feature is off)."""
+    masq = tuple(_masq_rules(fam, spec.random_fully))
     return [
-        ChainSpec("nat", "POSTROUTING", MASQ_CHAIN, MASQ_COMMENT,
-                  tuple(_masq_rules(fam, spec.random_fully)) if spec.masq else ()),
-        ChainSpec("filter", "FORWARD", FWD_CHAIN, FWD_COMMENT, tuple(_fwd_rules(fam)) if spec.forward else ()),
+        ChainSpec("nat", "POSTROUTING", MASQ_CHAIN, MASQ_COMMENT, masq if spec.masq else (), str(fam.network),
+                  masq[:1]),  # the mark's RETURN: every network's daemon writes it alike
+        ChainSpec("filter", "FORWARD", FWD_CHAIN, FWD_COMMENT, tuple(_fwd_rules(fam)) if spec.forward else (),
+                  str(fam.network)),
     ]
 
 
-def nft_script(spec: FirewallSpec, fam: FamilyRules) -> str | None:
-    """The nftables table for one family (None when neither feature is on)."""
-    if not (spec.masq or spec.forward):
-        return None
-    kind, name = fam.family.nft_family, fam.family.nft_table
+NFT_HEADERS = {"postrtg": "type nat hook postrouting priority srcnat; policy accept;",
+               "forward": "type filter hook forward priority filter; policy accept;"}
+NFT_COMMENTS = {"postrtg": MASQ_COMMENT, "forward": FWD_COMMENT}
+
+
+def _nft_rules(spec: FirewallSpec, fam: FamilyRules) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Per chain of our table: (our rules, empty when the feature is off; the rules shared with
+    other networks' daemons)."""
     ip = fam.family.nft_family
     net, pod, mcast = fam.network, fam.pod, fam.family.multicast
     rnd = " fully-random" if spec.random_fully else ""
+    c = f'comment "{MASQ_COMMENT}"'
+    masq = (
+        f"meta mark & 0x00004000 == 0x00004000 return {c}",
+        f"{ip} saddr {pod} {ip} daddr {net} return {c}",
+        f"{ip} saddr {net} {ip} daddr {pod} return {c}",
+        f"{ip} saddr != {net} {ip} daddr {pod} return {c}",
+        f"{ip} saddr {net} {ip} daddr != {mcast} masquerade{rnd} {c}",
+        f"{ip} saddr != {net} {ip} daddr {net} masquerade{rnd} {c}",
+    )
+    c = f'comment "{FWD_COMMENT}"'
+    forward = (f"{ip} saddr {net} accept {c}", f"{ip} daddr {net} accept {c}")
+    return {"postrtg": (masq if spec.masq else (), masq[:1]), "forward": (forward if spec.forward else (), ())}
+
+
+def nft_chains(text: str | None) -> dict[str, tuple[str, list[str]]]:
+    """A table as ``nft list table`` prints it: per chain, its header and rule lines."""
+    chains: dict[str, tuple[str, list[str]]] = {}
+    current: list[str] | None = None
+    for raw in (text or "").splitlines():
+        line = raw.strip()
+        if line.startswith("chain ") and line.endswith("{"):
+            name = line.split()[1]
+            chains[name] = ("", [])
+            current = chains[name][1]
+        elif line == "}":
+            current = None
+        elif current is not None and line.startswith("type "):
+            chains[name] = (line, current)
+        elif current is not None and line:
+            current.append(line)
+    return chains
+
+
+def nft_script(spec: FirewallSpec, fam: FamilyRules, listed: Mapping[str, tuple[str, list[str]]] | None = None
+               ) -> str | None:
+    """The nftables table for one family, keeping what other networks' daemons have in its chains
+    (`listed`, see nft_chains); None when nothing is left in it."""
+    kind, name = fam.family.nft_family, fam.family.nft_table
     lines = [f"table {kind} {name} {{"]
-    if spec.masq:
-        c = f'comment "{MASQ_COMMENT}"'
-        lines += [
-            "  chain postrtg {",
-            "    type nat hook postrouting priority srcnat; policy accept;",
-            f"    meta mark & 0x00004000 == 0x00004000 return {c}",
-            f"    {ip} saddr {pod} {ip} daddr {net} return {c}",
-            f"    {ip} saddr {net} {ip} daddr {pod} return {c}",
-            f"    {ip} saddr != {net} {ip} daddr {pod} return {c}",
-            f"    {ip} saddr {net} {ip} daddr != {mcast} masquerade{rnd} {c}",
-            f"    {ip} saddr != {net} {ip} daddr {net} masquerade{rnd} {c}",
-            "  }",
-        ]
-    if spec.forward:
-        c = f'comment "{FWD_COMMENT}"'
-        lines += [
-            "  chain forward {",
-            "    type filter hook forward priority filter; policy accept;",
-            f"    {ip} saddr {net} accept {c}",
-            f"    {ip} daddr {net} accept {c}",
-            "  }",
-        ]
+    for chain, (rules, shared) in _nft_rules(spec, fam).items():
+        view = ChainView.of((listed or {}).get(chain, ("", []))[1], fam.network, shared, NFT_COMMENTS[chain])
+        merged = view.merged(rules, shared)
+        if merged:
+            lines += [f"  chain {chain} {{", f"    {NFT_HEADERS[chain]}", *(f"    {r}" for r in merged), "  }"]
+    if len(lines) == 1:
+        return None
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def nft_lines(text: str | None) -> tuple[str, ...]:
-    """A table's text without indentation and blank lines: how our script and ``nft list`` compare."""
-    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+def nft_drifted(spec: FirewallSpec, fam: FamilyRules, listed: Mapping[str, tuple[str, list[str]]]) -> bool:
+    """Whether our part of the table differs from what we intend (other networks' rules are theirs)."""
+    for chain, (rules, shared) in _nft_rules(spec, fam).items():
+        header, lines = listed.get(chain, ("", []))
+        view = ChainView.of(lines, fam.network, shared, NFT_COMMENTS[chain])
+        wanted = bool(view.merged(rules, shared))
+        if (chain in listed) != wanted or view.drifted(rules, shared) or (wanted and header != NFT_HEADERS[chain]):
+            return True
+    return False
 
 
 TOOL_TIMEOUT = 30  # seconds an iptables/nft call may take (one waiting for the xtables lock included)
@@ -196,8 +293,9 @@ class Firewall:
             lines = [f"*{table}"]
             for c in (c for c in chains if c.table == table):
                 ours = [line for line in state.get(c.parent, []) if c.comment in line]
-                if c.rules:
-                    lines += [f":{c.chain} - [0:0]", f"-F {c.chain}", *c.rules]
+                rules = c.view(state.get(c.chain, [])).merged(c.rules, c.shared)
+                if rules:
+                    lines += [f":{c.chain} - [0:0]", f"-F {c.chain}", *rules]
                     # keep exactly one jump: drop duplicates and rules of older flannel versions
                     lines += ["-D" + line[2:] for line in ours if line != c.jump]
                     if ours.count(c.jump) != 1:
@@ -211,11 +309,14 @@ class Firewall:
 
     @staticmethod
     def _ipt_drifted(chains: list[ChainSpec], state: dict[str, list[str]]) -> bool:
-        """Whether a table's listing differs from the intended chains (rules, and one jump each)."""
+        """Whether a table's listing differs from the intended chains (our rules, and one jump each)."""
         for c in chains:
-            if state.get(c.chain) != (list(c.rules) if c.rules else None):
+            listed = state.get(c.chain)
+            view = c.view(listed or [])
+            wanted = bool(view.merged(c.rules, c.shared))
+            if (listed is not None) != wanted or view.drifted(c.rules, c.shared):
                 return True
-            if [line for line in state.get(c.parent, []) if c.comment in line] != ([c.jump] if c.rules else []):
+            if [line for line in state.get(c.parent, []) if c.comment in line] != ([c.jump] if wanted else []):
                 return True
         return False
 
@@ -256,7 +357,7 @@ class Firewall:
         for fam in self.spec.families:
             version = fam.network.version
             if self.spec.nftables:
-                self._nft_apply(version, nft_script(self.spec, fam))
+                self._nft_apply(version, nft_script(self.spec, fam, nft_chains(self._nft_state(version))))
                 if companion := self._forward_companion(fam):
                     self._ipt_apply(version, companion)
                     log.info("the %s FORWARD chain's policy is DROP: accepting %s there too",
@@ -287,7 +388,7 @@ class Firewall:
         for fam in self.spec.families:
             version = fam.network.version
             if self.spec.nftables:
-                if nft_lines(self._nft_state(version)) != nft_lines(nft_script(self.spec, fam)):
+                if nft_drifted(self.spec, fam, nft_chains(self._nft_state(version))):
                     drifted.append(f"nftables table {NFT_TABLE[version][1]}")
                 companion = self._forward_companion(fam)
                 if companion and self._ipt_drifted(companion, self._ipt_state(version, "filter")):
@@ -311,6 +412,5 @@ class Firewall:
             version = fam.network.version
             if self.spec.nftables:
                 self._ipt_apply(version, iptables_rules(off, fam))
-            elif self._nft_state(version) is not None:
-                kind, name = NFT_TABLE[version]
-                self._tool(["nft", "delete", "table", kind, name])
+            elif (listed := self._nft_state(version)) is not None:
+                self._nft_apply(version, nft_script(off, fam, nft_chains(listed)))  # others' rules stay

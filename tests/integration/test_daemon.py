@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from flanneld.lab.flannel import NETWORK
 from flanneld.lab.probes import BothWays, eventually, ping, tcp_exchange
 from flanneld.lab.readers import fdbs, link, neighs, routes
 from flanneld.leases.watcher import LeaseWatcher
+from flanneld.model import subnetenv
 from flanneld.model.lease import leases_prefix
 
 
@@ -456,6 +458,46 @@ def test_a_second_daemon_is_refused_naming_the_first_which_loses_nothing(make_cl
     after = cluster.etcd_client.get(cluster.lease_key(node1))
     assert (after.lease_id, after.mod_revision) == (lease.lease_id, lease.mod_revision)  # not even rewritten
     assert "Traceback" not in node1.log()
+
+
+@pytest.mark.parametrize("nftables", [False, True], ids=["iptables", "nftables"])
+def test_two_daemons_for_two_networks_on_one_host_both_keep_working(make_cluster, tmp_path, nftables):
+    """Upstream's running.md allows it (another --etcd-prefix and --subnet-file). Both wrote the same
+    firewall chains: each flushed the other's rules and saw its own missing at its next check, every
+    second here. Each owns the rules naming its network now; both overlays carry pods, and neither
+    daemon ever sees drift."""
+    half_a = {"Network": "198.18.0.0/17", "SubnetMax": "198.18.120.0", "EnableNFTables": nftables,
+              "Backend": {"Type": "vxlan"}}
+    half_b = {"Network": "198.18.128.0/17", "SubnetMax": "198.18.250.0", "EnableNFTables": nftables,
+              "Backend": {"Type": "vxlan", "VNI": 2}}
+    cluster = make_cluster(2, half_a)
+    prefix_b = cluster.prefix.replace("/network", "/second")
+    cluster.etcd_client.put(prefix_b + "/config", json.dumps(half_b).encode())
+    cluster.start_all("--ip-masq")
+    nodes = cluster.nodes
+    pods_b = []
+    for n, node in enumerate(nodes, 1):
+        env_b = f"{tmp_path}/{n}-second.env"
+        node.start_flanneld(cluster.endpoint, prefix_b, f"--subnet-file={env_b}", "--ip-masq", "--iptables-resync=1",
+                            healthz_port=8472)
+        node.wait_ready()
+        env = subnetenv.read(env_b)
+        pods_b.append(node.add_pod(str(env.subnet), 2, bridge=f"{cluster.lab.prefix}-cni1", mtu=env.mtu))
+        node.healthz_port = 8471
+    probes = [BothWays(cluster.pod(nodes[0]), cluster.pod(nodes[1])), BothWays(*pods_b)]
+    start = time.monotonic()
+    time.sleep(5)  # five firewall checks of each of the four daemons
+    end = time.monotonic()
+    time.sleep(0.3)
+    for p in probes:
+        p.stop().assert_through(start, end)
+    for node in nodes:
+        assert "drifted" not in node.log(), node.log()[-2000:]
+        rules = node.sh("nft", "list", "table", "ip", "flannel-ipv4").stdout if nftables else \
+            node.sh("iptables-save", "-t", "nat").stdout
+        assert "198.18.0.0/17" in rules and "198.18.128.0/17" in rules
+        assert sum("mark" in line for line in rules.splitlines()) == 1  # the mark's RETURN, once for both
+        assert "Traceback" not in node.log()
 
 
 def test_the_lock_dies_with_its_holder(make_cluster):

@@ -142,3 +142,85 @@ def test_an_iptables_without_random_fully_masquerades_without_it_and_says_so_onc
     assert caplog.text.count("cannot masquerade with --random-fully here") == 1
     tables.listing = _saved(iptables_rules(fw.spec, V4))
     assert fw.check() is True  # what was installed is what is checked: no reinstall loop
+
+
+class HostTables:
+    """One host's iptables (what our restore scripts do to it) and nftables table, shared by the
+    daemons of two networks."""
+
+    def __init__(self) -> None:
+        self.chains: dict[str, dict[str, list[str]]] = {"nat": {"POSTROUTING": []}, "filter": {"FORWARD": []}}
+        self.nft: str = ""
+
+    def __call__(self, argv, stdin):
+        import subprocess
+
+        if argv[0] == "iptables-save":
+            table = argv[-1]
+            lines = [f"*{table}", *(f":{c} - [0:0]" for c in self.chains[table]),
+                     *(rule for rules in self.chains[table].values() for rule in rules), "COMMIT"]
+            return subprocess.CompletedProcess(argv, 0, "\n".join(lines) + "\n", "")
+        if argv[0] == "iptables-restore":
+            chains = {}
+            for line in stdin.splitlines():
+                word, _, rest = line.partition(" ")
+                if line.startswith("*"):
+                    chains = self.chains[line[1:]]
+                elif line.startswith(":"):
+                    chains.setdefault(line[1:].split()[0], [])
+                elif word == "-F":
+                    chains[rest] = []
+                elif word == "-X":
+                    del chains[rest]
+                elif word == "-A":
+                    chains[rest.split()[0]].append(line)
+                elif word == "-D":
+                    chains[rest.split()[0]].remove("-A " + rest)
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        if argv[:2] == ["nft", "-f"]:
+            self.nft = stdin.split("delete table ip flannel-ipv4\n", 1)[1]
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        if argv[:3] == ["nft", "list", "table"]:
+            return subprocess.CompletedProcess(argv, 0 if self.nft else 1, self.nft, "")
+        return subprocess.CompletedProcess(argv, 1, "", "")  # nft list chain ... FORWARD: none
+
+
+OTHER = FamilyRules(N("10.6.0.0/16"), N("10.6.9.0/24"))
+
+
+def test_two_networks_daemons_share_the_chains_without_fighting():
+    """Two flanneld for two networks on one host wrote the same chains: each flushed the other's
+    rules, saw its own missing at the next check, and flushed them back, every few seconds."""
+    from flanneld.dataplane.firewall import Firewall
+
+    for nftables in (False, True):
+        host = HostTables()
+        a = Firewall(FirewallSpec((V4,), masq=True, forward=True, nftables=nftables), host)
+        b = Firewall(FirewallSpec((OTHER,), masq=True, forward=True, nftables=nftables), host)
+        a.apply()
+        b.apply()
+        for _ in range(3):
+            assert a.check() and b.check(), nftables
+        text = host.nft if nftables else "\n".join(r for t in host.chains.values() for c in t.values() for r in c)
+        assert sum("mark" in line for line in text.splitlines()) == 1  # the mark's RETURN once
+        assert "10.5.72.0/24" in text and "10.6.9.0/24" in text
+        if not nftables:
+            assert host.chains["nat"]["POSTROUTING"] == [iptables_rules(a.spec, V4)[0].jump]  # one jump for both
+        # a stray rule is still drift for both; b's reinstall keeps a's rules
+        if nftables:
+            host.nft = host.nft.replace("  chain forward {\n", '  chain forward {\n    ip saddr 1.2.3.4 drop\n')
+        else:
+            host.chains["filter"]["FLANNEL-FWD"].append("-A FLANNEL-FWD -s 1.2.3.4/32 -j DROP")
+        assert b.check() is False and a.check() and b.check()
+        # a turns masquerading off: its rules go, b's and the mark stay
+        a.spec = FirewallSpec((V4,), masq=False, forward=True, nftables=nftables)
+        a.apply()
+        assert a.check() and b.check()
+        text = host.nft if nftables else "\n".join(host.chains["nat"].get("FLANNEL-POSTRTG", []))
+        assert "10.5.72.0/24" not in text and "10.6.9.0/24" in text and "mark" in text
+        # b turns both off: only a's forward rules are left
+        b.spec = FirewallSpec((OTHER,), masq=False, forward=False, nftables=nftables)
+        b.apply()
+        assert a.check() and b.check()
+        text = host.nft if nftables else "\n".join(r for t in host.chains.values() for c in t.values() for r in c)
+        assert "10.6." not in text and "mark" not in text and "10.5.0.0/16" in text
