@@ -384,6 +384,15 @@ class Firewall:
 
     def check(self) -> bool:
         """True when everything is as installed; otherwise reinstall and return False."""
+        drifted = self.pending()
+        if not drifted:
+            return True
+        log.warning("firewall rules drifted (%s); reinstalling", ", ".join(drifted))
+        self.apply()
+        return False
+
+    def pending(self) -> list[str]:
+        """The tables that differ from the intended rules (nothing is changed)."""
         drifted = []
         for fam in self.spec.families:
             version = fam.network.version
@@ -399,11 +408,7 @@ class Firewall:
                     ours = [c for c in chains if c.table == table]
                     if self._ipt_drifted(ours, self._ipt_state(version, table)):
                         drifted.append(f"{iptables_tool(version, 'save').split('-')[0]} {table} table")
-        if not drifted:
-            return True
-        log.warning("firewall rules drifted (%s); reinstalling", ", ".join(drifted))
-        self.apply()
-        return False
+        return drifted
 
     def remove_other_mode(self) -> None:
         """Remove what the other firewall mode left behind (after switching EnableNFTables)."""

@@ -160,6 +160,11 @@ def main() -> None:
 
         install_unit_command(args=sys.argv[2:], prog_name="flanneld install-unit")
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "cleanup":
+        from flanneld.node.cleanup import cleanup_command
+
+        cleanup_command(args=sys.argv[2:], prog_name="flanneld cleanup")
+        return
     try:
         flanneld_command.main(prog_name="flanneld", standalone_mode=False)
     except click.UsageError as exc:  # one line for the journal, not click's usage block

@@ -69,6 +69,22 @@ class InstanceLock:
         self._held.append(sock)
 
 
+def running_for(path: str) -> str | None:
+    """The PID of the flanneld holding the subnet file's lock (None when none does); creates
+    nothing, for a look that must change nothing (``cleanup --dry-run``)."""
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # our lock, if we took it, goes with the descriptor
+    return None
+
+
 def _holder(name: bytes) -> str:
     """The PID of the process listening on an abstract socket (what the kernel says it is)."""
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
