@@ -432,6 +432,49 @@ def subnets_release(obj: Context, subnet: str, force: bool) -> None:
     click.echo(f"released {'reservation' if listed.reserved else 'lease'} {listed.lease.describe()}")
 
 
+@cli.command()
+@click.argument("query", metavar="SUBNET|PUBLIC_IP", shell_complete=_complete_subnets)
+@click.option("--force", is_flag=True, help="Retire it even though it answers (its flanneld may be running).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--healthz-port", type=click.IntRange(0, 65535), default=8471, show_default=True,
+              help="Where the node's flanneld answers /healthz (0: ask ping only).")
+@click.pass_obj
+def retire(obj: Context, query: str, force: bool, yes: bool, healthz_port: int) -> None:
+    """Delete the lease of a node that is gone for good, so every peer drops it at once.
+
+    A node that still answers (its flanneld's /healthz, or ping) is refused without --force: a
+    running flanneld would re-acquire a subnet; on a node that is still there, stop flanneld and
+    run `flanneld cleanup --release-lease` on it instead. The delete is guarded: it fails if the
+    lease changed since it was read.
+    """
+    from flanneld.ctl.liveness import answers
+    from flanneld.leases.manager import release
+
+    listing = obj.listing()
+    try:
+        found = ctl_views.find(listing, query)
+    except ValueError as exc:
+        fail(f"{exc}; give a subnet or a public IP")
+    if not found:
+        fail(f"no lease matches {query}")
+    if len(found) > 1:
+        fail(f"{query} matches {len(found)} leases ({', '.join(li.lease.key for li in found)}); give the subnet")
+    listed = found[0]
+    lease = listed.lease
+    if listed.reserved:
+        fail(f"{lease.key} is a reservation, not a node's lease: flannelctl subnets release {lease.describe()}")
+    address = str(lease.public_ip) if int(lease.public_ip) else str(lease.public_ipv6)
+    alive = answers(address, healthz_port)
+    if alive and not force:
+        fail(f"refused: the node of {lease.key} ({address}) looks alive: {alive}; on it, stop flanneld and run "
+             "'flanneld cleanup --release-lease', or retire it with --force")
+    if not yes:
+        click.confirm(f"retire the node {address}: delete its lease {lease.key} (every peer drops it)?", abort=True)
+    if not release(obj.etcd_client, listed):
+        fail(f"refused: {lease.key} changed while checking (its node renewed it?); run it again")
+    click.echo(f"retired {address}: lease {lease.key} deleted")
+
+
 # -- config ----------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 
 import pytest
@@ -137,3 +138,35 @@ def test_a_lease_that_is_another_nodes_now_is_never_released(make_cluster):
     out = cleanup(cluster, node, "--release-lease").stdout
     assert f"lease {key.rsplit('/', 1)[1]} is another node's now (198.51.100.99): left in etcd" in out
     assert cluster.etcd_client.get(key) is not None
+
+
+def test_flannelctl_retires_a_dead_node_and_refuses_a_live_one_without_force(make_cluster):
+    """A node that will never come back: its lease stayed for up to 24 h and every peer kept
+    programming it. flannelctl retires it (after a confirmation); a node that still answers is
+    refused unless --force."""
+    from tests.integration.test_ctl import Ctl
+
+    cluster = make_cluster(3, NETWORK)
+    cluster.start_all()
+    node1, node2, node3 = cluster.nodes
+    ctl = Ctl(cluster.etcd, cluster.prefix)
+    ctl.env["FLANNELCTL_ETCD_ENDPOINTS"] = cluster.endpoint
+    subnet2, subnet3 = cluster.subnet(node2), cluster.subnet(node3)
+    refusal = ctl.refused("retire", subnet2, "--yes")
+    assert refusal == (f"flannelctl: error: refused: the node of {subnet2.replace('/', '-')} ({node2.ip}) looks alive: "
+                       f"its flanneld answers http://{node2.ip}:8471/healthz; on it, stop flanneld and run "
+                       "'flanneld cleanup --release-lease', or retire it with --force")
+    # node2 dies for good: its daemon killed, its machine off the network
+    cluster.stop(node2, signal.SIGKILL)
+    node2.sh("ip", "link", "set", node2.ifname, "down")
+    asked = ctl("retire", node2.ip, input="n\n")  # by public IP; the operator says no
+    assert asked.returncode == 1 and "retire the node" in asked.stdout and cluster.lease(node2) is not None
+    done = ctl.ok("retire", node2.ip, input="y\n")
+    retired = time.monotonic()
+    assert done.strip().endswith(f"retired {node2.ip}: lease {subnet2.replace('/', '-')} deleted")
+    eventually(lambda: subnet2 not in routes(node1) and subnet2 not in routes(node3), timeout=1,
+               what="the peers dropping node2")
+    assert time.monotonic() - retired <= 1.0
+    # --force retires a live one (here node3, which then re-acquires a subnet, as flanneld does)
+    assert ctl.ok("retire", subnet3, "--force", "--yes").strip() == \
+        f"retired {node3.ip}: lease {subnet3.replace('/', '-')} deleted"
