@@ -39,6 +39,10 @@ class FirewallError(Exception):
     """A firewall tool failed; the message includes its stderr."""
 
 
+class ToolMissing(FirewallError):
+    """A firewall tool is not installed (a host with one mode's tools only)."""
+
+
 @dataclass(frozen=True)
 class FamilyRules:
     network: Network
@@ -264,7 +268,7 @@ class Firewall:
         try:
             proc = self._run_tool(argv, stdin)
         except FileNotFoundError:
-            raise FirewallError(f"{argv[0]} is not installed") from None
+            raise ToolMissing(f"{argv[0]} is not installed") from None
         except subprocess.TimeoutExpired:
             # a FirewallError like any other failure: the check is retried, the loop goes on
             raise FirewallError(f"{argv[0]} did not answer within {TOOL_TIMEOUT} s") from None

@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from flanneld.dataplane import nlcodec as nl
-from flanneld.dataplane.firewall import FamilyRules, Firewall, FirewallError, FirewallSpec
+from flanneld.dataplane.firewall import FamilyRules, Firewall, FirewallError, FirewallSpec, ToolMissing
 from flanneld.dataplane.netlink import Kernel, KernelError
 from flanneld.etcd.client import EtcdClient, unchanged
 from flanneld.etcd.errors import EtcdError
@@ -69,9 +69,10 @@ def our_route(rec: nl.RouteRecord, networks: Sequence[Network], device_indexes: 
     if rec.table != nl.RT_TABLE_MAIN or rec.protocol == nl.RTPROT_KERNEL or \
             rec.rtype not in (nl.RTN_UNICAST, nl.RTN_BLACKHOLE) or rec.oif in device_indexes:
         return False
-    dst = ipaddress.ip_network((int.from_bytes(rec.dst, "big") if rec.dst else 0, rec.dst_len), strict=False) \
-        if rec.family == nl.AF_INET else \
-        ipaddress.IPv6Network((int.from_bytes(rec.dst, "big") if rec.dst else 0, rec.dst_len), strict=False)
+    if not rec.dst:
+        return False  # a default route
+    kind = ipaddress.IPv4Network if rec.family == nl.AF_INET else ipaddress.IPv6Network
+    dst = kind((int.from_bytes(rec.dst, "big"), rec.dst_len), strict=False)
     return any(dst.version == n.version and dst.subnet_of(n) for n in networks)  # type: ignore[arg-type]
 
 
@@ -111,19 +112,15 @@ def kernel_steps(kernel: Kernel, networks: Sequence[Network]) -> list[Step]:
 
 def firewall_steps(env: SubnetEnv) -> list[Step]:
     """Our rules of both modes (one step per mode that holds any)."""
-    families = tuple(FamilyRules(net, sub) for net, sub in ((n, env.lease_subnet) for n in env.networks)
-                     if sub is not None) + \
-        tuple(FamilyRules(net, sub) for net, sub in ((n, env.lease_subnet6) for n in env.ipv6_networks)
-              if sub is not None)
+    pairs = [*((n, env.lease_subnet) for n in env.networks), *((n, env.lease_subnet6) for n in env.ipv6_networks)]
+    families = tuple(FamilyRules(net, sub) for net, sub in pairs if sub is not None)
     steps = []
     for nftables in (False, True):
         firewall = Firewall(FirewallSpec(families, masq=False, forward=False, nftables=nftables))
         try:
             pending = firewall.pending()
-        except FirewallError as exc:
-            if "is not installed" in str(exc):
-                continue  # no such tool: no such rules
-            raise
+        except ToolMissing:
+            continue  # no such tool: no such rules
         if pending:
             steps.append(Step(f"firewall rules ({', '.join(pending)})", firewall.apply))
     return steps
