@@ -298,3 +298,40 @@ def test_a_subnet_that_had_to_move_is_said_counted_shown_and_its_pods_told_to_go
     assert ipaddress.ip_address(pod_ip(r1)) in ipaddress.ip_network(new)
     assert ping(lab.Pod(ns1, runtime.ifname, pod_ip(r1)), pod_ip(r2)).returncode == 0
     assert "Traceback" not in node1.log() and "could not revoke" not in node1.log()  # a gone lease is no error
+
+
+def test_vagrant_pod_script_gets_its_pod_back_after_a_reboot_and_says_a_cni_error_in_one_line(runtime, tmp_path):
+    """vagrant/pod.sh after the node rebooted: the pod namespace was gone, so it skipped the DEL,
+    host-local's reservation for the same container ID had survived on disk, and the ADD failed
+    ("duplicate allocation is not allowed") behind a KeyError: 'ips' of its result parser."""
+    node = runtime.cluster.nodes[0]
+    conflist = tmp_path / "10-flannel.conflist"
+    plugin = {key: value for key, value in runtime.conf(node).items() if key not in ("cniVersion", "name")}
+    conflist.write_text(json.dumps({"name": "cbr0", "cniVersion": "0.3.1", "plugins": [plugin]}))
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "vagrant", "pod.sh")
+    env = {**os.environ, "CONFLIST": str(conflist), "CNI_BIN_DIR": runtime.bin_dir, "CNI_PATH": runtime.cni_path,
+           "POD": f"{runtime.prefix}-vpod"}
+
+    def pod_sh() -> subprocess.CompletedProcess[str]:
+        # the node's network namespace only: `ip netns exec` would also give it a mount namespace of its
+        # own, and the pod namespace's mount would die with it (as on a host, pod.sh runs in the host's)
+        return subprocess.run(["nsenter", f"--net=/run/netns/{node.ns}", "bash", script], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    first = pod_sh()
+    assert first.returncode == 0, first.stderr
+    subnet = ipaddress.ip_network(runtime.cluster.subnet(node))
+    rerun = pod_sh()  # run again: the previous attachment deleted first
+    assert rerun.returncode == 0 and ipaddress.ip_address(rerun.stdout.strip()) in subnet, rerun.stderr
+    assert runtime.allocated(node) == [rerun.stdout.strip()]
+    lab.ip("netns", "delete", f"{runtime.prefix}-vpod")  # the reboot: the namespace gone, the reservation kept
+    again = pod_sh()
+    assert again.returncode == 0 and ipaddress.ip_address(again.stdout.strip()) in subnet, again.stderr
+    assert runtime.allocated(node) == [again.stdout.strip()]  # the old reservation released, none leaked
+    # a CNI error is one line naming it
+    plugin["subnetFile"] = str(tmp_path / "missing.env")
+    conflist.write_text(json.dumps({"name": "cbr0", "cniVersion": "0.3.1", "plugins": [plugin]}))
+    failed = pod_sh()
+    assert failed.returncode == 1 and failed.stdout == ""
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pod.sh: CNI ADD failed: ") and "missing.env" in lines[0], lines
