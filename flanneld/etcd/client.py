@@ -288,6 +288,22 @@ class EtcdClient:
                                                                              serializable=serializable))
         return resp.header.revision, [_kv(kv) for kv in resp.kvs]
 
+    def check_history(self, prefix: str, revision: int) -> None:
+        """Raise Compacted when etcd no longer keeps `revision` (one key of `prefix` read at it,
+        keys only): asked before a watch resumes after it. A gRPC proxy restarted after a
+        compaction can accept a watch at a compacted revision and then deliver nothing
+        (etcd-io/etcd#10650); this question goes to the leader, whose answer is not the proxy's."""
+        def run(client: pyetcd.MultiEndpointEtcd3Client) -> None:
+            try:
+                client.get_prefix_response(prefix, revision=revision, keys_only=True, limit=1)
+            except grpc.RpcError as exc:
+                # "required revision has been compacted", or "... is a future revision" (etcd restored
+                # from an older backup): re-list. OUT_OF_RANGE from etcd, UNKNOWN through a gRPC proxy.
+                if exc.code() == grpc.StatusCode.OUT_OF_RANGE or "required revision" in (exc.details() or ""):
+                    raise Compacted(0) from None
+                raise
+        self._call(f"read {prefix} at revision {revision}", run)
+
     def put(self, key: str, value: bytes, lease_id: int = 0) -> int:
         resp = self._call(f"put {key}", lambda c: c.put(key, value, lease=lease_id or None))
         return resp.header.revision

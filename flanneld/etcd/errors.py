@@ -18,7 +18,8 @@ class Compacted(EtcdError):
     """The watch start revision is older than etcd's compaction horizon."""
 
     def __init__(self, compact_revision: int) -> None:
-        super().__init__(f"watch revision compacted (etcd keeps history from revision {compact_revision})")
+        super().__init__("watch revision compacted" + (f" (etcd keeps history from revision {compact_revision})"
+                                                        if compact_revision > 0 else ""))
         self.compact_revision = compact_revision
 
 

@@ -183,6 +183,8 @@ class LeaseWatcher:
                     need_list = False
                     if events:
                         emit(events)
+                else:  # resuming: is the history still there? (a proxy may not say; see check_history)
+                    self.etcd_client.check_history(self.head, self.revision)
                 watch = self.etcd_client.watch_prefix(self.head, self.revision + 1)
                 with self._lock:
                     if self._stop.is_set():

@@ -313,6 +313,52 @@ def test_compaction_forces_relist_and_diff(etcd_client, etcd_prefix):
         thread.join(5)
 
 
+class SilentAfterCompaction:
+    """An etcd client whose watches at a compacted revision are accepted and then deliver
+    nothing, as a gRPC proxy restarted after a compaction can do (etcd-io/etcd#10650)."""
+
+    def __init__(self, etcd_client, compacted: int) -> None:
+        self._client, self.compacted = etcd_client, compacted
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        return getattr(self._client, name)
+
+    def watch_prefix(self, prefix: str, start_revision: int):  # type: ignore[no-untyped-def]
+        if start_revision > self.compacted:
+            return self._client.watch_prefix(prefix, start_revision)
+        stop = threading.Event()
+
+        class Silent:
+            def __iter__(self):  # type: ignore[no-untyped-def]
+                stop.wait()
+                return iter(())
+
+            def cancel(self) -> None:
+                stop.set()
+        return Silent()
+
+
+def test_a_watch_is_never_resumed_where_history_is_gone_even_if_the_watch_would_not_say(etcd_client, etcd_prefix):
+    head = leases_prefix(etcd_prefix)
+    put_lease(etcd_client, etcd_prefix, "198.18.1.0/24", "198.51.100.11")
+    watcher = LeaseWatcher(etcd_client, etcd_prefix)
+    assert len(watcher.resync()) == 1
+    etcd_client.delete(head + "198.18.1.0-24")
+    put_lease(etcd_client, etcd_prefix, "198.18.3.0/24", "198.51.100.13")
+    compacted = etcd_client.list_prefix(head)[0]
+    etcd_client.compact(compacted)
+    watcher.etcd_client = SilentAfterCompaction(etcd_client, compacted)
+    sink = Collector()
+    thread = start_watcher(watcher, sink)
+    try:
+        sink.wait_for(lambda ev: len(ev) >= 2)  # found by asking etcd first, not by the watch
+        assert sorted((e.kind, e.lease.key) for e in sink.events) == [("added", "198.18.3.0-24"),
+                                                                    ("removed", "198.18.1.0-24")]
+    finally:
+        watcher.stop()
+        thread.join(5)
+
+
 def test_watch_resumes_after_etcd_restart(session_lab, etcd_prefix):
     server = lab.EtcdServer("restart")
     server.start()
