@@ -269,6 +269,17 @@ def subnets_list(obj: Context, output: str, public_ip: str, backend: str, reserv
                bold_header=not no_headers)
 
 
+def _matching(listing: Listing, query: str) -> list[Listed]:
+    """The leases `query` names (a subnet, an etcd key or a public IP); one line and exit 1 when none does."""
+    try:
+        found = ctl_views.find(listing, query)
+    except ValueError as exc:
+        fail(f"{exc}; give a subnet or a public IP")
+    if not found:
+        fail(f"no lease matches {query}")
+    return found
+
+
 @subnets.command("show")
 @click.argument("query", metavar="SUBNET|PUBLIC_IP", shell_complete=_complete_subnets)
 @output_option("text", "json", "yaml", default="text")
@@ -279,12 +290,7 @@ def subnets_show(obj: Context, query: str, output: str) -> None:
     SUBNET is a CIDR (10.5.52.0/24) or etcd key (10.5.52.0-24); PUBLIC_IP a node's address.
     """
     listing = obj.listing()
-    try:
-        found = ctl_views.find(listing, query)
-    except ValueError as exc:
-        fail(f"{exc}; give a subnet or a public IP")
-    if not found:
-        fail(f"no lease matches {query}")
+    found = _matching(listing, query)
     ttls = obj.ttls(listing, found)
     rows = [ctl_views.row(li, ttls) for li in found]
     if output != "text":
@@ -450,13 +456,7 @@ def retire(obj: Context, query: str, force: bool, yes: bool, healthz_port: int) 
     from flanneld.ctl.liveness import answers
     from flanneld.leases.manager import release
 
-    listing = obj.listing()
-    try:
-        found = ctl_views.find(listing, query)
-    except ValueError as exc:
-        fail(f"{exc}; give a subnet or a public IP")
-    if not found:
-        fail(f"no lease matches {query}")
+    found = _matching(obj.listing(), query)
     if len(found) > 1:
         fail(f"{query} matches {len(found)} leases ({', '.join(li.lease.key for li in found)}); give the subnet")
     listed = found[0]

@@ -57,6 +57,23 @@ def own_state(cluster: Cluster, node: lab.Node) -> tuple[str, str, int]:
     return cluster.subnet(node), link(node)["address"], cluster.etcd_client.get(cluster.lease_key(node)).lease_id
 
 
+def readyz_asked_on(node: lab.Node) -> str:
+    """/readyz's answer, asked on the node itself (while its underlay is down nothing reaches it)."""
+    return node.sh(lab.tool("python3"), "-c", "import urllib.request as u\ntry:\n u.urlopen('http://127.0.0.1:8471"
+                   "/readyz')\nexcept Exception as e:\n print(e.read().decode())", check=False).stdout
+
+
+def lost_only_until(probes: BothWays, until: float, what: str) -> None:
+    """Probe 2.5 s more, stop, and check that probes were lost (the fault was real) but none after
+    `until`, and that probing went on at its rate (20 ms) from then."""
+    time.sleep(2.5)
+    end = time.monotonic()
+    tally = probes.stop()
+    late = [round(t - until, 2) for t in tally.lost_at if t > until]
+    assert not late, f"probes lost more than 2 s after {what}: {late}"
+    assert tally.lost and tally.sent_between(until, end) >= (end - until) / 0.02, tally[:2]
+
+
 @pytest.fixture
 def own_etcd(session_lab):
     """A dedicated etcd the test may stop, pause and restart (the session's serves everyone else)."""
@@ -442,9 +459,8 @@ def test_an_underlay_deleted_and_created_again_is_followed(make_cluster, config)
     mac = node1.sh("cat", f"/sys/class/net/{eth}/address").stdout.strip()  # a rebuilt bond or VLAN keeps it
     node1.sh("ip", "link", "del", eth)  # the veth pair goes, flannel.1 (vxlan) with it
     eventually(lambda: f"interface {eth} is gone" in node1.log(), timeout=3, what="the loss said")
-    readyz = node1.sh(lab.tool("python3"), "-c", "import urllib.request as u\ntry:\n u.urlopen('http://127.0.0.1:8471"
-                      "/readyz')\nexcept Exception as e:\n print(e.read().decode())", check=False).stdout
-    assert readyz.startswith(f"not ready: interface {eth} is gone"), readyz  # asked on the node: no way in
+    readyz = readyz_asked_on(node1)  # no way in from outside
+    assert readyz.startswith(f"not ready: interface {eth} is gone"), readyz
     lab.ipbatch([f"link add {eth} netns {node1.ns} type veth peer name {p}-n1", f"link set {p}-n1 master br0 up"],
                 ns=cluster.lab.ul)
     lab.ipbatch([f"link set {eth} address {mac}", f"addr add {node1.ip}/24 dev {eth}",
@@ -459,12 +475,7 @@ def test_an_underlay_deleted_and_created_again_is_followed(make_cluster, config)
             return False
 
     eventually(ready, timeout=5, what="ready again")
-    time.sleep(2.5)
-    end = time.monotonic()
-    tally = probes.stop()
-    late = [round(t - up, 2) for t in tally.lost_at if t > up + 2.0]
-    assert not late, f"probes lost more than 2 s after the interface was back: {late}"
-    assert tally.lost and tally.sent_between(up + 2.0, end) >= (end - up - 2.0) / 0.02, tally[:2]
+    lost_only_until(probes, up + 2.0, "the interface was back")
     assert node1.log().count(f"interface {eth} is gone") == 1 and f"interface {eth} is back" in node1.log()
     no_traceback(node1)
 
@@ -482,19 +493,13 @@ def test_the_underlay_address_removed_and_added_again_is_followed(make_cluster, 
     eth = node1.ifname
     node1.sh("ip", "addr", "del", f"{node1.ip}/24", "dev", eth)
     eventually(lambda: f"interface {eth} no longer holds {node1.ip}" in node1.log(), timeout=3, what="the loss said")
-    readyz = node1.sh(lab.tool("python3"), "-c", "import urllib.request as u\ntry:\n u.urlopen('http://127.0.0.1:8471"
-                      "/readyz')\nexcept Exception as e:\n print(e.read().decode())", check=False).stdout
+    readyz = readyz_asked_on(node1)
     assert readyz.startswith(f"not ready: interface {eth} no longer holds {node1.ip}"), readyz
     time.sleep(1)
     lab.ipbatch([f"addr add {node1.ip}/24 dev {eth}", f"route add default via {lab.ROUTER_IP}"], ns=node1.ns)
     back = time.monotonic()
     eventually(lambda: node1.http("/readyz", timeout=0.5)[0] == 200, timeout=5, what="ready again")
-    time.sleep(2.5)
-    end = time.monotonic()
-    tally = probes.stop()
-    late = [round(t - back, 2) for t in tally.lost_at if t > back + 2.0]
-    assert not late, f"probes lost more than 2 s after the address was back: {late}"
-    assert tally.lost and tally.sent_between(back + 2.0, end) >= (end - back - 2.0) / 0.02, tally[:2]
+    lost_only_until(probes, back + 2.0, "the address was back")
     log = node1.log()
     assert log.count(f"no longer holds {node1.ip}") == 1 and f"interface {eth} holds {node1.ip} again" in log
     no_traceback(node1)
