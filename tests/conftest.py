@@ -42,7 +42,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="needs root (network namespaces, etcd)")
     for item in items:
-        if "integration" in item.path.parts:
+        if "integration" in item.path.parts or "machines" in item.path.parts:
             item.add_marker(pytest.mark.kernel)
             if not IS_ROOT:
                 item.add_marker(skip)

@@ -11,16 +11,18 @@ import contextlib
 import ctypes
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
 __all__ = ["CTL_IP", "OUTSIDE", "OUTSIDE_HOST_IP", "REMOTE_GW", "REMOTE_NET", "ROUTER_IP", "STATE_DIR", "UNDERLAY",
-           "UNDERLAY6", "LabError", "cleanup", "cleanup_stale", "enter_namespace", "free_port", "ip", "ipbatch",
-           "list_namespaces", "new_prefix", "sh", "tail", "tool"]
+           "UNDERLAY6", "LabError", "cgroup_dirs", "cleanup", "cleanup_stale", "enter_namespace", "free_port",
+           "in_host_network", "ip", "ipbatch", "list_namespaces", "new_prefix", "remove_cgroups", "sh", "tail", "tool"]
 
 STATE_DIR = "/run/flanneld-lab"
 UNDERLAY = "198.51.100"
@@ -61,8 +63,14 @@ def new_prefix() -> str:
     return "fl" + secrets.token_hex(2)
 
 
+_host_network: int | None = None  # the namespace this process started in (enter_namespace keeps it open)
+
+
 def enter_namespace(name: str) -> None:
     """Move the calling thread (call it before starting any thread) into namespace `name`."""
+    global _host_network
+    if _host_network is None:
+        _host_network = os.open("/proc/self/ns/net", os.O_RDONLY)
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
     try:
@@ -71,6 +79,14 @@ def enter_namespace(name: str) -> None:
             raise LabError(f"setns({name}) failed: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def in_host_network(argv: Sequence[str]) -> tuple[list[str], tuple[int, ...]]:
+    """`argv` run in the network namespace this process started in (for downloads: Debian's
+    archive, PyPI), and the file descriptor to pass it (subprocess's pass_fds)."""
+    if _host_network is None:
+        return list(argv), ()
+    return ["nsenter", f"--net=/proc/self/fd/{_host_network}", "--", *argv], (_host_network,)
 
 
 def list_namespaces() -> list[str]:
@@ -95,7 +111,53 @@ def cleanup(prefix: str) -> list[str]:
             time.sleep(0.05)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(STATE_DIR, prefix))
+    _remove_dirs(f"{prefix}-")
+    remove_cgroups(f"{prefix}-")
     return names
+
+
+def _remove_dirs(start: str) -> None:
+    """The labs' directories (logs, the machines tier's overlay layers): a Lab.dir is mkdtemp(prefix=...)."""
+    tmp = tempfile.gettempdir()
+    for entry in os.listdir(tmp):
+        if entry.startswith(start) and os.path.isdir(os.path.join(tmp, entry)):
+            shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
+
+
+def cgroup_dirs() -> list[str]:
+    """This process's cgroup directories in the hierarchies systemd uses (the unified one, and
+    systemd's named v1 one on a hybrid host): where a machine of the lab gets a cgroup of its own."""
+    mounts: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, options = fields[sep + 1], fields[sep + 3].split(",")
+            if fstype == "cgroup2":
+                mounts.setdefault("", fields[4])
+            elif fstype == "cgroup" and "name=systemd" in options:
+                mounts.setdefault("name=systemd", fields[4])
+    dirs = []
+    with open("/proc/self/cgroup") as fh:
+        for line in fh:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controllers in mounts:
+                dirs.append(mounts[controllers] + path.rstrip("/"))
+    return dirs
+
+
+def remove_cgroups(start: str) -> None:
+    """Remove the cgroups (and what systemd made inside them) whose names begin with `start`; a
+    cgroup that still holds a process stays."""
+    for parent in cgroup_dirs():
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(parent):
+                top = os.path.join(parent, entry)
+                if not entry.startswith(start) or not os.path.isdir(top):
+                    continue
+                for path, _dirs, _files in os.walk(top, topdown=False):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(path)
 
 
 def cleanup_stale() -> list[str]:
@@ -112,6 +174,8 @@ def cleanup_stale() -> list[str]:
         if owner and os.path.exists(f"/proc/{owner}"):
             continue
         removed += cleanup(prefix)
+        _remove_dirs(prefix)  # its clusters' too (prefix + "c1-…")
+        remove_cgroups(prefix)
     return removed
 
 

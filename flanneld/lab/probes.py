@@ -6,7 +6,7 @@ import bisect
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from flanneld.lab.cluster import Pod
@@ -60,13 +60,19 @@ class Tally(NamedTuple):
 class Pinger:
     """Echo requests from a pod every `interval` seconds until stop(), which returns the Tally:
     every probe sent is counted, a tail still unanswered when stopping included (after `grace`
-    seconds for replies in flight). See :mod:`flanneld.lab.icmp_probe`."""
+    seconds for replies in flight). See :mod:`flanneld.lab.icmp_probe`.
 
-    def __init__(self, src: Pod, dst: str, interval: float = 0.01, grace: float = 1.0) -> None:
-        self.what = f"{src.name} -> {dst}"
-        self.proc = subprocess.Popen(["ip", "netns", "exec", src.name, tool("python3"), "-m", "flanneld.lab.icmp_probe",
-                                      dst, str(interval), str(grace)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+    `src` is a pod of a namespace cluster, or the command that runs the prober inside a pod
+    elsewhere (a machine's: ``[..., "python3", ".../icmp_probe.py"]``)."""
+
+    def __init__(self, src: Pod | Sequence[str], dst: str, interval: float = 0.01, grace: float = 1.0) -> None:
+        if isinstance(src, Pod):
+            self.what = f"{src.name} -> {dst}"
+            prober = ["ip", "netns", "exec", src.name, tool("python3"), "-m", "flanneld.lab.icmp_probe"]
+        else:
+            self.what, prober = f"{' '.join(src)} -> {dst}", list(src)
+        self.proc = subprocess.Popen([*prober, dst, str(interval), str(grace)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         started = self.proc.stdout.readline()
         if started.strip() != "probing":

@@ -14,6 +14,7 @@ are in place.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import click
@@ -77,6 +78,10 @@ UMask=0027
 WantedBy=multi-user.target
 """
 
+# where systemd looks for units an operator installs: only a unit put there is worth a reload
+SYSTEMD_UNIT_DIRS = frozenset({"/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                               "/usr/lib/systemd/system", "/lib/systemd/system"})
+
 DEFAULTS = """\
 # flanneld settings: every flag can be given as FLANNELD_<FLAG> (see flanneld --help).
 #FLANNELD_ETCD_ENDPOINTS=https://10.0.0.5:2379
@@ -120,4 +125,19 @@ def install_unit_command(unit_dir: str, defaults_file: str, force: bool) -> None
             write_atomically(defaults_file, DEFAULTS, 0o644)
     except OSError as exc:
         raise click.ClickException(f"cannot write {exc.filename}: {exc.strerror}") from None
-    click.echo(f"installed {path}; now: systemctl daemon-reload && systemctl enable --now flanneld")
+    click.echo(f"installed {path}")
+    if os.path.realpath(unit_dir) not in SYSTEMD_UNIT_DIRS:
+        click.echo("not a directory systemd reads units from: link or copy it there")
+    elif not systemd_running():
+        click.echo("systemd is not running here (PID 1 is not systemd): the unit is written, not loaded", err=True)
+    else:
+        reload = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
+        if reload.returncode != 0:
+            detail = reload.stderr.strip().splitlines()[-1:] or [f"exit status {reload.returncode}"]
+            raise click.ClickException(f"unit written, but systemctl daemon-reload failed: {detail[0]}")
+        click.echo("systemd reloaded; now: systemctl enable --now flanneld")
+
+
+def systemd_running() -> bool:
+    """sd_booted(3): PID 1 is systemd."""
+    return os.path.isdir("/run/systemd/system")
