@@ -49,26 +49,39 @@ def fdb_has(machine: Machine, mac: str, dst: str) -> bool:
 
 
 def test_the_unit_is_active_only_once_ready_with_subnet_env_and_the_data_plane_in_place(cluster):
-    """systemd runs ExecStartPost= the moment READY=1 arrives, before the unit is active: what it
-    sees is what the daemon had in place when it said ready."""
+    """A first start on a clean node with etcd out of reach: the unit stays "activating" (no READY=1
+    without a lease); once etcd answers it turns active, and ExecStartPost= (run by systemd when
+    READY=1 arrives, before the unit is active) finds subnet.env, the device, the peers' routes and
+    the firewall rules in place."""
     node2 = cluster.machines[1]
     peers = [cluster.subnet_env(m)["FLANNEL_SUBNET"] for m in (cluster.machines[0], cluster.machines[2])]
     assert node2.show("flanneld", "Type", "NotifyAccess") == {"Type": "notify", "NotifyAccess": "main"}
+    node2.systemctl("stop", "flanneld")
+    node2.run(f"{VENV}/bin/flanneld", "cleanup", "--keep-installed")  # a restart would find it all in place
+    assert "flannel.1" not in node2.run("ip", "-br", "link").stdout
     node2.run("mkdir", "-p", DROPIN)
     snapshot = ("cat /run/flannel/subnet.env; ip -o link show flannel.1; ip route show dev flannel.1; "
                 "iptables-save -t nat | grep -c FLANNEL-POSTRTG")
     node2.run("tee", f"{DROPIN}/at-ready.conf", input=f"[Service]\nExecStartPost=/bin/sh -c "
               f"'({snapshot}) > /run/flannel/at-ready 2>&1'\n")
+    node2.run("nft", "-f", "-", input="table inet labtest { chain out { type filter hook output priority 0; "
+              "tcp dport 2379 drop; }; }")
     try:
         node2.systemctl("daemon-reload")
-        node2.run("rm", "-f", "/run/flannel/at-ready")
-        node2.systemctl("restart", "flanneld")
+        node2.systemctl("start", "--no-block", "flanneld")
+        time.sleep(3)
+        assert node2.systemctl("is-active", "flanneld", check=False) == "activating"
+        assert node2.run("test", "-e", "/run/flannel/subnet.env", check=False).returncode != 0
+        node2.run("nft", "delete", "table", "inet", "labtest")
+        eventually(lambda: node2.systemctl("is-active", "flanneld", check=False) == "active", timeout=30,
+                   interval=0.2, what="active once etcd answers")
         at_ready = node2.read("/run/flannel/at-ready")
     finally:
-        node2.run("rm", "-rf", DROPIN)
+        node2.run("nft", "delete", "table", "inet", "labtest", check=False)
+        node2.run("rm", "-rf", DROPIN, "/run/flannel/at-ready")
         node2.systemctl("daemon-reload")
     env = cluster.subnet_env(node2)
-    assert f"FLANNEL_SUBNET={env['FLANNEL_SUBNET']}" in at_ready and "flannel.1:" in at_ready
+    assert f"FLANNEL_SUBNET={env['FLANNEL_SUBNET']}" in at_ready and "flannel.1:" in at_ready, at_ready
     for peer in peers:  # the peers' routes were programmed before READY=1, not after
         network = re.sub(r"\.1/24$", ".0/24", peer)
         assert f"{network} via" in at_ready, at_ready
