@@ -11,6 +11,13 @@ reported beside it.
 Fake peers' public addresses cycle through the underlay range; no traffic is sent to them.
 
     .venv/bin/python bench/converge.py [--sizes 1000,5000] [--churn 200] [--backends vxlan,host-gw]
+                                       [--prober-window 30]
+
+The overlay prober (on by default, --probe-interval=30): at the largest vxlan size the node runs
+once with it off and once on, each then left idle for two probe intervals: RSS, and CPU in the
+first interval and in the second (steady state), same run.
+The fake peers answer nothing, so every peer fails its look, is looked at again with a probe over
+the underlay, and changes state: the prober's dearest case.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ PREFIX = "/coreos.com/network"
 # The bench writes peer leases itself from 198.18.0.8/29 upwards (up to ~198.18.163.0 for 5000 + 200);
 # SubnetMin keeps the node's own lease clear of them, so a churn lease never lands on its key.
 CONFIG = {"Network": "198.18.0.0/16", "SubnetLen": 29, "SubnetMin": "198.18.200.0"}
-BUDGET = {"converge_s": 2.5, "rss_mb": 60, "churn_s": 1.0}
+BUDGET = {"converge_s": 2.5, "rss_mb": 60, "churn_s": 1.0, "prober_rss_mb": 3.0, "prober_cpu_pct": 1.0}
 
 
 def peer(n: int, backend: str = "vxlan"):
@@ -70,6 +77,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def baseline_ip_batch(node: lab.Node, n: int, backend: str) -> float:
     """iproute2 programming the same entries (on a scratch VXLAN device for vxlan)."""
     if backend == "host-gw":
@@ -98,7 +111,8 @@ def baseline_ip_batch(node: lab.Node, n: int, backend: str) -> float:
     return took
 
 
-def run_size(n: int, churn: int, endpoint: str, tag: int, backend: str) -> dict[str, float]:
+def run_size(n: int, churn: int, endpoint: str, tag: int, backend: str, flags: tuple[str, ...] = (),
+             window: float = 0.0) -> dict[str, float]:
     reg = EtcdClient(EtcdOptions(endpoints=(endpoint,), prefix=PREFIX))
     reg.put(PREFIX + "/config", json.dumps({**CONFIG, "Backend": {"Type": backend}}).encode())
     head = leases_prefix(PREFIX)
@@ -113,7 +127,7 @@ def run_size(n: int, churn: int, endpoint: str, tag: int, backend: str) -> dict[
         node = cluster.build_underlay(1)[0]
         baseline = baseline_ip_batch(node, n, backend)
         start = time.perf_counter()
-        proc = node.start_flanneld(f"http://{lab.CTL_IP}:{endpoint.rsplit(':', 1)[1]}", PREFIX)
+        proc = node.start_flanneld(f"http://{lab.CTL_IP}:{endpoint.rsplit(':', 1)[1]}", PREFIX, *flags)
         converged = wait_routes(node, n, 60, backend) - start
         time.sleep(1.0)
         rss = rss_mb(proc.pid)
@@ -124,13 +138,23 @@ def run_size(n: int, churn: int, endpoint: str, tag: int, backend: str) -> dict[
         churned = wait_routes(node, n + churn, 30, backend) - churn_start
         time.sleep(0.5)
         missed = n + churn - count_routes(node, backend)
+        idle_cpu = first_cpu = 0.0
+        if window:  # the first interval (every peer's first look, and here its failure said) apart
+            before = cpu_seconds(proc.pid)
+            time.sleep(window)
+            middle = cpu_seconds(proc.pid)
+            time.sleep(window)
+            first_cpu = (middle - before) / window * 100
+            idle_cpu = (cpu_seconds(proc.pid) - middle) / window * 100
+            rss = max(rss, rss_mb(proc.pid))
         node.stop_processes()
     finally:
         cluster.close()
         reg.close()
     return {"backend": backend, "peers": n, "converge_s": round(converged, 3), "rss_mb": round(rss, 1),
             "churn_leases": churn, "churn_s": round(churned, 3), "churn_missed": missed,
-            "baseline_ip_batch_s": round(baseline, 3)}
+            "baseline_ip_batch_s": round(baseline, 3), "idle_cpu_pct": round(idle_cpu, 2),
+            "first_interval_cpu_pct": round(first_cpu, 2)}
 
 
 CTL = ""
@@ -142,6 +166,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000,5000")
     parser.add_argument("--churn", type=int, default=200)
     parser.add_argument("--backends", default="vxlan,host-gw")
+    parser.add_argument("--prober-window", type=float, default=30.0,
+                        help="Seconds of idle CPU measured with the prober off and on (0: skip).")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces)")
@@ -152,12 +178,25 @@ def main() -> int:
             for n in (int(x) for x in args.sizes.split(",")):
                 results.append(run_size(n, args.churn, server.endpoint, tag, backend))
                 tag += 1
+        prober = {}
+        if args.prober_window:
+            n = max(int(x) for x in args.sizes.split(","))
+            for mode, flags in (("off", ("--probe-interval=0",)), ("on", ())):
+                prober[mode] = run_size(n, 0, server.endpoint, tag, "vxlan", flags, args.prober_window)
+                tag += 1
 
     head = f"{'backend':>8} {'peers':>6} {'converge':>9} {'ip -batch':>10} {'RSS':>8} {'churn':>8} {'missed':>7}"
     print(head)
     for r in results:
         print(f"{r['backend']:>8} {r['peers']:>6} {r['converge_s']:>8.2f}s {r['baseline_ip_batch_s']:>9.2f}s "
               f"{r['rss_mb']:>6.1f}MB {r['churn_s']:>7.2f}s {r['churn_missed']:>7}")
+    if prober:
+        off, on = prober["off"], prober["on"]
+        print(f"prober, vxlan {on['peers']} peers, idle {args.prober_window:.0f}s after the first "
+              f"{args.prober_window:.0f}s: off {off['rss_mb']:.1f}MB {off['idle_cpu_pct']:.2f}% CPU, on "
+              f"{on['rss_mb']:.1f}MB {on['idle_cpu_pct']:.2f}% CPU "
+              f"(first interval {on['first_interval_cpu_pct']:.2f}%); "
+              f"converge {off['converge_s']:.2f}s off, {on['converge_s']:.2f}s on")
     vxlan = [r for r in results if r["backend"] == "vxlan"] or results
     largest = max(vxlan, key=lambda r: r["peers"])
     verdict = {
@@ -165,6 +204,12 @@ def main() -> int:
         "rss_ok": all(r["rss_mb"] <= BUDGET["rss_mb"] for r in results),
         "churn_ok": all(r["churn_s"] <= BUDGET["churn_s"] and r["churn_missed"] == 0 for r in results),
     }
+    if prober:
+        verdict["prober"] = {"off": prober["off"], "on": prober["on"],
+                             "rss_delta_mb": round(prober["on"]["rss_mb"] - prober["off"]["rss_mb"], 1),
+                             "cpu_delta_pct": round(prober["on"]["idle_cpu_pct"] - prober["off"]["idle_cpu_pct"], 2)}
+        verdict["prober_rss_ok"] = verdict["prober"]["rss_delta_mb"] <= BUDGET["prober_rss_mb"]
+        verdict["prober_cpu_ok"] = verdict["prober"]["cpu_delta_pct"] <= BUDGET["prober_cpu_pct"]
     print(json.dumps({"bench": "converge", "budget": BUDGET, "results": results, **verdict}))
     return 0
 

@@ -580,17 +580,21 @@ LEVEL_STYLE = {"ok": ("ok", "green"), "warning": ("warn", "yellow"), "problem": 
               envvar="FLANNELD_SUBNET_FILE", help="The node's subnet.env.")
 @click.option("--iptables-forward-rules", type=bool, default=True, show_default=True,
               envvar="FLANNELD_IPTABLES_FORWARD_RULES", help="Whether flanneld installs forward rules.")
+@click.option("--healthz-port", type=click.IntRange(0, 65535), default=8471, show_default=True,
+              envvar="FLANNELD_HEALTHZ_PORT", help="Where this node's flanneld serves /probes (0: skip the probes).")
 @output_option("text", "json", default="text")
 @click.pass_obj
-def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output: str) -> None:
-    """Check this node: subnet.env, its lease in etcd and the kernel state agree.
+def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, healthz_port: int, output: str) -> None:
+    """Check this node: subnet.env, its lease in etcd and the kernel state agree, and packets pass.
 
     Looks at the backend's devices (VXLAN: VNI, port, MTU, MAC; WireGuard: public key against the
     lease, port, MTU; address, up), every peer's neighbour, FDB entry, route and WireGuard peer
-    (missing, wrong or stale) and the firewall rules. Exit status 0 only when
-    all is well, 1 otherwise.
+    (missing, wrong or stale), the firewall rules, and the data path to every peer as flanneld's
+    prober last found it (its /probes; failing peers first). Exit status 0 only when all is
+    well, 1 otherwise.
     """
     from flanneld.ctl import doctor as doc
+    from flanneld.ctl import probes
 
     config = obj.require_config()
     env, env_problem = None, ""
@@ -605,6 +609,15 @@ def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output:
     ttls = obj.ttls(listing, [own] if own is not None else [])
     kernel = doc.read_kernel(config.enable_nftables, [f.version for f in config.families()])
     findings, peers = doc.examine(doc.Inputs(config, env, env_problem, listing, ttls, kernel, iptables_forward_rules))
+    if healthz_port:
+        try:
+            table = probes.fetch("127.0.0.1", healthz_port)
+            probe_findings = [doc.Finding(row.level, "probe", row.text) for row in probes.rows(table)]
+        except probes.FetchError as exc:
+            probe_findings = [doc.Finding(doc.WARN, "probe", f"no data-path probes: {exc} (flanneld --healthz-port, "
+                                                             "--probe-interval)")]
+        findings = probe_findings + findings if any(f.level == doc.PROBLEM for f in probe_findings) else \
+            findings + probe_findings
     ok = doc.healthy(findings)
     if output == "json":
         summary = {"healthy": ok, "peers": peers, "findings": [f.__dict__ for f in findings]}
@@ -617,6 +630,54 @@ def doctor(obj: Context, subnet_file: str, iptables_forward_rules: bool, output:
         click.echo(styled("healthy" if ok else f"{problems} problem(s) found", fg="green" if ok else "red",
                           bold=True))
     if not ok:
+        sys.exit(1)
+
+
+@cli.command("probes")
+@click.option("--healthz-port", type=click.IntRange(1, 65535), default=8471, show_default=True,
+              help="Where every node's flanneld serves /probes.")
+@output_option("text", "json", default="text")
+@click.pass_obj
+def probes_command(obj: Context, healthz_port: int, output: str) -> None:
+    """The cluster's data paths: every node's probe table (asked of its flanneld at its public
+    address), as a matrix for up to 16 nodes, else the failing pairs; nodes that could not be asked
+    are named. Exit status 1 when a pair fails or a node could not be asked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flanneld.ctl import probes
+
+    leases = [listed.lease for listed in obj.listing().leases.values() if not listed.reserved]
+    nodes = sorted({probes.Node(str(lease.subnet or lease.subnet6), str(lease.public_ip if lease.subnet else
+                                                                        lease.public_ipv6)) for lease in leases},
+                   key=lambda n: ipaddress.ip_network(n.subnet))
+    tables: dict[probes.Node, list[dict[str, Any]]] = {}
+    unasked: dict[probes.Node, str] = {}
+
+    def ask(node: probes.Node) -> None:
+        try:
+            tables[node] = probes.fetch(node.public_ip, healthz_port)
+        except probes.FetchError as exc:
+            unasked[node] = str(exc)
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(ask, nodes))
+    failing = probes.failing_pairs(tables)
+    if output == "json":
+        click.echo(json.dumps({
+            "nodes": [{"subnet": n.subnet, "public_ip": n.public_ip, "peers": tables.get(n), "error": unasked.get(n)}
+                      for n in nodes],
+            "failing": [{"from": f.subnet, "from_ip": f.public_ip, "to": to, "to_ip": to_ip, "state": state,
+                         "cause": why} for f, to, to_ip, state, why in failing]}, indent=2))
+    else:
+        if 0 < len(nodes) <= probes.MATRIX_MAX:
+            for line in probes.matrix(nodes, tables):
+                click.echo(line)
+        for f, to, to_ip, state, why in failing:
+            click.echo(f"{f.subnet} ({f.public_ip}) -> {to} ({to_ip}): {state} — {why}")
+        for node, why in sorted(unasked.items(), key=lambda item: item[0].subnet):
+            click.echo(f"could not ask {node.subnet} ({node.public_ip}): {why}")
+        click.echo(f"{len(nodes)} nodes, {len(tables)} asked, {len(failing)} failing pair(s)")
+    if failing or unasked:
         sys.exit(1)
 
 

@@ -106,6 +106,8 @@ def _drop_in_flags(kw: dict[str, Any]) -> None:
       help="wireguard backend: the kernel module, userspace wireguard-go, or the kernel's when it has one.")
 @flag("reconcile-interval", type=GoInt(1, 86400), default=30, show_default=True,
       help="Seconds between full kernel-state reconciles (drift is also repaired on netlink events).")
+@flag("probe-interval", type=GoInt(0, 86400), default=30, show_default=True,
+      help="Seconds in which every peer's data path is probed once (ICMP over the overlay; 0: off).")
 @click.option("-v", "--v", "verbosity", type=GoInt(0, 10), default=0, envvar="FLANNELD_V",
               help="Log verbosity (2: debug).")
 @flag("log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
@@ -140,6 +142,7 @@ def flanneld_command(show_version: bool, verbosity: int, log_format: str, **kw: 
         healthz_ip=kw["healthz_ip"],
         healthz_port=kw["healthz_port"],
         reconcile_interval=kw["reconcile_interval"],
+        probe_interval=kw["probe_interval"],
     )
     sys.exit(Daemon(options).run())
 

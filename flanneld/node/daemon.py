@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flanneld import __version__
 from flanneld.dataplane import nlcodec as nl
@@ -42,6 +42,7 @@ from flanneld.node.health import Check, HealthServer, sd_notify
 from flanneld.node.instance import InstanceError, InstanceLock
 from flanneld.node.metrics import Metrics
 from flanneld.node.overlay import Overlay, OverlaySettings
+from flanneld.node.prober import Prober
 from flanneld.node.signals import STOP_SIGNALS, call_on_signals, format_stacks
 from flanneld.node.startup import StartSettings, start, validate
 from flanneld.plan.backend import NodeSettings
@@ -89,6 +90,7 @@ class DaemonOptions:
     healthz_port: int = 0
     reconcile_interval: float = 30.0
     lease_ttl: int = SUBNET_TTL
+    probe_interval: float = 30.0  # each peer's data path probed once per this many seconds (0: off)
 
 
 class Daemon:
@@ -107,6 +109,7 @@ class Daemon:
         self.config_monitor: ConfigMonitor | None = None
         self.health_server: HealthServer | None = None
         self.overlay: Overlay | None = None
+        self.prober: Prober | None = None
         self.instance = InstanceLock()  # held until the process ends (see flanneld.node.instance)
         self.underlay_gone = False  # the external interface was deleted (loop thread; /readyz reads it)
         self.address_lost = ""  # the addresses we run over that the interface no longer holds (the same)
@@ -136,6 +139,11 @@ class Daemon:
             checks.append(Check("etcd-watch", True, f"revision {watcher.revision}"))
         return checks
 
+    def probe_table(self) -> list[dict[str, object]] | None:
+        """The prober's per-peer table (None while it is off or not running)."""
+        prober = self.prober
+        return prober.table() if prober is not None and prober.running else None
+
     # -- running ---------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -163,12 +171,13 @@ class Daemon:
     def _serve_health(self) -> None:
         host, port = self.opts.healthz_ip, self.opts.healthz_port
         try:
-            self.health_server = HealthServer(host, port, self.health, self.readiness, self.metrics.render)
+            self.health_server = HealthServer(host, port, self.health, self.readiness, self.metrics.render,
+                                              self.probe_table)
         except OSError as exc:
             raise FatalError(f"cannot serve /healthz on {host}:{port} (--healthz-ip/--healthz-port): "
                              f"{exc.strerror or exc}") from None
         self.health_server.start()
-        log.info("serving /healthz, /readyz and /metrics on %s:%d", host, self.health_server.port)
+        log.info("serving /healthz, /readyz, /metrics and /probes on %s:%d", host, self.health_server.port)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         """On the signal thread (:mod:`flanneld.node.signals`), so taking the queue's lock is safe.
@@ -192,6 +201,9 @@ class Daemon:
             iface=o.iface, node=NodeSettings(blackhole_route=o.blackhole_route,
                                                 wireguard_provider=o.wireguard_provider), lease_ttl=o.lease_ttl,
             renew_margin_seconds=o.renew_margin_minutes * 60, instance=self.instance)
+        if o.probe_interval > 0:
+            self.prober = Prober(o.probe_interval, self.metrics, self.stop_event)
+            settings = replace(settings, probe_sink=self.prober.send)
         self.kernel = Kernel()
         assert self.etcd_client is not None
         started = start(self.etcd_client, self.kernel, settings, self.metrics, self.stop_event, self._set_phase)
@@ -214,6 +226,9 @@ class Daemon:
         self.config_monitor = ConfigMonitor(self.etcd_client, f"{o.etcd.prefix}/config", overlay.config, validate,
                                             o.reconcile_interval)
         threading.Thread(target=self.config_monitor.run, name="config-monitor", daemon=True).start()
+        if self.prober is not None:
+            self.prober.configure(overlay.config, overlay.backend.mtu())
+            threading.Thread(target=self.prober.run, name="prober", daemon=True).start()
         return True
 
     # -- threads feeding the loop ------------------------------------------------------------

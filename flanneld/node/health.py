@@ -1,4 +1,5 @@
-"""Health endpoints: /healthz, /readyz, /metrics (prometheus-client's exposition) and systemd notification.
+"""Health endpoints: /healthz, /readyz, /metrics (prometheus-client's exposition), /probes (the
+overlay prober's per-peer table, JSON) and systemd notification.
 
 ``/healthz`` is liveness, as upstream's: 503 only when the daemon is stuck (its event loop has
 not run), never for an etcd outage: a liveness probe restarting every node when etcd goes away
@@ -12,6 +13,7 @@ datagram protocol directly, no libsystemd needed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -39,8 +41,9 @@ class HealthServer:
     """
 
     def __init__(self, host: str, port: int, health: Callable[[], list[Check]],
-                 readiness: Callable[[], list[Check]], metrics: Callable[[], str]) -> None:
-        self.health, self.readiness, self.metrics = health, readiness, metrics
+                 readiness: Callable[[], list[Check]], metrics: Callable[[], str],
+                 probes: Callable[[], list[dict[str, object]] | None] = lambda: None) -> None:
+        self.health, self.readiness, self.metrics, self.probes = health, readiness, metrics, probes
         outer = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -95,7 +98,12 @@ class HealthServer:
                 return 200, f"{good}\n", text
         if path == "/metrics":
             return 200, self.metrics(), "text/plain; version=0.0.4; charset=utf-8"
-        return 404, "not found: try /healthz, /readyz or /metrics\n", text
+        if path == "/probes":
+            table = self.probes()
+            if table is None:
+                return 503, "the prober is not running (--probe-interval=0, or not ready yet)\n", text
+            return 200, json.dumps({"peers": table}) + "\n", "application/json"
+        return 404, "not found: try /healthz, /readyz, /metrics or /probes\n", text
 
     @property
     def port(self) -> int:

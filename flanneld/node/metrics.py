@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 # lease event → netlink ACK: most land in well under a millisecond; bursts and slow etcd reach seconds
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+PROBE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 RECONCILE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -57,6 +58,14 @@ class Metrics:
             "flanneld_lease_event_programmed_seconds",
             "From a lease event's arrival from etcd to the kernel's ACK of its entries",
             buckets=LATENCY_BUCKETS, registry=r)
+        # the overlay self-test (flanneld.node.prober): aggregates only, no label per peer
+        self.probe_peers = Gauge("flanneld_probe_peers", "Peers by the state of their data path as probed",
+                                 ["state"], registry=r)
+        self.probe_rtt = Histogram("flanneld_probe_rtt_seconds", "Round-trip time of the overlay probes",
+                                   buckets=PROBE_BUCKETS, registry=r)
+        self.probe_state_changes = Counter("flanneld_probe_state_changes", "Peers' probe state changes, by new state",
+                                           ["to"], registry=r)
+        self.probes_sent = Counter("flanneld_probes_sent", "Echo requests the prober sent", registry=r)
         self.netlink_writes = Counter("flanneld_netlink_writes", "Table entries written or deleted", registry=r)
         self.netlink_failures = Counter("flanneld_netlink_write_failures", "Table writes the kernel refused",
                                         registry=r)

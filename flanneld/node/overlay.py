@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flanneld.dataplane.brnetfilter import bridge_calls_iptables, problem
@@ -28,8 +28,10 @@ from flanneld.model import subnetenv
 from flanneld.model.config import NetworkConfig
 from flanneld.model.lease import Lease, LeaseAttrs, leases_prefix
 from flanneld.node.metrics import Metrics
+from flanneld.node.prober import ProbeMtu, ProbeUpdate
 from flanneld.node.retry import retry
 from flanneld.plan.backend import SKIP_KINDS, Backend, PeerPlan, merge
+from flanneld.plan.probes import Target, target_for
 from flanneld.plan.state import ObservedLink
 
 log = logging.getLogger("flanneld")
@@ -95,6 +97,9 @@ class Overlay:
     _held: dict[str, PeerPlan] = field(default_factory=dict)
     replan_pending: bool = False  # what the underlay reaches changed; peers not yet planned again
     _bridge_nf: dict[int, bool] = field(default_factory=dict)  # family -> last seen on (warned on a change)
+    # the prober's inbox (flanneld.node.prober): peers that came, went or changed their programming
+    probe_sink: Callable[[ProbeUpdate | ProbeMtu], None] | None = None
+    _probe_programmed: list[tuple[str, bool]] = field(default_factory=list)
 
     # -- our lease ---------------------------------------------------------------------------
 
@@ -185,6 +190,8 @@ class Overlay:
         kinds: Counter[str] = Counter()
         standing: set[str] = set()  # peers whose overlap standing changed
         misfits: list[tuple[str, str]] = []  # (key, how it departs from the config), said after admission
+        probe_upserts: list[tuple[Target, bool]] = []
+        probe_removed: list[str] = []
         for ev in events:
             kinds[ev.kind] += 1
             key = ev.key
@@ -202,10 +209,13 @@ class Overlay:
                 self._set_plan(key, plan)
                 _extend(added, plan)
                 self._log_skips(key, plan)
+                if self.probe_sink is not None:
+                    probe_upserts.append((target_for(lease, self.config), programmed(plan)))
                 if (text := self._misfit(lease)) or key in self._misfit_logged:
                     misfits.append((key, text))
             else:
                 standing |= self.overlaps.remove(key)
+                probe_removed.append(key)
                 self._held.pop(key, None)
                 self._skip_logged.pop(key, None)
                 self._misfit_logged.pop(key, None)
@@ -215,6 +225,9 @@ class Overlay:
                 log.info("lease %s %s (%s)", ev.kind, lease.describe(), public,
                          extra={"lease": lease.describe(), "peer": str(public), "event": ev.kind})
         self._readmit(standing | set(self._held), added, removed)
+        if self.probe_sink is not None and (probe_upserts or probe_removed or self._probe_programmed):
+            self.probe_sink(ProbeUpdate(tuple(probe_upserts), tuple(probe_removed), tuple(self._probe_programmed)))
+        self._probe_programmed.clear()
         for key, text in misfits:
             self._log_misfit(key, text)
         for kind, count in kinds.items():
@@ -294,6 +307,8 @@ class Overlay:
                     "started before keep MTU %d%s: recreate them", self.reconciler.underlay, mtu, after, before,
                     before, " and lose full-size packets" if after < before else "")
         self.write_subnet_env()
+        if self.probe_sink is not None:
+            self.probe_sink(ProbeMtu(after))
         return "underlay MTU changed"
 
     def _shared_keys(self, added: PeerPlan, removed: PeerPlan) -> bool:
@@ -338,6 +353,8 @@ class Overlay:
             self._drop_plan(key)
             plan = self._admit(key, whole)
             self._set_plan(key, plan)
+            if self.probe_sink is not None and programmed(plan) != programmed(current):
+                self._probe_programmed.append((key, programmed(plan)))
             if plan is not current:
                 _retract(added, removed, current)
                 _extend(added, plan)
@@ -450,6 +467,11 @@ class Overlay:
                 self.metrics.firewall_repairs.inc()
         except FirewallError as exc:
             log.warning("firewall check failed: %s", exc)
+
+
+def programmed(plan: PeerPlan) -> bool:
+    """Whether a peer's plan programs a path to it (one held back whole does not)."""
+    return bool(plan.routes or plan.wg_peers or plan.fdbs)
 
 
 def _extend(into: PeerPlan, plan: PeerPlan) -> None:

@@ -26,6 +26,7 @@ from flanneld.model.config import ConfigError, NetworkConfig, parse_config
 from flanneld.node.instance import InstanceLock
 from flanneld.node.metrics import Metrics
 from flanneld.node.overlay import Overlay, OverlaySettings
+from flanneld.node.prober import ProbeMtu, ProbeUpdate
 from flanneld.node.retry import retry
 from flanneld.plan.backend import NodeSettings, create_backend, published_addresses, validate_backend
 from flanneld.plan.state import ObservedLink
@@ -43,6 +44,7 @@ class StartSettings:
     lease_ttl: int
     renew_margin_seconds: float
     instance: InstanceLock = field(default_factory=InstanceLock)  # this node's identity is locked here
+    probe_sink: Callable[[ProbeUpdate | ProbeMtu], None] | None = None  # the prober's inbox, if it runs
 
 
 def validate(config: NetworkConfig) -> None:
@@ -115,7 +117,8 @@ def start(etcd_client: EtcdClient, kernel: Kernel, s: StartSettings, metrics: Me
     own = retry("acquiring a subnet lease", lambda: leases.acquire(backend.lease_attrs(devices)), stop)
     if own is None:
         return None
-    overlay = Overlay(config, backend, reconciler, leases, s.overlay, metrics, stop, devices)
+    overlay = Overlay(config, backend, reconciler, leases, s.overlay, metrics, stop, devices,
+                      probe_sink=s.probe_sink)
     overlay.adopt_lease(own.lease)  # type: ignore[attr-defined]
 
     phase("installing firewall rules")
