@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import faulthandler
 import gc
 import logging
 import queue
@@ -50,6 +51,7 @@ from flanneld.plan.backend import NodeSettings
 log = logging.getLogger("flanneld")
 
 DRIFT_DEBOUNCE = 0.02
+STOP_GRACE = 20.0  # seconds a stop may take before the process dumps its stacks and exits
 RETRY_AFTER_FAILURE = 1.0
 # What the kernel answers, on every try, for a write it will never take (an FDB entry pointing at
 # a multicast MAC, a malformed route): retried with a backoff, not once a second.
@@ -188,6 +190,11 @@ class Daemon:
             return
         if not self.stop_event.is_set():
             log.info("received %s: stopping, leaving the data plane and lease in place", sig.name)
+            # A stop that hangs (a library stuck in C code holding the interpreter lock: seen once in
+            # CI, where not even SIGUSR1's dump ran) would keep systemd waiting for its SIGKILL: after
+            # STOP_GRACE every thread's stack goes to the log, from faulthandler's own C thread, and
+            # the process exits (status 1). The data plane stays, as on any stop.
+            faulthandler.dump_traceback_later(STOP_GRACE, exit=True)
         self.stop_event.set()
         self.events.put(Stop())
 
@@ -219,7 +226,9 @@ class Daemon:
         log.info("ready: lease %s, %d peers, subnet file %s", overlay.own.describe(), len(overlay.peers),
                  o.subnet_file)
 
-        release_memory()  # the initial listing's buffers are garbage now
+        if self.prober is not None:
+            self.prober.configure(overlay.config, overlay.backend.mtu())  # takes in the listing's peers
+        release_memory()  # the initial listing's buffers (and the prober's messages of it) are garbage now
         threading.Thread(target=self.watcher.run, args=(self._on_leases,), name="lease-watch", daemon=True).start()
         self.monitor = Monitor()
         threading.Thread(target=self._watch_netlink, name="netlink-monitor", daemon=True).start()
@@ -227,7 +236,6 @@ class Daemon:
                                             o.reconcile_interval)
         threading.Thread(target=self.config_monitor.run, name="config-monitor", daemon=True).start()
         if self.prober is not None:
-            self.prober.configure(overlay.config, overlay.backend.mtu())
             threading.Thread(target=self.prober.run, name="prober", daemon=True).start()
         return True
 

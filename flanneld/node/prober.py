@@ -92,19 +92,25 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def echo_request(version: int, ident: int, number: int, size: int) -> bytes:
-    """An echo request making an IP packet of `size` bytes. The payload past the probe's number is
-    zeros, so the checksum is over the first 16 bytes only (the kernel's, for ICMPv6)."""
+ZEROS = memoryview(bytes(65536))  # every probe's padding, sent from here (scatter-gather: no copy per probe)
+
+
+def echo_head(version: int, ident: int, number: int) -> bytes:
+    """An echo request's first 16 bytes (header and probe number). The payload after them is
+    zeros, so the checksum is over these only (the kernel's, for ICMPv6)."""
     head = PROBE_ID.pack(MAGIC, number)
     if version == 4:
         head_sum = checksum(ECHO.pack(8, 0, 0, ident, number & 0xFFFF) + head)
-        start = ECHO.pack(8, 0, head_sum, ident, number & 0xFFFF)
-    else:
-        start = ECHO.pack(128, 0, 0, ident, number & 0xFFFF)
-    return start + head + bytes(payload_size(size, version) - PROBE_ID.size)
+        return ECHO.pack(8, 0, head_sum, ident, number & 0xFFFF) + head
+    return ECHO.pack(128, 0, 0, ident, number & 0xFFFF) + head
 
 
-def reply_number(packet: bytes, version: int, ident: int) -> int | None:
+def padding(version: int, size: int) -> memoryview:
+    """The zeros after the head that make an IP packet of `size` bytes."""
+    return ZEROS[:payload_size(size, version) - PROBE_ID.size]
+
+
+def reply_number(packet: bytes | bytearray, version: int, ident: int) -> int | None:
     """The probe number an echo reply to our identifier carries (None for anything else)."""
     offset = (packet[0] & 0x0F) * 4 if version == 4 else 0
     if len(packet) < offset + ECHO.size + PROBE_ID.size:
@@ -230,11 +236,16 @@ class Prober:
         self.retries: list[tuple[float, str]] = []  # heap of (when, key)
         self.looking: dict[str, Peer] = {}  # peers with a look in flight
         self.sent = 0  # echo requests sent, added to the metric once a tick
+        self.buffer = bytearray(128)  # a reply's IP header, echo header and probe number fit
         self.counts = dict.fromkeys(STATES, 0)
 
     def configure(self, config: NetworkConfig, mtu: int) -> None:
-        """Before run(): the network (families, backend, its port for the words) and the overlay MTU."""
+        """Before run(), on the thread that made the prober (its state is that thread's until run()
+        starts): the network (families, backend, its port for the words), the overlay MTU, and
+        the initial listing's peers taken in now, so that the daemon's release of start-up
+        garbage, which follows, also frees the messages that carried them."""
         self.config, self.kind, self.mtu = config, config.backend.type, mtu
+        self._inbox()
 
     # -- from other threads ---------------------------------------------------------------
 
@@ -378,23 +389,24 @@ class Prober:
         assert look is not None
         look.sent[number] = what
         self.pending[number] = peer.key
-        packet = echo_request(peer.version, self.ident, number, size)
+        head = echo_head(peer.version, self.ident, number)
         self.sent += 1
         with contextlib.suppress(OSError):  # unreachable, too big for the device: a lost probe, counted so
-            self.socks[peer.version].sendto(packet, (dst, 0))
+            self.socks[peer.version].sendmsg((head, padding(peer.version, size)), (), 0, (dst, 0))
         if what == "small":
             look.small_at = time.time()
 
     def _receive(self) -> None:
+        buffer = self.buffer
         for version, sock in self.socks.items():
             while True:
-                try:
-                    packet, ancillary, _flags, _addr = sock.recvmsg(2048, 64)
+                try:  # into one buffer: only the first bytes of a reply are read, and nothing is allocated
+                    _size, ancillary, _flags, _addr = sock.recvmsg_into((buffer,), 64)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
                     break
-                number = reply_number(packet, version, self.ident)
+                number = reply_number(buffer, version, self.ident)
                 key = self.pending.pop(number, None) if number is not None else None
                 peer = self.peers.get(key) if key is not None else None
                 look = peer.look if peer is not None else None

@@ -3,6 +3,7 @@ which peer fails and why (flanneld.node.prober); doctor and `flannelctl probes` 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import subprocess
@@ -74,9 +75,11 @@ def test_blocked_vxlan_between_two_nodes_is_reported_by_both_with_the_cause_and_
         view = ctl("probes")
         assert view.returncode == 1, view.stdout
         lines = view.stdout.splitlines()
-        rows = {line.split()[1]: line.split()[-3:] for line in lines[1:4]}
-        assert rows == {subnets[n1.ns]: ["-", "U", "."], subnets[n2.ns]: ["U", "-", "."],
-                        subnets[n3.ns]: [".", ".", "-"]}, lines
+        order = sorted(cluster.nodes, key=lambda n: ipaddress.ip_network(subnets[n.ns]))  # the matrix's order
+        cut = {n1.ns, n2.ns}
+        expected = {subnets[a.ns]: ["-" if a is b else "U" if {a.ns, b.ns} == cut else "." for b in order]
+                    for a in order}
+        assert {line.split()[1]: line.split()[-3:] for line in lines[1:4]} == expected, lines
         assert f"{subnets[n1.ns]} ({n1.ip}) -> {subnets[n2.ns]} ({n2.ip}): unreachable — " in view.stdout
         assert lines[-1] == "3 nodes, 3 asked, 2 failing pair(s)"
     finally:
@@ -163,3 +166,14 @@ def test_the_prober_off_sends_nothing(make_cluster):
     status, body = n1.http("/probes")
     assert status == 503 and "the prober is not running" in body
     assert "probing every peer" not in n1.log()
+
+
+def test_an_ipv6_only_network_is_probed_over_ipv6(make_cluster):
+    cluster = make_cluster(2, {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56",
+                               "Backend": {"Type": "vxlan"}})
+    cluster.start_all(f"--probe-interval={INTERVAL}")
+    n1, n2 = cluster.nodes
+    peer = cluster.subnet(n2)
+    eventually(lambda: state_of(n1, peer) == "ok", timeout=2 * INTERVAL + 3, interval=0.2, what="ok over IPv6")
+    row = table(n1)[peer]
+    assert row["probed"] == peer.split("/")[0] and row["public_ip"] == n2.ip6 and row["rtt_ms"] is not None
