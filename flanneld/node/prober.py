@@ -426,8 +426,10 @@ class Prober:
     def _conclude(self, now: float) -> None:
         for key, peer in list(self.looking.items()):
             look = peer.look
-            if look is None or self.peers.get(key) is not peer:
+            if look is None or self.peers.get(key) is not peer:  # the peer went (or its lease changed)
                 del self.looking[key]
+                for number in look.sent if look is not None else ():
+                    self.pending.pop(number, None)
                 continue
             if look.deadline > now:
                 continue

@@ -180,6 +180,13 @@ def test_peers_gone_are_no_longer_probed_and_counted_by_state():
     assert all(dst != "198.18.2.0" for dst, _ in network.sent[before:])
     assert prober.counts["ok"] == 2 and sum(prober.counts.values()) == 2
     assert [row["lease"] for row in prober.table_rows()] == ["198.18.1.0-24", "198.18.3.0-24"]
+    # a peer that goes while a look at it is in flight leaves nothing behind
+    prober.socks[4].network.path = lambda dst, size: False
+    now = run(prober, 0.4, now + 2.1)
+    in_flight = set(prober.looking)
+    prober.send(ProbeUpdate(removed=tuple(in_flight)))
+    run(prober, 1.5, now)
+    assert in_flight and not set(prober.pending.values()) & in_flight
 
 
 @pytest.mark.parametrize("version", [4, 6])

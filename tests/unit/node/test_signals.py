@@ -125,3 +125,20 @@ def test_a_failing_callback_does_not_deafen_the_process_to_the_next_signal() -> 
         sys.exit(0 if done.wait(5) else 3)
     """)
     assert proc.returncode == 0 and "handling SIGTERM failed" in proc.stderr and "boom" in proc.stderr
+
+
+def test_a_stop_that_hangs_dumps_every_stack_and_exits_after_the_grace() -> None:
+    """Seen once in CI: a daemon received SIGTERM and then neither stopped nor ran SIGUSR1's dump
+    (something held the interpreter lock). The grace timer runs on faulthandler's own C thread."""
+    proc = run("""
+        import os, signal, time
+        from flanneld.node import daemon
+        from flanneld.node.signals import call_on_signals
+        daemon.STOP_GRACE = 1.0
+        node = daemon.Daemon(daemon.DaemonOptions())
+        call_on_signals(node._on_signal)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(8)  # the stop never completes
+    """)
+    assert proc.returncode == 1
+    assert "Thread 0x" in proc.stderr and "in <module>" in proc.stderr, proc.stderr
