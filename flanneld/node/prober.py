@@ -38,6 +38,7 @@ from flanneld.plan.probes import (
     MTU,
     OK,
     STATES,
+    UNDERLAY,
     UNPROBED,
     Answers,
     Target,
@@ -55,6 +56,10 @@ TICK = 0.1
 ANSWER_WAIT = 1.0  # an echo request unanswered this long is lost
 RETRY_AFTER = 0.2  # a failed look is looked at again this soon, before its state changes
 LADDER_STEPS = 12  # sizes per round of the search for the size that passes (two rounds)
+# A peer not even the underlay reaches (a node down, its lease not yet expired) is looked at after
+# 1, 2, 4, then every 8 intervals: probing it costs ARP requests for an absent address, broadcast
+# to the whole segment, from every node. Its lease written again (a node back) ends the backoff.
+MAX_BACKOFF = 8
 SMALL = 64  # bytes of the small probe's IP packet
 MAGIC = b"FLP\x01"
 ECHO = struct.Struct("!BBHHH")  # type, code, checksum, identifier, sequence
@@ -190,6 +195,8 @@ class Peer:
     passing: int | None = None
     ever_answered: bool = False
     confirm: bool = False  # a failed look awaits a second one (whichever comes first: the retry or its turn)
+    backoff: int = 0  # intervals between looks while underlay-unreachable (MAX_BACKOFF)
+    skip: int = 0  # turns still to skip
     look: Look | None = None
 
     @classmethod
@@ -330,6 +337,7 @@ class Prober:
                 self.peers[target.key] = Peer.of(target, programmed, since)
             else:
                 peer.programmed = programmed
+                peer.skip = 0  # its lease was written again: a node down may be back
         for key, programmed in update.programmed:
             if (peer := self.peers.get(key)) is not None:
                 peer.programmed = programmed
@@ -359,7 +367,9 @@ class Prober:
             key = self.order[self.cursor]
             self.cursor += 1
             peer = self.peers.get(key)
-            if peer is not None and peer.look is None:
+            if peer is not None and peer.skip:
+                peer.skip -= 1
+            elif peer is not None and peer.look is None:
                 self._look(peer, now, retry=False)
 
     def _look(self, peer: Peer, now: float, retry: bool, search: tuple[int, int] | None = None,
@@ -468,6 +478,11 @@ class Prober:
             self._look(peer, now, retry=True, search=(SMALL, self.mtu), rounds=1)
         else:
             self._settle(peer, state, self._cause(state, peer.target, None))
+        if state == peer.state == UNDERLAY:
+            peer.backoff = min(max(1, 2 * peer.backoff), MAX_BACKOFF)
+            peer.skip = peer.backoff - 1
+        elif peer.state != UNDERLAY:
+            peer.backoff = peer.skip = 0
 
     def _searched(self, peer: Peer, look: Look, now: float) -> None:
         assert look.search is not None

@@ -135,6 +135,22 @@ def test_no_underlay_either_is_underlay_unreachable():
     assert state(prober) == "underlay-unreachable"
 
 
+def test_a_peer_the_underlay_does_not_reach_either_is_looked_at_less_and_less_until_its_lease_is_written():
+    back = {"on": False}
+    prober, network = make(lambda dst, size: back["on"], peers(1), interval=1.0)
+    now = run(prober, 3.5)
+    assert state(prober) == "underlay-unreachable"
+    start = len(network.sent)
+    now = run(prober, 30.0, now)
+    looks = sum(1 for dst, size in network.sent[start:] if dst == "198.18.1.0")
+    assert 3 <= looks <= 6, looks  # after 1, 2, 4, then every 8 intervals: not 30 looks
+    back["on"] = True
+    (target,) = peers(1)
+    prober.send(ProbeUpdate(((target, True),)))  # the node is back and renews its lease
+    run(prober, 2.5, now)
+    assert state(prober) == "ok"
+
+
 def test_full_size_lost_is_mtu_naming_the_size_that_passes():
     prober, _ = make(lambda dst, size: size <= 1400, peers(1))
     run(prober, 6.0)
