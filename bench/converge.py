@@ -16,10 +16,12 @@ Fake peers' public addresses cycle through the underlay range; no traffic is sen
 The overlay prober (on by default, --probe-interval=30): at the largest vxlan size the node runs
 once with it off and once on, each then left idle for two probe intervals: RSS, and CPU in the
 first interval and in the second (steady state), same run.
-The fake peers answer nothing, so every peer fails its look, is looked at again with a probe over
-the underlay, and changes state (one log line each): the prober's dearest case. Their underlay
-addresses get permanent neighbour entries, as real peers' addresses are resolved: otherwise every
-probe to them costs an ARP failure and its netlink notifications, which no real cluster has.
+One host on the underlay holds every fake peer's public address: it answers ARP and the
+underlay's pings, and drops VXLAN. So every peer is `unreachable` (encapsulation blocked, as
+behind a firewall dropping UDP 8472 cluster-wide): after its first look and the confirming one
+(a log line each), every interval a small probe over the overlay and one over the underlay,
+which answers: per peer as many packets as a path that works (small and full-size, both
+answered), and the prober's dearest steady state, as a failing path is never backed off.
 """
 
 from __future__ import annotations
@@ -129,9 +131,13 @@ def run_size(n: int, churn: int, endpoint: str, tag: int, backend: str, flags: t
     cluster = lab.Lab(prefix=f"{CTL.removesuffix('-ctl')}c{tag}", ctl=CTL)
     try:
         node = cluster.build_underlay(1)[0]
-        if window:  # the fake peers' addresses resolved, as real peers' are: no ARP churn on every probe
-            lab.ipbatch([f"neigh replace 198.51.100.{20 + i} lladdr 02:00:00:00:00:01 dev {node.ifname} nud permanent"
-                         for i in range(230)], ns=node.ns)
+        if window:  # one host answers (ARP, ping) for every fake peer's public address; VXLAN it drops
+            host = f"{cluster.prefix}-peers"
+            cluster.add_namespace(host)
+            lab.ipbatch([f"link add {cluster.prefix}-p netns {host} type veth peer name {cluster.prefix}-pu",
+                         f"link set {cluster.prefix}-pu master br0 up"], ns=cluster.ul)
+            lab.ipbatch([f"addr add 198.51.100.{20 + i}/32 dev {cluster.prefix}-p" for i in range(230)]
+                        + [f"link set {cluster.prefix}-p up"], ns=host)
         baseline = baseline_ip_batch(node, n, backend)
         start = time.perf_counter()
         proc = node.start_flanneld(f"http://{lab.CTL_IP}:{endpoint.rsplit(':', 1)[1]}", PREFIX, *flags)
