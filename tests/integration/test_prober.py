@@ -33,6 +33,20 @@ def state_of(node, peer_subnet: str) -> str:
     return rows.get(peer_subnet, {}).get("state", "absent")
 
 
+def wait_state(node, peer_subnet: str, state: str, what: str, timeout: float = 2 * INTERVAL + 3) -> None:
+    eventually(lambda: state_of(node, peer_subnet) == state, timeout=timeout, interval=0.2, what=what)
+
+
+def probing_pair(make_cluster, config: dict):
+    """Two nodes probing every INTERVAL; returns them and n2's subnet once n1 finds n2 ok."""
+    cluster = make_cluster(2, config)
+    cluster.start_all(f"--probe-interval={INTERVAL}")
+    n1, n2 = cluster.nodes
+    peer = cluster.subnet(n2)
+    wait_state(n1, peer, "ok", "ok first")
+    return cluster, n1, n2, peer
+
+
 def block_vxlan(cluster, a, b, add: bool = True) -> None:
     """Drop UDP 8472 between nodes a and b on the underlay bridge (a bridge-family rule in the underlay namespace)."""
     ul = cluster.lab.ul
@@ -91,29 +105,21 @@ def test_blocked_vxlan_between_two_nodes_is_reported_by_both_with_the_cause_and_
 
 
 def test_a_lowered_underlay_mtu_is_mtu_naming_the_size_that_passes(make_cluster):
-    cluster = make_cluster(2, NETWORK)
-    cluster.start_all(f"--probe-interval={INTERVAL}")
-    n1, n2 = cluster.nodes
-    peer = cluster.subnet(n2)
-    eventually(lambda: state_of(n1, peer) == "ok", timeout=2 * INTERVAL + 3, interval=0.2, what="ok first")
+    _cluster, n1, n2, peer = probing_pair(make_cluster, NETWORK)
     n2.sh("ip", "link", "set", n2.ifname, "mtu", "1400")  # n2 now drops n1's full-size encapsulated packets
-    eventually(lambda: state_of(n1, peer) == "mtu", timeout=2 * INTERVAL + 6, interval=0.2, what="mtu reported")
+    wait_state(n1, peer, "mtu", "mtu reported", timeout=2 * INTERVAL + 6)
     row = table(n1)[peer]
     # 1400 on the wire less VXLAN's 50 bytes (the veth takes a VLAN header's 4 more), found to ~10 bytes
     assert 1340 <= row["passing_size"] <= 1354, row
     assert row["cause"] == (f"packets of 1450 bytes are lost, {row['passing_size']} pass: the path MTU is below the "
                             "overlay MTU; set Backend.MTU")
     n2.sh("ip", "link", "set", n2.ifname, "mtu", "1500")
-    eventually(lambda: state_of(n1, peer) == "ok", timeout=2 * INTERVAL + 3, interval=0.2, what="ok again")
+    wait_state(n1, peer, "ok", "ok again")
 
 
 def test_a_peer_whose_daemon_is_stopped_stays_ok(make_cluster):
     """The data plane is the kernel's: a stopped daemon leaves it, and its peers' probes say so."""
-    cluster = make_cluster(2, NETWORK)
-    cluster.start_all(f"--probe-interval={INTERVAL}")
-    n1, n2 = cluster.nodes
-    peer = cluster.subnet(n2)
-    eventually(lambda: state_of(n1, peer) == "ok", timeout=2 * INTERVAL + 3, interval=0.2, what="ok first")
+    cluster, n1, n2, peer = probing_pair(make_cluster, NETWORK)
     changes_before = n1.log().count(f"peer {peer}")
     cluster.stop(n2)
     time.sleep(2 * INTERVAL + 1)
@@ -134,8 +140,8 @@ def test_wireguard_peers_are_probed_through_the_tunnel(make_cluster):
     assert row["probed"] == cluster.subnet(n2).split("/")[0] and row["rtt_ms"] is not None
     lab.sh(["nft", "-f", "-"], ns=cluster.lab.ul, input=(
         "table bridge labblock { chain block { type filter hook forward priority 0; udp dport 51820 drop; }; }"))
-    eventually(lambda: state_of(n1, cluster.subnet(n2)) == "unreachable", timeout=2 * INTERVAL + 5, interval=0.2,
-               what="WireGuard's port blocked is unreachable")
+    wait_state(n1, cluster.subnet(n2), "unreachable", "WireGuard's port blocked is unreachable",
+               timeout=2 * INTERVAL + 5)
     assert "WireGuard on UDP 51820 gets no answer" in table(n1)[cluster.subnet(n2)]["cause"]
 
 
@@ -147,7 +153,7 @@ def test_host_gw_peers_are_probed_at_their_pod_gateway_and_unprobed_without_one(
     eventually(lambda: state_of(n1, peer) == "unprobed" and "no pod there?" in table(n1)[peer]["cause"],
                timeout=2 * INTERVAL + 5, interval=0.2, what="no pod gateway on n2 yet: unprobed")
     cluster.pod(n2)  # the CNI bridge with the subnet's gateway
-    eventually(lambda: state_of(n1, peer) == "ok", timeout=2 * INTERVAL + 3, interval=0.2, what="its gateway answers")
+    wait_state(n1, peer, "ok", "its gateway answers")
     assert table(n1)[peer]["probed"] == peer.split("/")[0][:-1] + "1"
 
 
@@ -169,11 +175,8 @@ def test_the_prober_off_sends_nothing(make_cluster):
 
 
 def test_an_ipv6_only_network_is_probed_over_ipv6(make_cluster):
-    cluster = make_cluster(2, {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "2001:db8:1800::/56",
-                               "Backend": {"Type": "vxlan"}})
-    cluster.start_all(f"--probe-interval={INTERVAL}")
-    n1, n2 = cluster.nodes
-    peer = cluster.subnet(n2)
-    eventually(lambda: state_of(n1, peer) == "ok", timeout=2 * INTERVAL + 3, interval=0.2, what="ok over IPv6")
+    _cluster, n1, n2, peer = probing_pair(make_cluster, {"EnableIPv4": False, "EnableIPv6": True,
+                                                          "IPv6Network": "2001:db8:1800::/56",
+                                                          "Backend": {"Type": "vxlan"}})
     row = table(n1)[peer]
     assert row["probed"] == peer.split("/")[0] and row["public_ip"] == n2.ip6 and row["rtt_ms"] is not None
