@@ -61,6 +61,19 @@ ETCD_DATA_DIR=/var/lib/etcd/default
 ETCD_LISTEN_CLIENT_URLS=http://$ETCD_IP:2379,http://127.0.0.1:2379
 ETCD_ADVERTISE_CLIENT_URLS=$ETCD
 CONF
+    # Debian's etcd.service is After=network.target only: at boot etcd can try to listen on the node's
+    # address before systemd-networkd has set it, exit 1, and Restart=on-abnormal leaves it dead (and
+    # every flanneld without its store). Wait for the address; restart on any failure.
+    mkdir -p /etc/systemd/system/etcd.service.d
+    cat >/etc/systemd/system/etcd.service.d/10-network-online.conf <<UNIT
+[Unit]
+After=network-online.target
+
+[Service]
+Restart=on-failure
+RestartSec=2
+UNIT
+    systemctl daemon-reload
     systemctl restart etcd
 fi
 

@@ -219,13 +219,25 @@ class Machine:
             time.sleep(0.05)
         while True:  # "offline" until PID 1 answers; then --wait waits for the boot to finish
             left = deadline - time.monotonic()
-            state = self.run("systemctl", "is-system-running", "--wait", check=False,
-                             timeout=max(left, 1)).stdout.strip()
+            try:
+                state = self.run("systemctl", "is-system-running", "--wait", check=False,
+                                 timeout=max(left, 1)).stdout.strip()
+            except subprocess.TimeoutExpired:
+                state, left = "still starting", -1
             if state in ("running", "degraded"):
                 return
             if left < 0 or state not in ("offline", ""):
-                raise LabError(f"{self.name} did not finish booting: {state or 'no answer'}")
+                raise LabError(f"{self.name} did not finish booting: {state or 'no answer'}; {self._boot_state()}")
             time.sleep(0.1)
+
+    def _boot_state(self) -> str:
+        """What a boot that did not finish is waiting for and what failed: a CI log's only clue."""
+        jobs = self.run("systemctl", "list-jobs", "--no-pager", "--no-legend", check=False, timeout=10).stdout
+        failed = self.run("systemctl", "list-units", "--failed", "--no-pager", "--no-legend", "--plain",
+                          check=False, timeout=10).stdout
+        journal = self.run("journalctl", "-b", "--no-pager", "-n", "40", "-o", "short-monotonic",
+                           check=False, timeout=10).stdout
+        return f"jobs: {jobs.strip() or 'none'}; failed: {failed.strip() or 'none'}; journal:\n{journal}"
 
     def _find_pid1(self) -> bool:
         """The machine's PID 1: the process in its namespace that is PID 1 of its own PID namespace."""
