@@ -46,6 +46,7 @@ from flanneld.node.overlay import Overlay, OverlaySettings
 from flanneld.node.prober import Prober
 from flanneld.node.signals import STOP_SIGNALS, call_on_signals, format_stacks
 from flanneld.node.startup import StartSettings, start, validate
+from flanneld.node.threads import named_thread
 from flanneld.plan.backend import NodeSettings
 
 log = logging.getLogger("flanneld")
@@ -229,14 +230,14 @@ class Daemon:
         if self.prober is not None:
             self.prober.configure(overlay.config, overlay.backend.mtu())  # takes in the listing's peers
         release_memory()  # the initial listing's buffers (and the prober's messages of it) are garbage now
-        threading.Thread(target=self.watcher.run, args=(self._on_leases,), name="lease-watch", daemon=True).start()
+        named_thread(self.watcher.run, "lease-watch", (self._on_leases,)).start()
         self.monitor = Monitor()
-        threading.Thread(target=self._watch_netlink, name="netlink-monitor", daemon=True).start()
+        named_thread(self._watch_netlink, "netlink-monitor").start()
         self.config_monitor = ConfigMonitor(self.etcd_client, f"{o.etcd.prefix}/config", overlay.config, validate,
                                             o.reconcile_interval)
-        threading.Thread(target=self.config_monitor.run, name="config-monitor", daemon=True).start()
+        named_thread(self.config_monitor.run, "config-monitor").start()
         if self.prober is not None:
-            threading.Thread(target=self.prober.run, name="prober", daemon=True).start()
+            named_thread(self.prober.run, "prober").start()
         return True
 
     # -- threads feeding the loop ------------------------------------------------------------

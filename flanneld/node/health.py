@@ -18,9 +18,10 @@ import logging
 import os
 import socket
 import socketserver
-import threading
 from collections.abc import Callable
 from typing import NamedTuple
+
+from flanneld.node.threads import named_thread
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class HealthServer:
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         self.server = Server((host, port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
+        self.thread = named_thread(self.server.serve_forever, "health")
 
     def route(self, path: str, verbose: bool = False) -> tuple[int, str, str]:
         text = "text/plain; charset=utf-8"

@@ -25,6 +25,8 @@ import threading
 import traceback
 from collections.abc import Callable, Iterable
 
+from flanneld.node.threads import named_thread
+
 log = logging.getLogger("flanneld")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -57,7 +59,7 @@ def call_on_signals(callback: Callable[[signal.Signals], None],
                     except Exception:  # the next SIGTERM must still be heard
                         log.exception("handling %s failed", signal.Signals(signum).name)
 
-    threading.Thread(target=read, name="signals", daemon=True).start()
+    named_thread(read, "signals").start()
 
 
 def format_stacks() -> str:
