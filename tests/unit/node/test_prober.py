@@ -101,6 +101,8 @@ def test_encapsulation_blocked_is_unreachable_with_the_cause_after_a_confirming_
     lines = [r.getMessage() for r in caplog.records if "198.18.1.0/24" in r.getMessage()]
     assert lines == ["peer 198.18.1.0/24 (198.51.100.1): ok → unreachable: underlay reaches 198.51.100.1 but VXLAN "
                      "on UDP 8472 gets no answer — a firewall or switch between the nodes?"]
+    row = next(row for row in prober.table_rows() if row["lease"] == "198.18.1.0-24")
+    assert row["cause"] == lines[0].split(": ", 1)[1].split(": ", 1)[1]  # the table says what the log said
     assert ("198.51.100.1", 64) in network.sent  # asked the underlay only once the overlay failed
     blocked["on"] = False  # a failing path that answers again is ok once a full-size look passes
     with caplog.at_level(logging.INFO):
@@ -156,8 +158,8 @@ def test_full_size_lost_is_mtu_naming_the_size_that_passes():
     run(prober, 6.0)
     peer = prober.peers["198.18.1.0-24"]
     assert peer.state == "mtu" and 1390 <= peer.passing <= 1400, peer.passing
-    assert peer.cause == (f"packets of 1450 bytes are lost, {peer.passing} pass: the path MTU is below the overlay "
-                          "MTU; set Backend.MTU")
+    assert prober.words(peer) == (f"packets of 1450 bytes are lost, {peer.passing} pass: the path MTU is below "
+                                  "the overlay MTU; set Backend.MTU")
 
 
 def test_a_host_gw_peer_whose_gateway_never_answered_is_unprobed_not_failing():
@@ -199,7 +201,7 @@ def test_peers_gone_are_no_longer_probed_and_counted_by_state():
     # a peer that goes while a look at it is in flight leaves nothing behind
     prober.socks[4].network.path = lambda dst, size: False
     now = run(prober, 0.4, now + 2.1)
-    in_flight = set(prober.looking)
+    in_flight = {peer.key for _, peer, look in prober.in_flight if peer.look is look}
     prober.send(ProbeUpdate(removed=tuple(in_flight)))
     run(prober, 1.5, now)
     assert in_flight and not set(prober.pending.values()) & in_flight
