@@ -218,6 +218,8 @@ def cleanup_command(subnet_file: str, dry_run: bool, release_lease: bool, remove
             click.echo(f"{'would remove' if dry_run else 'removed'} {step.what}")
         if not dry_run and os.path.exists(subnet_file + ".lock"):
             os.unlink(subnet_file + ".lock")  # ours, held: nothing of flanneld's is left behind
+        if not dry_run and steps and remove_if_empty(os.path.dirname(subnet_file)):
+            click.echo(f"removed directory {os.path.dirname(subnet_file)}")
     except (KernelError, FirewallError, EtcdError, CleanupError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -225,6 +227,16 @@ def cleanup_command(subnet_file: str, dry_run: bool, release_lease: bool, remove
             client.close()
     if not steps:
         click.echo("nothing of flanneld's to remove")
+
+
+def remove_if_empty(directory: str) -> bool:
+    """The subnet file's directory (/run/flannel), which the daemon made for it: removed once
+    nothing is left in it; a directory that holds anything else stays."""
+    try:
+        os.rmdir(directory)
+    except OSError:
+        return False
+    return True
 
 
 def _lease(client: EtcdClient, prefix: str, env: SubnetEnv, kernel: Kernel, published: Sequence[str]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from flanneld.dataplane import nlcodec as nl
-from flanneld.node.cleanup import our_devices, our_route
+from flanneld.node.cleanup import our_devices, our_route, remove_if_empty
 from flanneld.plan.state import ObservedLink
 
 NETS = [ipaddress.ip_network("198.18.0.0/16"), ipaddress.ip_network("2001:db8:1800::/56")]
@@ -73,3 +73,13 @@ def test_installed_files_go_only_as_flanneld_wrote_them(tmp_path):
     for step in steps:
         step.do()
     assert not os.path.exists(bins / "flannel")
+
+
+def test_the_subnet_files_directory_goes_only_once_empty(tmp_path):
+    made, shared = tmp_path / "flannel", tmp_path / "shared"
+    made.mkdir()
+    shared.mkdir()
+    (shared / "operators-notes").write_text("kept")
+    assert remove_if_empty(str(made)) and not made.exists()
+    assert not remove_if_empty(str(shared)) and (shared / "operators-notes").exists()
+    assert not remove_if_empty(str(tmp_path / "absent"))
