@@ -220,10 +220,9 @@ class Peer:
     def target(self) -> Target:
         return Target(self.key, self.public, self.overlay, self.version)
 
-    def row(self, words: Callable[[Peer], str]) -> dict[str, Any]:
+    def row(self, cause: str) -> dict[str, Any]:
         return {"lease": self.key, "subnet": subnet_of(self.target), "public_ip": self.public,
-                "probed": self.overlay or None, "state": self.state,
-                "cause": words(self) if self.cause is None else self.cause,
+                "probed": self.overlay or None, "state": self.state, "cause": cause,
                 "since": round(self.since, 3), "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
                 "passing_size": self.passing}
 
@@ -362,7 +361,7 @@ class Prober:
         """The table's rows, failing peers first (on the prober's thread)."""
         order = {state: i for i, state in enumerate(("unreachable", "underlay-unreachable", "mtu", "unprobed", "ok"))}
         peers = sorted(self.peers.values(), key=lambda p: (order[p.state], p.key))
-        return [p.row(self.words) for p in peers]
+        return [p.row(self.words(p)) for p in peers]
 
     def words(self, peer: Peer) -> str:
         """A peer's cause in words (a failure's are derived, not kept)."""

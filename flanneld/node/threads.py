@@ -9,7 +9,6 @@ and lets a benchmark measure one thread's CPU exactly (its ``schedstat``), the p
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 PR_SET_NAME = 15
 COMM_MAX = 15  # the kernel's limit on a thread's name, without the terminating NUL
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None)  # the interpreter's own symbols, libc's among them (no library search)
 
 
 def name_os_thread(name: str) -> None:
